@@ -1,0 +1,103 @@
+//! The engine on its own OS thread, driven through channels (DESIGN invariant 1: tch
+//! tensors and grad mode never leave that thread).
+
+use crate::engine::{Engine, EngineConfig, EngineStats, Reply};
+use crate::request::{GenerationError, GenerationRequest, GroupOutput};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use quill_common::{Qwen2, Tokenizer};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+enum Command {
+    Generate(GenerationRequest, Reply),
+    Shutdown,
+}
+
+/// A generation engine running on a dedicated thread.
+pub struct EngineHandle {
+    commands: Sender<Command>,
+    stats: Arc<EngineStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread; `load` runs on that thread and builds the model there.
+    pub fn spawn<F>(load: F, config: EngineConfig) -> Result<Self, quill_common::Error>
+    where
+        F: FnOnce() -> Result<(Qwen2, Tokenizer), quill_common::Error> + Send + 'static,
+    {
+        let (commands, inbox) = unbounded::<Command>();
+        let (ready_tx, ready_rx) = bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("quill-engine".into())
+            .spawn(move || {
+                let engine = match load() {
+                    Ok((model, tokenizer)) => Engine::new(model, tokenizer, &config),
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(engine.stats()));
+                serve(engine, &inbox);
+            })
+            .map_err(|e| quill_common::Error::io("<engine thread>", e))?;
+        let stats = ready_rx
+            .recv()
+            .map_err(|_| quill_common::Error::Device("the engine thread died while loading".into()))??;
+        Ok(EngineHandle {
+            commands,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a request; its group (or error) arrives on the returned channel.
+    pub fn submit(&self, request: GenerationRequest) -> Receiver<Result<GroupOutput, GenerationError>> {
+        let (reply, answer) = bounded(1);
+        if let Err(crossbeam_channel::SendError(Command::Generate(_, reply))) =
+            self.commands.send(Command::Generate(request, reply))
+        {
+            let _ = reply.send(Err(GenerationError::ShutDown));
+        }
+        answer
+    }
+
+    /// Counters updated by the engine while it runs.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(mut engine: Engine, inbox: &Receiver<Command>) {
+    loop {
+        let next = if engine.is_idle() {
+            inbox.recv().ok()
+        } else {
+            match inbox.try_recv() {
+                Ok(command) => Some(command),
+                Err(crossbeam_channel::TryRecvError::Empty) => {
+                    engine.step();
+                    continue;
+                }
+                Err(crossbeam_channel::TryRecvError::Disconnected) => None,
+            }
+        };
+        match next {
+            Some(Command::Generate(request, reply)) => engine.submit(request, reply),
+            Some(Command::Shutdown) | None => {
+                engine.abort_all();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Pieces shared by every quill role: the Qwen2 model in tch, checkpoints, the tokenizer,
+//! the think-then-answer prompt template, the embedded default model, device parsing.
+
+pub mod config;
+pub mod default_model;
+pub mod device;
+pub mod error;
+pub mod model;
+pub mod pretrained;
+pub mod template;
+pub mod tokenizer;
+
+pub use config::{HeadKind, ModelConfig};
+pub use error::{Error, Result};
+pub use model::{KvCache, Prefix, Qwen2};
+pub use pretrained::load_pretrained;
+pub use tokenizer::Tokenizer;

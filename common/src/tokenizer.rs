@@ -1,0 +1,64 @@
+//! Hugging Face `tokenizer.json` tokenizers, through the `tokenizers` crate.
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// A tokenizer that maps text to token ids and back; special tokens are kept in decoded
+/// text so that stop strings such as `</answer>` can be seen.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    /// Loads a `tokenizer.json` file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// Parses the JSON text of a `tokenizer.json`.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let inner = json
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// Token ids of `text`, without adding any special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
+    }
+
+    /// Text of `ids`, special tokens included.
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        let size = self.vocab_size() as i64;
+        let ids = ids
+            .iter()
+            .map(|&id| {
+                u32::try_from(id)
+                    .ok()
+                    .filter(|_| id < size)
+                    .ok_or(Error::TokenOutOfVocab { id, vocab: size })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        self.inner
+            .decode(&ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The id of a token, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
