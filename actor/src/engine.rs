@@ -171,8 +171,15 @@ impl Engine {
             .check_tokens(&request.prompt)
             .map_err(|e| e.to_string())?;
         let vocab = self.model.config().vocab_size;
-        if let Some(id) = request.params.stop_token_ids.iter().find(|&&id| id < 0 || id >= vocab) {
-            return Err(format!("stop token id {id} is outside the vocabulary (size {vocab})"));
+        if let Some(id) = request
+            .params
+            .stop_token_ids
+            .iter()
+            .find(|&&id| id < 0 || id >= vocab)
+        {
+            return Err(format!(
+                "stop token id {id} is outside the vocabulary (size {vocab})"
+            ));
         }
         request.params.validate()
     }
@@ -188,7 +195,9 @@ impl Engine {
     pub fn step(&mut self) {
         let _guard = tch::no_grad_guard();
         self.admit();
-        let busy: Vec<usize> = (0..self.slots.len()).filter(|&s| self.slots[s].is_some()).collect();
+        let busy: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| self.slots[s].is_some())
+            .collect();
         if busy.is_empty() {
             return;
         }
@@ -289,7 +298,10 @@ impl Engine {
         let context = self.model.config().max_position_embeddings as usize;
         let finish = if params.stop_token_ids.contains(&token) {
             Some(FinishReason::StopToken(token))
-        } else if let Some(stop) = group.stops.completed_by_last(&self.tokenizer, &active.tokens) {
+        } else if let Some(stop) = group
+            .stops
+            .completed_by_last(&self.tokenizer, &active.tokens)
+        {
             Some(FinishReason::StopString(stop))
         } else if active.tokens.len() >= params.max_new_tokens {
             Some(FinishReason::Length)
@@ -322,7 +334,11 @@ impl Engine {
             let output = GroupOutput {
                 id: group.request.id,
                 seconds: group.started.elapsed().as_secs_f64(),
-                samples: group.samples.into_iter().map(|s| s.expect("finished")).collect(),
+                samples: group
+                    .samples
+                    .into_iter()
+                    .map(|s| s.expect("finished"))
+                    .collect(),
                 prompt: group.request.prompt,
             };
             let _ = group.reply.send(Ok(output));

@@ -4,7 +4,7 @@
 use crate::engine::{Engine, EngineConfig, EngineStats, Reply};
 use crate::request::{GenerationError, GenerationRequest, GroupOutput};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use quill_common::{Qwen2, Tokenizer};
+use quill_common::{ModelConfig, Qwen2, Tokenizer};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -17,6 +17,8 @@ enum Command {
 pub struct EngineHandle {
     commands: Sender<Command>,
     stats: Arc<EngineStats>,
+    tokenizer: Tokenizer,
+    config: ModelConfig,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -38,22 +40,32 @@ impl EngineHandle {
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok(engine.stats()));
+                let info = (
+                    engine.stats(),
+                    engine.tokenizer().clone(),
+                    engine.model().config().clone(),
+                );
+                let _ = ready_tx.send(Ok(info));
                 serve(engine, &inbox);
             })
             .map_err(|e| quill_common::Error::io("<engine thread>", e))?;
-        let stats = ready_rx
-            .recv()
-            .map_err(|_| quill_common::Error::Device("the engine thread died while loading".into()))??;
+        let (stats, tokenizer, config) = ready_rx.recv().map_err(|_| {
+            quill_common::Error::Device("the engine thread died while loading".into())
+        })??;
         Ok(EngineHandle {
             commands,
             stats,
+            tokenizer,
+            config,
             thread: Some(thread),
         })
     }
 
     /// Queues a request; its group (or error) arrives on the returned channel.
-    pub fn submit(&self, request: GenerationRequest) -> Receiver<Result<GroupOutput, GenerationError>> {
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Receiver<Result<GroupOutput, GenerationError>> {
         let (reply, answer) = bounded(1);
         if let Err(crossbeam_channel::SendError(Command::Generate(_, reply))) =
             self.commands.send(Command::Generate(request, reply))
@@ -61,6 +73,16 @@ impl EngineHandle {
             let _ = reply.send(Err(GenerationError::ShutDown));
         }
         answer
+    }
+
+    /// A copy of the engine's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The engine model's config.
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.config
     }
 
     /// Counters updated by the engine while it runs.

@@ -49,7 +49,10 @@ impl SamplingParams {
     /// Checks the values; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -106,7 +109,12 @@ impl Sampler {
         (index as i64, logprobs[index])
     }
 
-    fn draw(&mut self, logprobs: &[f32], candidates: impl Iterator<Item = usize>, mass: f64) -> usize {
+    fn draw(
+        &mut self,
+        logprobs: &[f32],
+        candidates: impl Iterator<Item = usize>,
+        mass: f64,
+    ) -> usize {
         let target = self.rng.random::<f64>() * mass;
         let mut cumulative = 0.0f64;
         let mut last = None;
@@ -195,7 +203,10 @@ mod tests {
         for (i, c) in counts.iter().enumerate() {
             let expected = f64::from(row[i]).exp();
             let observed = *c as f64 / n as f64;
-            assert!((observed - expected).abs() < 0.015, "token {i}: {observed} vs {expected}");
+            assert!(
+                (observed - expected).abs() < 0.015,
+                "token {i}: {observed} vs {expected}"
+            );
         }
     }
 
@@ -223,8 +234,14 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        assert!(params(-1.0, 1.0, 0, 0).validate().unwrap_err().contains("temperature"));
-        assert!(params(1.0, 0.0, 0, 0).validate().unwrap_err().contains("top_p"));
+        assert!(params(-1.0, 1.0, 0, 0)
+            .validate()
+            .unwrap_err()
+            .contains("temperature"));
+        assert!(params(1.0, 0.0, 0, 0)
+            .validate()
+            .unwrap_err()
+            .contains("top_p"));
         assert!(params(f64::NAN, 1.0, 0, 0).validate().is_err());
         let zero = SamplingParams {
             max_new_tokens: 0,

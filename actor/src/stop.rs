@@ -27,7 +27,11 @@ impl StopStrings {
         }
         let start = tokens.len().saturating_sub(self.window);
         let text = tokenizer.decode(&tokens[start..]).ok()?;
-        let candidates: Vec<&String> = self.strings.iter().filter(|s| text.contains(s.as_str())).collect();
+        let candidates: Vec<&String> = self
+            .strings
+            .iter()
+            .filter(|s| text.contains(s.as_str()))
+            .collect();
         if candidates.is_empty() {
             return None;
         }
@@ -49,7 +53,10 @@ mod tests {
         let tok = Tokenizer::from_json(&default_model::tokenizer_json()).unwrap();
         let stops = StopStrings::new(&["</answer>".to_owned(), "END".to_owned()]);
         let ids = tok.encode("<answer> some text here </answer>").unwrap();
-        assert_eq!(stops.completed_by_last(&tok, &ids).as_deref(), Some("</answer>"));
+        assert_eq!(
+            stops.completed_by_last(&tok, &ids).as_deref(),
+            Some("</answer>")
+        );
         assert_eq!(stops.completed_by_last(&tok, &ids[..ids.len() - 1]), None);
         let ids = tok.encode("the END").unwrap();
         assert_eq!(stops.completed_by_last(&tok, &ids).as_deref(), Some("END"));

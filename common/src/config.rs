@@ -84,7 +84,10 @@ impl ModelConfig {
                 "sliding-window attention is not supported",
             ));
         }
-        let head = if architectures(&raw).iter().any(|a| a.ends_with("ForSequenceClassification")) {
+        let head = if architectures(&raw)
+            .iter()
+            .any(|a| a.ends_with("ForSequenceClassification"))
+        {
             let num_labels = match raw.get("id2label") {
                 Some(Value::Object(labels)) => labels.len() as i64,
                 _ => optional_int(&raw, "num_labels")?.unwrap_or(2),
@@ -105,7 +108,12 @@ impl ModelConfig {
             tie_word_embeddings: match raw.get("tie_word_embeddings") {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
-                Some(_) => return Err(Error::config("tie_word_embeddings", "must be true or false")),
+                Some(_) => {
+                    return Err(Error::config(
+                        "tie_word_embeddings",
+                        "must be true or false",
+                    ))
+                }
             },
             max_position_embeddings: optional_int(&raw, "max_position_embeddings")?
                 .unwrap_or(32_768),
@@ -129,7 +137,10 @@ impl ModelConfig {
             ("max_position_embeddings", self.max_position_embeddings),
         ] {
             if value <= 0 {
-                return Err(Error::config(field, format!("must be positive, got {value}")));
+                return Err(Error::config(
+                    field,
+                    format!("must be positive, got {value}"),
+                ));
             }
         }
         if self.hidden_size % self.num_attention_heads != 0 {
@@ -205,12 +216,12 @@ fn check_rope_scaling(raw: &Map<String, Value>) -> Result<()> {
         if let Some(v @ Value::Object(_)) = raw.get(field) {
             match rope_type(v).as_deref() {
                 None | Some("default") => {}
-                Some(other) => {
-                    return Err(Error::config(
-                        field,
-                        format!("rope type `{other}` is not supported (only the default rotary embedding)"),
-                    ))
-                }
+                Some(other) => return Err(Error::config(
+                    field,
+                    format!(
+                        "rope type `{other}` is not supported (only the default rotary embedding)"
+                    ),
+                )),
             }
         }
     }
@@ -290,7 +301,10 @@ mod tests {
         let mut value = base();
         let obj = value.as_object_mut().unwrap();
         obj.remove("rope_theta");
-        obj.insert("rope_parameters".into(), json!({"rope_theta": 500.0, "rope_type": "default"}));
+        obj.insert(
+            "rope_parameters".into(),
+            json!({"rope_theta": 500.0, "rope_type": "default"}),
+        );
         assert_eq!(ModelConfig::from_json(value).unwrap().rope_theta, 500.0);
     }
 
@@ -317,7 +331,10 @@ mod tests {
         })
         .contains("`num_hidden_layers`: must be positive"));
         assert!(error_of(|c| {
-            c.insert("rope_scaling".into(), json!({"type": "yarn", "factor": 4.0}));
+            c.insert(
+                "rope_scaling".into(),
+                json!({"type": "yarn", "factor": 4.0}),
+            );
         })
         .contains("`rope_scaling`"));
     }
@@ -326,7 +343,10 @@ mod tests {
     fn classification_head_is_detected() {
         let mut value = base();
         let obj = value.as_object_mut().unwrap();
-        obj.insert("architectures".into(), json!(["Qwen2ForSequenceClassification"]));
+        obj.insert(
+            "architectures".into(),
+            json!(["Qwen2ForSequenceClassification"]),
+        );
         obj.insert("id2label".into(), json!({"0": "LABEL_0"}));
         let c = ModelConfig::from_json(value).unwrap();
         assert_eq!(c.head, HeadKind::SequenceClassification { num_labels: 1 });

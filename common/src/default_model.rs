@@ -157,7 +157,10 @@ pub fn weights(config: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
             } else {
                 (0..numel).map(|_| normal.sample(&mut rng)).collect()
             };
-            out.insert(name.clone(), Tensor::from_slice(&values).view(shape.as_slice()));
+            out.insert(
+                name.clone(),
+                Tensor::from_slice(&values).view(shape.as_slice()),
+            );
         }
     }
     out
@@ -204,7 +207,10 @@ mod tests {
         let words = tok.encode(" the story of the river").unwrap();
         assert_eq!(words.len(), 5, "common words are single tokens: {words:?}");
         for special in SPECIAL_TOKENS {
-            assert_eq!(tok.encode(special).unwrap(), vec![tok.token_id(special).unwrap()]);
+            assert_eq!(
+                tok.encode(special).unwrap(),
+                vec![tok.token_id(special).unwrap()]
+            );
         }
     }
 
@@ -217,7 +223,9 @@ mod tests {
         let name = "model.layers.0.self_attn.q_proj.weight";
         assert!(a[name].equal(&b[name]));
         assert!(!a[name].equal(&c[name]));
-        let vocab = Tokenizer::from_json(&tokenizer_json()).unwrap().vocab_size() as i64;
+        let vocab = Tokenizer::from_json(&tokenizer_json())
+            .unwrap()
+            .vocab_size() as i64;
         assert!(config.vocab_size >= vocab);
     }
 }

@@ -59,7 +59,9 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     /// A prompt leaves no room for a single new token in the model's context.
-    #[error("prompt has {len} tokens but the model's context holds {max} (max_position_embeddings)")]
+    #[error(
+        "prompt has {len} tokens but the model's context holds {max} (max_position_embeddings)"
+    )]
     PromptTooLong {
         /// Prompt length in tokens.
         len: usize,

@@ -102,7 +102,9 @@ mod tests {
     fn script_detection() {
         assert!(is_chinese("请写一篇散文"));
         assert!(is_chinese("写一篇关于GPU的文章"));
-        assert!(!is_chinese("Write an essay about the poet 李白 and his travels"));
+        assert!(!is_chinese(
+            "Write an essay about the poet 李白 and his travels"
+        ));
         assert!(!is_chinese("Write 300 words."));
     }
 
@@ -113,7 +115,10 @@ mod tests {
             ..PromptTemplate::default()
         };
         let err = t.validate().unwrap_err().to_string();
-        assert!(err.contains("`english`") && err.contains("found 0"), "{err}");
+        assert!(
+            err.contains("`english`") && err.contains("found 0"),
+            "{err}"
+        );
         let t = PromptTemplate {
             chinese: "{question}{question}".into(),
             ..PromptTemplate::default()

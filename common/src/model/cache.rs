@@ -5,6 +5,7 @@ use tch::{Device, Kind, Tensor};
 
 /// Keys and values of a prompt computed once, to be copied into any number of slots
 /// (the G samples of one prompt share one prefill).
+#[derive(Debug)]
 pub struct Prefix {
     /// Prompt length in tokens.
     pub len: i64,
@@ -29,9 +30,20 @@ pub struct KvCache {
 
 impl KvCache {
     /// An empty cache of `slots` rows with room for `capacity` positions each.
-    pub fn new(config: &ModelConfig, slots: i64, capacity: i64, kind: Kind, device: Device) -> Self {
+    pub fn new(
+        config: &ModelConfig,
+        slots: i64,
+        capacity: i64,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
         let capacity = capacity.clamp(1, config.max_position_embeddings);
-        let shape = [slots, config.num_key_value_heads, capacity, config.head_dim()];
+        let shape = [
+            slots,
+            config.num_key_value_heads,
+            capacity,
+            config.head_dim(),
+        ];
         let make = || {
             (0..config.num_hidden_layers)
                 .map(|_| Tensor::zeros(shape, (kind, device)))

@@ -168,7 +168,11 @@ fn tensor_from_info(shard: &Shard, name: &str, info: &TensorInfo, shape: &[i64])
     check_shape(name, shape, &actual)?;
     let start = 8 + shard.header_len + info.data_offsets.0;
     let end = 8 + shard.header_len + info.data_offsets.1;
-    Ok(Tensor::f_from_data_size(&shard.map[start..end], &actual, kind)?)
+    Ok(Tensor::f_from_data_size(
+        &shard.map[start..end],
+        &actual,
+        kind,
+    )?)
 }
 
 fn check_shape(name: &str, expected: &[i64], actual: &[i64]) -> Result<()> {
@@ -185,7 +189,11 @@ fn check_shape(name: &str, expected: &[i64], actual: &[i64]) -> Result<()> {
 
 /// Writes named tensors as a Hugging Face checkpoint into `dir` (which must exist), sharding
 /// into files of at most `max_shard_bytes` when they do not fit in one.
-pub fn write_tensors(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usize) -> Result<()> {
+pub fn write_tensors(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    max_shard_bytes: usize,
+) -> Result<()> {
     let mut encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
         let tensor = tensor.to_device(tch::Device::Cpu).contiguous();

@@ -63,10 +63,24 @@ pub fn params(config: &ModelConfig) -> Vec<Param> {
             ]
         };
         out.push(Param::plain(format!("{p}.input_layernorm.weight"), vec![h]));
-        out.push(Param::fused(format!("{attn}.qkv_proj.weight"), Some(h), qkv("weight")));
-        out.push(Param::fused(format!("{attn}.qkv_proj.bias"), None, qkv("bias")));
-        out.push(Param::plain(format!("{attn}.o_proj.weight"), vec![h, q_rows]));
-        out.push(Param::plain(format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        out.push(Param::fused(
+            format!("{attn}.qkv_proj.weight"),
+            Some(h),
+            qkv("weight"),
+        ));
+        out.push(Param::fused(
+            format!("{attn}.qkv_proj.bias"),
+            None,
+            qkv("bias"),
+        ));
+        out.push(Param::plain(
+            format!("{attn}.o_proj.weight"),
+            vec![h, q_rows],
+        ));
+        out.push(Param::plain(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+        ));
         out.push(Param::fused(
             format!("{p}.mlp.gate_up_proj.weight"),
             Some(h),
@@ -75,12 +89,18 @@ pub fn params(config: &ModelConfig) -> Vec<Param> {
                 (format!("{p}.mlp.up_proj.weight"), inter),
             ],
         ));
-        out.push(Param::plain(format!("{p}.mlp.down_proj.weight"), vec![h, inter]));
+        out.push(Param::plain(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![h, inter],
+        ));
     }
     out.push(Param::plain("model.norm.weight".into(), vec![h]));
     match config.head {
         HeadKind::CausalLm if !config.tie_word_embeddings => {
-            out.push(Param::plain("lm_head.weight".into(), vec![config.vocab_size, h]));
+            out.push(Param::plain(
+                "lm_head.weight".into(),
+                vec![config.vocab_size, h],
+            ));
         }
         HeadKind::CausalLm => {}
         HeadKind::SequenceClassification { num_labels } => {

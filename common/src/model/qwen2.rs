@@ -29,7 +29,9 @@ struct Layer {
 /// How a forward pass gets its keys and values.
 enum Attention<'a> {
     /// Full causal attention over the input itself; optionally keep each layer's k/v.
-    Causal { keep: Option<&'a mut Vec<(Tensor, Tensor)>> },
+    Causal {
+        keep: Option<&'a mut Vec<(Tensor, Tensor)>>,
+    },
     /// One new token per row, attending to the cache slots it writes into.
     Cached {
         cache: &'a mut KvCache,
@@ -167,7 +169,10 @@ impl Qwen2 {
     /// Writes `config.json` and safetensors weights in `kind` into `dir` (created if missing).
     pub fn save(&self, dir: &Path, kind: Kind) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        checkpoint::write_json(&dir.join("config.json"), &self.config.to_json(dtype_name(kind)))?;
+        checkpoint::write_json(
+            &dir.join("config.json"),
+            &self.config.to_json(dtype_name(kind)),
+        )?;
         checkpoint::write_tensors(dir, &self.hf_tensors(kind), MAX_SHARD_BYTES)
     }
 
@@ -233,7 +238,13 @@ impl Qwen2 {
         let tokens = Tensor::from_slice(prompt).to(self.device()).unsqueeze(0);
         let positions = Tensor::arange(len, (Kind::Int64, self.device())).unsqueeze(0);
         let mut kept = Vec::with_capacity(self.layers.len());
-        let hidden = self.body(&tokens, &positions, &mut Attention::Causal { keep: Some(&mut kept) });
+        let hidden = self.body(
+            &tokens,
+            &positions,
+            &mut Attention::Causal {
+                keep: Some(&mut kept),
+            },
+        );
         let last_logits = self
             .project(&hidden.narrow(1, len - 1, 1))
             .reshape([-1])
@@ -308,9 +319,7 @@ impl Qwen2 {
             .iter()
             .map(|row| {
                 let pad = self.config.pad_token_id;
-                row.iter()
-                    .rposition(|&t| Some(t) != pad)
-                    .unwrap_or(0) as i64
+                row.iter().rposition(|&t| Some(t) != pad).unwrap_or(0) as i64
             })
             .collect();
         let rows = Tensor::arange(batch.len() as i64, (Kind::Int64, self.device()));
@@ -363,7 +372,16 @@ impl Qwen2 {
                 if let Some(kept) = keep {
                     kept.push((k.contiguous(), v.contiguous()));
                 }
-                Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, true)
+                Tensor::scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    None::<Tensor>,
+                    0.0,
+                    true,
+                    None,
+                    true,
+                )
             }
             Attention::Cached {
                 cache,

@@ -1,0 +1,243 @@
+//! The `quill` binary as a user runs it: generate, init-model, bench, help and bad flags.
+
+mod support;
+
+use std::process::{Command, Output};
+
+fn quill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_quill"))
+        .args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("quill runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn generate_prints_samples_and_throughput() {
+    let out = quill(&[
+        "generate",
+        "-p",
+        "Write a 200-word poem about rain.",
+        "-n",
+        "3",
+        "--max-new-tokens",
+        "30",
+        "--threads",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for j in 0..3 {
+        assert!(
+            text.contains(&format!("=== prompt 0 sample {j} (")),
+            "{text}"
+        );
+    }
+    assert!(text.lines().last().unwrap().contains("tokens/s"), "{text}");
+}
+
+#[test]
+fn generate_json_carries_tokens_and_logprobs() {
+    let out = quill(&[
+        "generate",
+        "-p",
+        "one",
+        "-p",
+        "two",
+        "-n",
+        "2",
+        "--max-new-tokens",
+        "25",
+        "--json",
+        "--seed",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for line in &lines {
+        let tokens = line["tokens"].as_array().unwrap();
+        assert!(!tokens.is_empty() && tokens.len() <= 25);
+        assert_eq!(tokens.len(), line["logprobs"].as_array().unwrap().len());
+        assert!(line["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.as_f64().unwrap() <= 0.0));
+    }
+    assert_eq!(lines[2]["prompt"], "two");
+    let again = quill(&[
+        "generate",
+        "-p",
+        "one",
+        "-p",
+        "two",
+        "-n",
+        "2",
+        "--max-new-tokens",
+        "25",
+        "--json",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(stdout(&out), stdout(&again), "same seed, same samples");
+}
+
+#[test]
+fn init_model_writes_a_directory_that_generates_like_the_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    let out = quill(&["init-model", "--out", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(dir.join(file).exists(), "{file} missing");
+    }
+    let args = |model: &str| {
+        quill(&[
+            "generate",
+            "--model",
+            model,
+            "-p",
+            "hello",
+            "--max-new-tokens",
+            "20",
+            "--json",
+            "--temperature",
+            "0",
+        ])
+    };
+    assert_eq!(
+        stdout(&args("default")),
+        stdout(&args(dir.to_str().unwrap()))
+    );
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = quill(&["generate", "--help"]);
+    let help = stdout(&out);
+    for flag in [
+        "--model",
+        "--prompt",
+        "--prompt-file",
+        "--raw",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--device",
+        "--dtype",
+        "--batch-size",
+        "--stop",
+        "--json",
+        "--threads",
+    ] {
+        let lines: Vec<&str> = help.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| {
+                l.trim_start()
+                    .trim_start_matches("-p, ")
+                    .trim_start_matches("-n, ")
+                    .starts_with(flag)
+            })
+            .unwrap_or_else(|| panic!("{flag} not in help"));
+        let description = lines[at + 1].trim();
+        assert!(
+            description.len() > 10 && !description.starts_with('-'),
+            "{flag} lacks a description"
+        );
+    }
+    let out = quill(&["bench", "generate", "--help"]);
+    assert!(stdout(&out).contains("--workload"));
+}
+
+#[test]
+fn bad_flags_fail_with_clear_messages() {
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["generate", "-p", "x", "--model", "/no/such/model"],
+            "/no/such/model",
+        ),
+        (&["generate"], "no prompt given"),
+        (
+            &["generate", "-p", "x", "--temperature=-1"],
+            "temperature must be >= 0",
+        ),
+        (
+            &["generate", "-p", "x", "--device", "cuda"],
+            "no CUDA device",
+        ),
+        (
+            &["generate", "-p", "x", "--dtype", "f8"],
+            "unknown dtype `f8`",
+        ),
+        (
+            &["generate", "--prompt-file", "/no/such/file"],
+            "reading prompt file /no/such/file",
+        ),
+    ];
+    for (args, message) in cases {
+        if args.contains(&"cuda") && tch::Cuda::device_count() > 0 {
+            continue;
+        }
+        let out = quill(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(stderr(&out).contains(message), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{args:?} panicked");
+    }
+}
+
+#[test]
+fn bench_generate_runs_both_systems_and_prints_the_ratio() {
+    let python = support::python();
+    let out = quill(&[
+        "bench",
+        "generate",
+        "--requests",
+        "4",
+        "--batch",
+        "2",
+        "--new-tokens",
+        "20",
+        "--workload",
+        "both",
+        "--threads",
+        "1",
+        "--python",
+        python.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for workload in ["fixed", "long-tail"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(workload))
+            .unwrap_or_else(|| panic!("{text}"));
+        let ratio: f64 = line
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .trim_end_matches('x')
+            .parse()
+            .unwrap();
+        assert!(ratio > 0.0, "{line}");
+    }
+}
