@@ -54,9 +54,9 @@ fn cached_decoding_matches_full_forward() {
         // Slot 2 of 3, with a capacity that has to grow along the way.
         let mut cache = KvCache::new(model.config(), 3, 4, Kind::Float, Device::Cpu);
         cache.load_prefix(2, &prefix);
-        for pos in 10..row.len() {
+        for (pos, &token) in row.iter().enumerate().skip(10) {
             let logits = model
-                .decode(&mut cache, &[2], &[row[pos]], &[pos as i64])
+                .decode(&mut cache, &[2], &[token], &[pos as i64])
                 .unwrap();
             let diff = max_abs_diff(&logits.get(0), &want["logits"].get(0).get(pos as i64));
             assert!(diff <= TOLERANCE, "{variant} position {pos}: {diff}");

@@ -14,6 +14,7 @@ use crate::stop::StopStrings;
 use crossbeam_channel::Sender;
 use quill_common::{KvCache, Prefix, Qwen2, Tokenizer};
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -53,7 +54,7 @@ pub struct EngineStats {
 
 struct Group {
     request: GenerationRequest,
-    prefix: Option<Arc<Prefix>>,
+    prefix: Option<Rc<Prefix>>,
     stops: StopStrings,
     samples: Vec<Option<Sample>>,
     unfinished: usize,
@@ -275,13 +276,13 @@ impl Engine {
         }
     }
 
-    fn prefix_of(&mut self, key: u64) -> Result<Arc<Prefix>, quill_common::Error> {
+    fn prefix_of(&mut self, key: u64) -> Result<Rc<Prefix>, quill_common::Error> {
         let group = self.groups.get_mut(&key).expect("queued groups exist");
         if let Some(prefix) = &group.prefix {
-            return Ok(Arc::clone(prefix));
+            return Ok(Rc::clone(prefix));
         }
-        let prefix = Arc::new(self.model.prefill(&group.request.prompt)?);
-        group.prefix = Some(Arc::clone(&prefix));
+        let prefix = Rc::new(self.model.prefill(&group.request.prompt)?);
+        group.prefix = Some(Rc::clone(&prefix));
         Ok(prefix)
     }
 

@@ -216,12 +216,14 @@ fn check_rope_scaling(raw: &Map<String, Value>) -> Result<()> {
         if let Some(v @ Value::Object(_)) = raw.get(field) {
             match rope_type(v).as_deref() {
                 None | Some("default") => {}
-                Some(other) => return Err(Error::config(
-                    field,
-                    format!(
+                Some(other) => {
+                    return Err(Error::config(
+                        field,
+                        format!(
                         "rope type `{other}` is not supported (only the default rotary embedding)"
                     ),
-                )),
+                    ))
+                }
             }
         }
     }

@@ -340,11 +340,12 @@ impl Qwen2 {
         let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = x.rms_norm(width, Some(&layer.input_norm), eps);
-            x = x + self.attend(l, layer, &h, positions, attention);
+            // Out-of-place residual adds: autograd keeps the norms' inputs.
+            x = &x + self.attend(l, layer, &h, positions, attention);
             let h = x.rms_norm(width, Some(&layer.post_norm), eps);
             let gate_up = h.linear(&layer.gate_up_w, None::<Tensor>);
             let act = gate_up.narrow(-1, 0, inter).silu() * gate_up.narrow(-1, inter, inter);
-            x = x + act.linear(&layer.down_w, None::<Tensor>);
+            x = &x + act.linear(&layer.down_w, None::<Tensor>);
         }
         x.rms_norm(width, Some(&self.norm), eps)
     }
