@@ -1,15 +1,6 @@
-//! Build script shared by every crate that links libtorch.
-//!
-//! torch-sys (`links = "tch"`) tells its direct dependents where libtorch's shared
-//! libraries are (`DEP_TCH_LIBTORCH_LIB`). Baking that folder into the rpath of every
-//! binary and test executable means nothing has to be exported at run time. `-ltorch`
-//! is kept with `--no-as-needed` so that `libtorch_cuda` stays linked and CUDA is
-//! detected on GPU machines.
+//! Build script shared by every crate that links libtorch (see `libtorch_rpath.rs`).
+include!("libtorch_rpath.rs");
+
 fn main() {
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath={dir}");
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch");
-    }
+    link_libtorch();
 }

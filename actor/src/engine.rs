@@ -7,11 +7,18 @@
 //!
 //! The engine owns its model and every tensor; it must stay on one OS thread (see
 //! [`crate::handle`] for the threaded front end).
+//!
+//! **Weight updates.** New weights are swapped in between two steps. Sequences in flight
+//! keep their slots and their KV cache and continue under the new weights; every token's
+//! log-probability is that of the weights it was sampled under, and each sample records
+//! the versions in force at its first and last token, so the learner can bound staleness
+//! by the oldest and correct the rest with per-token importance ratios.
 
 use crate::request::{FinishReason, GenerationError, GenerationRequest, GroupOutput, Sample};
 use crate::sampling::Sampler;
 use crate::stop::StopStrings;
 use crossbeam_channel::Sender;
+use quill_common::weights::WeightBlob;
 use quill_common::{KvCache, Prefix, Qwen2, Tokenizer};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -66,6 +73,7 @@ struct Group {
 struct Active {
     group: u64,
     index: usize,
+    version_first: u64,
     sampler: Sampler,
     prompt_len: usize,
     tokens: Vec<i64>,
@@ -81,6 +89,7 @@ pub struct Engine {
     groups: HashMap<u64, Group>,
     queue: VecDeque<u64>,
     next_key: u64,
+    version: u64,
     stats: Arc<EngineStats>,
 }
 
@@ -103,6 +112,7 @@ impl Engine {
             groups: HashMap::new(),
             queue: VecDeque::new(),
             next_key: 0,
+            version: 0,
             stats: Arc::new(EngineStats::default()),
         }
     }
@@ -120,6 +130,19 @@ impl Engine {
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// The weights version in force.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Swaps in new weights (between steps; sequences in flight continue under them).
+    pub fn update_weights(&mut self, blob: &WeightBlob) -> Result<(), quill_common::Error> {
+        let tensors = blob.tensors()?;
+        self.model.load_weights(&tensors)?;
+        self.version = blob.version;
+        Ok(())
     }
 
     /// Whether nothing is queued or decoding.
@@ -267,6 +290,7 @@ impl Engine {
             self.slots[free] = Some(Active {
                 group: key,
                 index,
+                version_first: self.version,
                 sampler,
                 prompt_len: prefix.len as usize,
                 tokens: Vec::new(),
@@ -328,6 +352,8 @@ impl Engine {
             logprobs: active.logprobs,
             finish,
             text,
+            version_first: active.version_first,
+            version_last: self.version,
         });
         group.unfinished -= 1;
         if group.unfinished == 0 {

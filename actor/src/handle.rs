@@ -4,12 +4,14 @@
 use crate::engine::{Engine, EngineConfig, EngineStats, Reply};
 use crate::request::{GenerationError, GenerationRequest, GroupOutput};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use quill_common::weights::WeightBlob;
 use quill_common::{ModelConfig, Qwen2, Tokenizer};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 enum Command {
     Generate(GenerationRequest, Reply),
+    UpdateWeights(Arc<WeightBlob>, Sender<Result<(), quill_common::Error>>),
     Shutdown,
 }
 
@@ -75,6 +77,16 @@ impl EngineHandle {
         answer
     }
 
+    /// Swaps in new weights between two decoding steps; returns once they are in force.
+    pub fn update_weights(&self, blob: Arc<WeightBlob>) -> Result<(), quill_common::Error> {
+        let (done, wait) = bounded(1);
+        let stopped = || quill_common::Error::Device("the generation engine has stopped".into());
+        self.commands
+            .send(Command::UpdateWeights(blob, done))
+            .map_err(|_| stopped())?;
+        wait.recv().map_err(|_| stopped())?
+    }
+
     /// A copy of the engine's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
@@ -116,6 +128,9 @@ fn serve(mut engine: Engine, inbox: &Receiver<Command>) {
         };
         match next {
             Some(Command::Generate(request, reply)) => engine.submit(request, reply),
+            Some(Command::UpdateWeights(blob, done)) => {
+                let _ = done.send(engine.update_weights(&blob));
+            }
             Some(Command::Shutdown) | None => {
                 engine.abort_all();
                 return;

@@ -7,6 +7,7 @@ pub mod handle;
 pub mod request;
 pub mod sampling;
 pub mod stop;
+pub mod worker;
 
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use handle::EngineHandle;

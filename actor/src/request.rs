@@ -52,6 +52,10 @@ pub struct Sample {
     pub finish: FinishReason,
     /// The decoded text of `tokens`.
     pub text: String,
+    /// Weights version in force when the first token was sampled.
+    pub version_first: u64,
+    /// Weights version in force when the last token was sampled.
+    pub version_last: u64,
 }
 
 /// All samples of one request, in sample order.

@@ -1,6 +1,7 @@
 //! `quill`: one binary for every role of a quill job, plus offline tools.
 
 mod cmd;
+mod roles;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,17 @@ enum Command {
     Bench(cmd::bench::Bench),
     /// Write the embedded default model as a Hugging Face directory.
     InitModel(cmd::init_model::Args),
+    /// Run rank 0 of a job: the hub (prompts, leases, weights) and the GRPO trainer.
+    Learner(cmd::learner::Args),
+    /// Join a running job as an actor that generates rollouts.
+    Actor(cmd::actor::Args),
+    /// Join a running job as a reward worker.
+    Reward(cmd::reward::Args),
+    /// Start a whole job: learner, actors and reward workers.
+    #[command(subcommand)]
+    Launch(cmd::launch::Launch),
+    /// Draw PNG charts (reward, length, throughput) from a metrics JSONL file.
+    Plot(cmd::plot::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +48,10 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Bench(bench) => cmd::bench::run(bench),
         Command::InitModel(args) => cmd::init_model::run(args),
+        Command::Learner(args) => cmd::learner::run(args),
+        Command::Actor(args) => cmd::actor::run(args),
+        Command::Reward(args) => cmd::reward::run(args),
+        Command::Launch(launch) => cmd::launch::run(launch),
+        Command::Plot(args) => cmd::plot::run(args),
     }
 }

@@ -1,14 +1,19 @@
 //! Pieces shared by every quill role: the Qwen2 model in tch, checkpoints, the tokenizer,
 //! the think-then-answer prompt template, the embedded default model, device parsing.
 
+pub mod auth;
 pub mod config;
 pub mod default_model;
 pub mod device;
 pub mod error;
+pub mod job;
 pub mod model;
 pub mod pretrained;
+pub mod proto;
+pub mod telemetry;
 pub mod template;
 pub mod tokenizer;
+pub mod weights;
 
 pub use config::{HeadKind, ModelConfig};
 pub use error::{Error, Result};

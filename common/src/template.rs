@@ -19,12 +19,17 @@ const CHINESE: &str = "用户给助手一个写作任务。助手先在 <think> 
 
 /// A plain completion prompt with an English and a Chinese variant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct PromptTemplate {
     /// Used for questions that are not mostly Chinese.
     pub english: String,
     /// Used for questions written mostly in Chinese.
     pub chinese: String,
+    /// Text that ends every prompt and so begins every response (empty in the recipe). A
+    /// reward worker reads a response as `response_prefix + generated text`; a job can use
+    /// it to start the model inside the answer, e.g. `<think> </think><answer>`.
+    #[serde(default)]
+    pub response_prefix: String,
 }
 
 impl Default for PromptTemplate {
@@ -32,6 +37,7 @@ impl Default for PromptTemplate {
         PromptTemplate {
             english: ENGLISH.to_owned(),
             chinese: CHINESE.to_owned(),
+            response_prefix: String::new(),
         }
     }
 }
@@ -65,7 +71,9 @@ impl PromptTemplate {
         } else {
             &self.english
         };
-        template.replacen(QUESTION_SLOT, question.trim(), 1)
+        let mut prompt = template.replacen(QUESTION_SLOT, question.trim(), 1);
+        prompt.push_str(&self.response_prefix);
+        prompt
     }
 }
 
@@ -96,6 +104,17 @@ mod tests {
         let zh = t.render("写一篇关于AI的文章，2000字");
         assert!(zh.starts_with("用户给助手"));
         assert!(zh.ends_with("<|user|>: 写一篇关于AI的文章，2000字 <|assistant|>:"));
+    }
+
+    #[test]
+    fn the_response_prefix_ends_the_prompt() {
+        let t = PromptTemplate {
+            response_prefix: " <think> </think><answer>".into(),
+            ..PromptTemplate::default()
+        };
+        assert!(t
+            .render("Write 50 words.")
+            .ends_with("<|assistant|>: <think> </think><answer>"));
     }
 
     #[test]

@@ -4,6 +4,8 @@ Subcommands:
   fixtures OUT_DIR                       random Qwen2 checkpoints + recorded logits/greedy tokens
   logits MODEL_DIR INPUT_JSON OUT_FILE   logits of a saved checkpoint for given token rows
   bench-generate ...                     time transformers' generate() (see --help)
+  grpo-step MODEL_DIR BATCH_JSON OUT_FILE [--float64]
+                                         GRPO + AdamW steps from a checkpoint, weights after
 """
 
 import argparse
@@ -177,6 +179,99 @@ def bench_generate(args):
     print(json.dumps({"tokens": tokens, "seconds": seconds}))
 
 
+def response_logprobs(model, batch, temperature):
+    """log_softmax(logits / T) of every next token, with masks of response tokens.
+
+    Rows are prompt + response, right-padded; column t holds the log-prob of token t + 1."""
+    rows = [s["prompt"] + s["response"] for s in batch]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    response = torch.zeros(len(rows), width, dtype=torch.bool)
+    behaviour = torch.zeros(len(rows), width)
+    for i, (s, row) in enumerate(zip(batch, rows)):
+        ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        response[i, len(s["prompt"]) : len(row)] = True
+        behaviour[i, len(s["prompt"]) : len(row)] = torch.tensor(s["behaviour_logprobs"])
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
+    logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return logp, response[:, 1:].float(), behaviour[:, 1:]
+
+
+def kl_penalty(logp, ref_logp, estimator):
+    """Schulman's k1/k2/k3 estimators of KL(policy || reference) per token."""
+    log_ratio = ref_logp - logp
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def grpo_loss(model, reference, batch, cfg):
+    """The GRPO objective: PPO-clip on importance ratios against the behaviour policy, or
+    (with tis_cap) a one-update PPO step against the learner's own policy with verl's
+    truncated importance weight on the behaviour mismatch; plus a KL penalty."""
+    logp, mask, behaviour = response_logprobs(model, batch, cfg["temperature"])
+    adv = torch.tensor([s["advantage"] for s in batch])[:, None]
+    low, high = 1 - cfg["eps_low"], 1 + cfg["eps_high"]
+    if cfg["tis_cap"] is None:
+        ratio = torch.exp(logp - behaviour)
+        per_token = -torch.min(ratio * adv, torch.clamp(ratio, low, high) * adv)
+    else:
+        old_logp = logp.detach()
+        ratio = torch.exp(logp - old_logp)
+        tis_weight = torch.clamp(torch.exp(old_logp - behaviour), max=cfg["tis_cap"])
+        per_token = -torch.min(ratio * adv, torch.clamp(ratio, low, high) * adv) * tis_weight
+    if cfg["kl_coef"] > 0:
+        with torch.no_grad():
+            ref_logp, _, _ = response_logprobs(reference, batch, cfg["temperature"])
+        per_token = per_token + cfg["kl_coef"] * kl_penalty(logp, ref_logp, cfg["kl_estimator"])
+    per_token = torch.where(mask.bool(), per_token, torch.zeros_like(per_token))
+    if cfg["aggregation"] == "token_mean":
+        return per_token.sum() / mask.sum()
+    assert cfg["aggregation"] == "sequence_mean", cfg["aggregation"]
+    return (per_token.sum(-1) / mask.sum(-1)).mean()
+
+
+def grpo_step(model_dir, batch_json, out_file, dtype):
+    """Runs the steps of BATCH_JSON in `dtype`; float64 gives the exact result that float32
+    implementations are judged against."""
+    with open(batch_json) as f:
+        spec = json.load(f)
+    cfg, opt_cfg = spec["grpo"], spec["optimizer"]
+    assert opt_cfg["schedule"] == {"warmup_constant": {"warmup_steps": 0}}, "constant lr only"
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+
+    model = load().train()
+    reference = load().eval().requires_grad_(False) if cfg["kl_coef"] > 0 else None
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=opt_cfg["lr"],
+        betas=(opt_cfg["beta1"], opt_cfg["beta2"]),
+        eps=opt_cfg["eps"],
+        weight_decay=opt_cfg["weight_decay"],
+        foreach=False,
+    )
+    out = {}
+    for k, batch in enumerate(spec["steps"]):
+        optimizer.zero_grad()
+        loss = grpo_loss(model, reference, batch, cfg)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg["max_grad_norm"])
+        optimizer.step()
+        out[f"stats.loss.{k}"] = loss.detach().reshape(1)
+        out[f"stats.grad_norm.{k}"] = norm.detach().reshape(1)
+    for name, p in model.named_parameters():
+        out[name] = p.detach().contiguous()
+    save_file(out, out_file)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,11 +287,18 @@ def main():
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--temperature", type=float, default=0.8)
+    p = sub.add_parser("grpo-step", help="GRPO + AdamW steps on batches from a JSON file")
+    p.add_argument("model_dir")
+    p.add_argument("batch_json")
+    p.add_argument("out_file")
+    p.add_argument("--float64", action="store_true", help="compute in float64 instead of float32")
     args = parser.parse_args()
     if args.command == "fixtures":
         fixtures(args.out_dir)
     elif args.command == "logits":
         logits(args.model_dir, args.input_json, args.out_file)
+    elif args.command == "grpo-step":
+        grpo_step(args.model_dir, args.batch_json, args.out_file, torch.float64 if args.float64 else torch.float32)
     else:
         bench_generate(args)
 

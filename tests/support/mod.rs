@@ -2,6 +2,8 @@
 //! fixtures built with transformers, tensor comparisons.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod job;
+
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};

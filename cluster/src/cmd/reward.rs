@@ -1,0 +1,156 @@
+//! `quill reward`: a reward worker that scores rollout groups for a running job.
+
+use crate::roles::quality::QualityScorer;
+use crate::roles::reward_worker::{RewardService, RewardWorker};
+use anyhow::{bail, Context};
+use quill_actor::worker::LEARNER_SILENCE_HEARTBEATS;
+use quill_common::auth::{attach_token, load_token, require_token};
+use quill_common::job::JobConfig;
+use quill_common::proto::learner_client::LearnerClient;
+use quill_common::proto::reward_server::RewardServer;
+use quill_common::proto::{HeartbeatRequest, RegisterRequest, Role};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Endpoint, Server};
+
+/// Largest gRPC message a reward worker accepts.
+const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// Flags of `quill reward`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The learner's HOST:PORT.
+    #[arg(long)]
+    pub learner: String,
+    /// Where to serve the Reward service (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// The address actors should dial (default: the bound listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// File holding the job token (else $QUILL_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// A name shown in status and logs (default: host and pid).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// Runs a reward worker until the job ends.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let token = load_token(args.token_file.as_deref())?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(serve(args, token))
+}
+
+async fn serve(args: Args, token: String) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = match args.advertise {
+        Some(a) => a,
+        None => listener.local_addr()?.to_string(),
+    };
+    let channel = Endpoint::from_shared(format!("http://{}", args.learner))
+        .with_context(|| format!("bad learner address `{}`", args.learner))?
+        .connect_timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the learner at {}", args.learner))?;
+    let mut learner = LearnerClient::with_interceptor(channel, attach_token(&token))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let reply = learner
+        .register(RegisterRequest {
+            role: Role::Reward as i32,
+            name: args.name.unwrap_or_else(super::default_name),
+            address: address.clone(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("register with the learner: {}", s.message()))?
+        .into_inner();
+    let job: JobConfig =
+        serde_json::from_str(&reply.job_json).context("job description from the learner")?;
+    let quality = match &job.rewards.quality_model {
+        Some(dir) if job.rewards.quality_weight > 0.0 => Some(QualityScorer::start(
+            dir.as_ref(),
+            &job.model.device,
+            job.rewards.quality_batch_size,
+        )?),
+        _ => None,
+    };
+    if job.cluster.ingest_queue == 0 {
+        bail!("cluster.ingest_queue must be positive");
+    }
+    let worker = Arc::new(RewardWorker {
+        member: reply.member_id.clone(),
+        learner: learner.clone(),
+        quality,
+        in_flight: Default::default(),
+        latency_ms: Mutex::new(0.0),
+        limit: tokio::sync::Semaphore::new(job.cluster.ingest_queue),
+        job,
+    });
+    tracing::info!(member = %reply.member_id, %address, "reward worker serving");
+    let service = InterceptedService::new(
+        RewardServer::new(RewardService(Arc::clone(&worker)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        require_token(token),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let beat_worker = Arc::clone(&worker);
+    tokio::spawn(async move {
+        let every = Duration::from_secs_f64(beat_worker.job.cluster.heartbeat_seconds);
+        let mut silent_since: Option<std::time::Instant> = None;
+        loop {
+            tokio::time::sleep(every).await;
+            let metrics = HashMap::from([
+                (
+                    "latency_ms".to_owned(),
+                    *beat_worker.latency_ms.lock().expect("poisoned"),
+                ),
+                (
+                    "in_flight".to_owned(),
+                    beat_worker.in_flight.load(Ordering::Relaxed) as f64,
+                ),
+            ]);
+            let request = HeartbeatRequest {
+                member_id: beat_worker.member.clone(),
+                version: 0,
+                metrics,
+            };
+            match learner.heartbeat(request).await {
+                Ok(reply) if reply.get_ref().shutdown => break,
+                Ok(_) => silent_since = None,
+                Err(status) => {
+                    tracing::warn!("heartbeat failed: {}", status.message());
+                    let since = *silent_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > every * LEARNER_SILENCE_HEARTBEATS {
+                        tracing::warn!("the learner is gone: stopping");
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = stop_tx.send(());
+    });
+    Server::builder()
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20))
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+        .context("reward server")?;
+    tracing::info!("reward worker finished");
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Links libtorch (see `build/libtorch_rpath.rs`) and compiles the gRPC protocol with the
+//! protoc binary vendored by `protoc-bin-vendored` (no system protoc needed).
+include!("../build/libtorch_rpath.rs");
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    link_libtorch();
+    std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure().compile_protos(&["proto/quill/v1/quill.proto"], &["proto"])?;
+    Ok(())
+}

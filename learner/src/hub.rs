@@ -1,0 +1,685 @@
+//! Rank 0 as the job's hub: the `Learner` gRPC service. It owns membership, the prompt
+//! data and its leases, checks every scored group before it may be trained on, feeds the
+//! bounded ingest queue (a full queue makes `SubmitScored` wait: backpressure), and serves
+//! the newest weights in chunks.
+//!
+//! No tensor lives here: the trainer thread publishes weights as byte blobs.
+
+use crate::data::{Dataset, Prompt, PromptText};
+use crate::ledger::{LeaseError, Ledger};
+use quill_common::job::JobConfig;
+use quill_common::proto::learner_server::Learner;
+use quill_common::proto::{
+    HeartbeatReply, HeartbeatRequest, LeaseReply, LeaseRequest, PromptLease, RegisterReply,
+    RegisterRequest, Role, ScoredGroup, StatusReply, StatusRequest, SubmitReply, WeightChunk,
+    WeightsRequest,
+};
+use quill_common::weights::WeightBlob;
+use quill_common::Tokenizer;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// Most prompt groups one lease call hands out.
+const MAX_LEASE_BATCH: u32 = 64;
+
+/// What registration hands every member.
+#[derive(Debug, Clone)]
+pub struct JobInfo {
+    /// The job config as JSON.
+    pub job_json: String,
+    /// The model's `config.json`.
+    pub model_config_json: String,
+    /// The tokenizer's `tokenizer.json`.
+    pub tokenizer_json: String,
+    /// Vocabulary size (token ids must be below it).
+    pub vocab_size: i64,
+    /// Context length (prompt + response must fit).
+    pub context: usize,
+}
+
+/// A scored group that passed every check, on its way to the trainer.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The group.
+    pub group: ScoredGroup,
+    /// When it was accepted.
+    pub at: Instant,
+}
+
+struct Member {
+    role: Role,
+    name: String,
+    address: String,
+    last_seen: Instant,
+    version: u64,
+    metrics: HashMap<String, f64>,
+}
+
+struct State {
+    dataset: Dataset,
+    ledger: Ledger,
+    members: BTreeMap<String, Member>,
+    next_member: u64,
+    prompt_tokens: HashMap<u64, Vec<i64>>,
+    data_exhausted: bool,
+}
+
+/// Counters of everything refused or dropped, by reason.
+#[derive(Debug, Default)]
+pub struct Rejections {
+    counts: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Rejections {
+    /// Counts one event of `kind`.
+    pub fn count(&self, kind: &'static str) {
+        *self
+            .counts
+            .lock()
+            .expect("poisoned")
+            .entry(kind)
+            .or_default() += 1;
+    }
+
+    /// Every count so far.
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        self.counts.lock().expect("poisoned").clone()
+    }
+}
+
+/// The hub's shared state (one per learner rank 0).
+pub struct Hub {
+    job: JobConfig,
+    info: JobInfo,
+    tokenizer: Tokenizer,
+    state: Mutex<State>,
+    ingest: mpsc::Sender<Accepted>,
+    weights: RwLock<Arc<WeightBlob>>,
+    /// Refusals and drops by reason.
+    pub rejections: Rejections,
+    /// Duplicated deliveries (accepted as no-ops).
+    pub duplicates: AtomicU64,
+    /// Scored groups accepted.
+    pub accepted: AtomicU64,
+    finished: AtomicBool,
+    status: Mutex<Map<String, Value>>,
+}
+
+impl Hub {
+    /// A hub serving `dataset` with `weights` as the current version.
+    pub fn new(
+        job: JobConfig,
+        info: JobInfo,
+        tokenizer: Tokenizer,
+        dataset: Dataset,
+        ledger: Ledger,
+        weights: Arc<WeightBlob>,
+        ingest: mpsc::Sender<Accepted>,
+    ) -> Self {
+        Hub {
+            job,
+            info,
+            tokenizer,
+            state: Mutex::new(State {
+                dataset,
+                ledger,
+                members: BTreeMap::new(),
+                next_member: 0,
+                prompt_tokens: HashMap::new(),
+                data_exhausted: false,
+            }),
+            ingest,
+            weights: RwLock::new(weights),
+            rejections: Rejections::default(),
+            duplicates: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+            status: Mutex::new(Map::new()),
+        }
+    }
+
+    /// The current weights version.
+    pub fn version(&self) -> u64 {
+        self.weights.read().expect("poisoned").version
+    }
+
+    /// Makes `blob` the weights every member should run.
+    pub fn publish(&self, blob: Arc<WeightBlob>) {
+        *self.weights.write().expect("poisoned") = blob;
+    }
+
+    /// Tells every member to finish: no more leases, heartbeats answer `shutdown`.
+    pub fn finish(&self) {
+        self.finished.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the job is over.
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+
+    /// Whether every prompt has been served and no lease is out.
+    pub fn data_done(&self) -> bool {
+        let state = self.state.lock().expect("poisoned");
+        state.data_exhausted && state.ledger.active_count() == 0
+    }
+
+    /// The dataset cursor and the prompts that are leased or waiting, for checkpoints.
+    pub fn data_state(&self) -> (crate::data::Cursor, Vec<u64>, u64) {
+        let state = self.state.lock().expect("poisoned");
+        (
+            state.dataset.cursor(),
+            state.ledger.outstanding_prompts(),
+            state.ledger.last_id(),
+        )
+    }
+
+    /// Replaces the status document `quill status` and the periodic log line read.
+    pub fn set_status(&self, status: Map<String, Value>) {
+        *self.status.lock().expect("poisoned") = status;
+    }
+
+    /// The latest status document.
+    pub fn status_snapshot(&self) -> Map<String, Value> {
+        self.status.lock().expect("poisoned").clone()
+    }
+
+    /// Scored groups waiting for the trainer.
+    pub fn queue_depth(&self) -> usize {
+        self.ingest.max_capacity() - self.ingest.capacity()
+    }
+
+    /// Sums a metric over live members of `role`, and how many reported it.
+    pub fn member_metric(&self, role: Role, key: &str) -> (f64, usize) {
+        let state = self.state.lock().expect("poisoned");
+        state
+            .members
+            .values()
+            .filter(|m| m.role == role)
+            .filter_map(|m| m.metrics.get(key))
+            .fold((0.0, 0), |(sum, n), v| (sum + v, n + 1))
+    }
+
+    /// Members by role, with their versions (for status and staleness).
+    pub fn member_versions(&self, role: Role) -> Vec<u64> {
+        let state = self.state.lock().expect("poisoned");
+        state
+            .members
+            .values()
+            .filter(|m| m.role == role)
+            .map(|m| m.version)
+            .collect()
+    }
+
+    /// Removes members silent for longer than `timeout`; their leases go back in line.
+    pub fn evict_silent(&self, timeout: Duration) -> Vec<String> {
+        let now = Instant::now();
+        let mut state = self.state.lock().expect("poisoned");
+        let gone: Vec<String> = state
+            .members
+            .iter()
+            .filter(|(_, m)| now.duration_since(m.last_seen) > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            state.members.remove(id);
+            state.ledger.release_member(id);
+        }
+        gone
+    }
+
+    fn prompt_text(&self, prompt: &Prompt) -> String {
+        match &prompt.text {
+            PromptText::Question(q) => self.job.template.render(q),
+            PromptText::Raw(p) => p.clone(),
+        }
+    }
+
+    fn check_member(state: &State, id: &str) -> Result<(), Status> {
+        if state.members.contains_key(id) {
+            Ok(())
+        } else {
+            Err(Status::not_found(format!(
+                "unknown member `{id}`: register first"
+            )))
+        }
+    }
+
+    /// Checks a scored group against its lease and the protocol's limits.
+    fn check_group(&self, group: &ScoredGroup) -> Result<(), (&'static str, String)> {
+        let rollout = group
+            .rollout
+            .as_ref()
+            .ok_or(("malformed", "no rollout in the group".to_owned()))?;
+        let lease_id = rollout.lease_id;
+        let state = self.state.lock().expect("poisoned");
+        let lease = state.ledger.get(lease_id).map_err(|e| match e {
+            LeaseError::Duplicate(_) => ("duplicate", e.to_string()),
+            LeaseError::Unknown(_) => ("unknown_lease", e.to_string()),
+        })?;
+        if lease.prompt_id != rollout.prompt_id {
+            return Err((
+                "malformed",
+                format!(
+                    "lease {lease_id} is for prompt {}, not {}",
+                    lease.prompt_id, rollout.prompt_id
+                ),
+            ));
+        }
+        if state.prompt_tokens.get(&rollout.prompt_id) != Some(&rollout.prompt_tokens) {
+            return Err((
+                "malformed",
+                format!("lease {lease_id}: the prompt tokens differ from the leased prompt"),
+            ));
+        }
+        drop(state);
+        let n = rollout.samples.len();
+        if n != self.job.sampling.group_size {
+            return Err((
+                "malformed",
+                format!(
+                    "lease {lease_id}: {n} samples, the group size is {}",
+                    self.job.sampling.group_size
+                ),
+            ));
+        }
+        if group.scores.len() != n || group.advantages.len() != n {
+            return Err((
+                "malformed",
+                format!(
+                    "lease {lease_id}: {} scores and {} advantages for {n} samples",
+                    group.scores.len(),
+                    group.advantages.len()
+                ),
+            ));
+        }
+        let current = self.version();
+        let max_staleness = self.job.grpo.max_staleness;
+        let vocab = self.info.vocab_size;
+        for (i, sample) in rollout.samples.iter().enumerate() {
+            if sample.tokens.is_empty() {
+                return Err((
+                    "malformed",
+                    format!("lease {lease_id} sample {i}: no tokens"),
+                ));
+            }
+            if sample.tokens.len() != sample.logprobs.len() {
+                return Err((
+                    "malformed",
+                    format!(
+                        "lease {lease_id} sample {i}: {} log-probs for {} tokens",
+                        sample.logprobs.len(),
+                        sample.tokens.len()
+                    ),
+                ));
+            }
+            if rollout.prompt_tokens.len() + sample.tokens.len() > self.info.context {
+                return Err((
+                    "malformed",
+                    format!("lease {lease_id} sample {i}: longer than the model's context"),
+                ));
+            }
+            if let Some(t) = sample.tokens.iter().find(|&&t| t < 0 || t >= vocab) {
+                return Err(("token_out_of_vocab", format!("lease {lease_id} sample {i}: token id {t} is outside the vocabulary (size {vocab})")));
+            }
+            if let Some(lp) = sample
+                .logprobs
+                .iter()
+                .find(|lp| !lp.is_finite() || **lp > 1e-3)
+            {
+                return Err((
+                    "bad_logprob",
+                    format!(
+                        "lease {lease_id} sample {i}: log-prob {lp} is not a finite value <= 0"
+                    ),
+                ));
+            }
+            if sample.version_first > sample.version_last || sample.version_last > current {
+                return Err((
+                    "future_version",
+                    format!(
+                        "lease {lease_id} sample {i}: versions {}..{} but the newest is {current}",
+                        sample.version_first, sample.version_last
+                    ),
+                ));
+            }
+            if current - sample.version_first > max_staleness {
+                return Err(("too_stale", format!("lease {lease_id} sample {i}: sampled under version {}, {} behind (max_staleness {max_staleness})", sample.version_first, current - sample.version_first)));
+            }
+            let score = &group.scores[i];
+            if ![score.length, score.format, score.quality, score.total]
+                .iter()
+                .all(|v| v.is_finite())
+            {
+                return Err((
+                    "nan_reward",
+                    format!("lease {lease_id} sample {i}: non-finite reward"),
+                ));
+            }
+            if !group.advantages[i].is_finite() {
+                return Err((
+                    "nan_reward",
+                    format!("lease {lease_id} sample {i}: non-finite advantage"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `Learner` service over a shared [`Hub`].
+#[derive(Clone)]
+pub struct LearnerService(pub Arc<Hub>);
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send>>;
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl Learner for LearnerService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
+        let hub = &self.0;
+        let req = request.into_inner();
+        let role = Role::try_from(req.role).unwrap_or(Role::Unspecified);
+        if role == Role::Unspecified {
+            return Err(Status::invalid_argument(
+                "register: role must be actor or reward",
+            ));
+        }
+        if role == Role::Reward && req.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "register: reward address `{}` is not HOST:PORT",
+                req.address
+            )));
+        }
+        let mut state = hub.state.lock().expect("poisoned");
+        state.next_member += 1;
+        let prefix = if role == Role::Actor {
+            "actor"
+        } else {
+            "reward"
+        };
+        let id = format!("{prefix}-{}", state.next_member);
+        state.members.insert(
+            id.clone(),
+            Member {
+                role,
+                name: req.name,
+                address: req.address,
+                last_seen: Instant::now(),
+                version: 0,
+                metrics: HashMap::new(),
+            },
+        );
+        drop(state);
+        tracing::info!(member = %id, "registered");
+        Ok(Response::new(RegisterReply {
+            member_id: id,
+            job_json: hub.info.job_json.clone(),
+            model_config_json: hub.info.model_config_json.clone(),
+            tokenizer_json: hub.info.tokenizer_json.clone(),
+            version: hub.version(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let hub = &self.0;
+        let req = request.into_inner();
+        let live = Duration::from_secs_f64(hub.job.cluster.heartbeat_seconds * 3.0);
+        let mut state = hub.state.lock().expect("poisoned");
+        Hub::check_member(&state, &req.member_id)?;
+        let member = state.members.get_mut(&req.member_id).expect("checked");
+        member.last_seen = Instant::now();
+        member.version = req.version;
+        member.metrics = req
+            .metrics
+            .into_iter()
+            .filter(|(_, v)| v.is_finite())
+            .collect();
+        let now = Instant::now();
+        let reward_addresses = state
+            .members
+            .values()
+            .filter(|m| m.role == Role::Reward && now.duration_since(m.last_seen) <= live)
+            .map(|m| m.address.clone())
+            .collect();
+        drop(state);
+        Ok(Response::new(HeartbeatReply {
+            latest_version: hub.version(),
+            reward_addresses,
+            shutdown: hub.is_finished(),
+        }))
+    }
+
+    async fn lease(&self, request: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
+        let hub = &self.0;
+        let req = request.into_inner();
+        let current = hub.version();
+        let mut state = hub.state.lock().expect("poisoned");
+        Hub::check_member(&state, &req.member_id)?;
+        if hub.is_finished() {
+            return Ok(Response::new(LeaseReply {
+                finished: true,
+                ..LeaseReply::default()
+            }));
+        }
+        if req.version + hub.job.grpo.max_staleness < current {
+            return Ok(Response::new(LeaseReply {
+                wait_for_weights: true,
+                ..LeaseReply::default()
+            }));
+        }
+        let now = Instant::now();
+        state.ledger.expire(now);
+        let ttl = Duration::from_secs(hub.job.cluster.lease_seconds);
+        let deadline = unix_ms(SystemTime::now() + ttl);
+        let mut leases = Vec::new();
+        for _ in 0..req.max_groups.min(MAX_LEASE_BATCH) {
+            let prompt = match state.ledger.take_reissue() {
+                Some(id) => state.dataset.get(id).cloned(),
+                None => state.dataset.next_prompt(),
+            };
+            let Some(prompt) = prompt else {
+                state.data_exhausted = true;
+                break;
+            };
+            let tokens = match state.prompt_tokens.get(&prompt.id) {
+                Some(tokens) => tokens.clone(),
+                None => {
+                    let tokens = hub
+                        .tokenizer
+                        .encode(&hub.prompt_text(&prompt))
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    state.prompt_tokens.insert(prompt.id, tokens.clone());
+                    tokens
+                }
+            };
+            let lease_id = state.ledger.issue(prompt.id, &req.member_id, ttl, now);
+            leases.push(PromptLease {
+                lease_id,
+                prompt_id: prompt.id,
+                question: prompt.as_str().to_owned(),
+                prompt_tokens: tokens,
+                length_lo: prompt.range.lo(),
+                length_hi: prompt.range.hi(),
+                group_size: hub.job.sampling.group_size as u32,
+                deadline_unix_ms: deadline,
+                seed: hub.job.job.seed ^ lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            });
+        }
+        Ok(Response::new(LeaseReply {
+            leases,
+            ..LeaseReply::default()
+        }))
+    }
+
+    async fn submit_scored(
+        &self,
+        request: Request<ScoredGroup>,
+    ) -> Result<Response<SubmitReply>, Status> {
+        let hub = &self.0;
+        let group = request.into_inner();
+        if let Err((kind, reason)) = hub.check_group(&group) {
+            if kind == "duplicate" {
+                hub.duplicates.fetch_add(1, Ordering::Relaxed);
+                return Ok(Response::new(SubmitReply {
+                    accepted: false,
+                    duplicate: true,
+                }));
+            }
+            hub.rejections.count(kind);
+            tracing::warn!("rejected a scored group: {reason}");
+            return Err(Status::invalid_argument(reason));
+        }
+        let permit = hub
+            .ingest
+            .reserve()
+            .await
+            .map_err(|_| Status::unavailable("the learner is shutting down"))?;
+        let lease_id = group
+            .rollout
+            .as_ref()
+            .map(|r| r.lease_id)
+            .unwrap_or_default();
+        let completed = hub
+            .state
+            .lock()
+            .expect("poisoned")
+            .ledger
+            .complete(lease_id);
+        match completed {
+            Ok(_) => {
+                permit.send(Accepted {
+                    group,
+                    at: Instant::now(),
+                });
+                hub.accepted.fetch_add(1, Ordering::Relaxed);
+                Ok(Response::new(SubmitReply {
+                    accepted: true,
+                    duplicate: false,
+                }))
+            }
+            Err(LeaseError::Duplicate(_)) => {
+                hub.duplicates.fetch_add(1, Ordering::Relaxed);
+                Ok(Response::new(SubmitReply {
+                    accepted: false,
+                    duplicate: true,
+                }))
+            }
+            Err(e) => {
+                hub.rejections.count("unknown_lease");
+                Err(Status::invalid_argument(e.to_string()))
+            }
+        }
+    }
+
+    type GetWeightsStream = ChunkStream;
+
+    async fn get_weights(
+        &self,
+        request: Request<WeightsRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let hub = &self.0;
+        let req = request.into_inner();
+        let blob = Arc::clone(&hub.weights.read().expect("poisoned"));
+        if req.offset > 0 && req.version != blob.version {
+            return Err(Status::failed_precondition(format!(
+                "version {} is no longer served (now {}): restart from offset 0",
+                req.version, blob.version
+            )));
+        }
+        if req.offset > blob.bytes.len() as u64 {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the end ({} bytes)",
+                req.offset,
+                blob.bytes.len()
+            )));
+        }
+        let chunk = hub.job.cluster.weight_chunk_bytes.max(1);
+        let manifest = serde_json::to_string(&blob.manifest).expect("manifest serialises");
+        let start = req.offset as usize;
+        let stream = async_stream_chunks(blob, start, chunk, manifest);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        let hub = &self.0;
+        let mut doc = hub.status_snapshot();
+        let state = hub.state.lock().expect("poisoned");
+        let members: Vec<Value> = state
+            .members
+            .iter()
+            .map(|(id, m)| {
+                json!({"id": id, "role": m.role.as_str_name(), "name": m.name, "address": m.address,
+                       "version": m.version, "seconds_since_heartbeat": m.last_seen.elapsed().as_secs_f64(),
+                       "metrics": m.metrics})
+            })
+            .collect();
+        doc.insert("members".into(), Value::from(members));
+        doc.insert("leases_active".into(), json!(state.ledger.active_count()));
+        doc.insert("leases_expired".into(), json!(state.ledger.expired_count()));
+        drop(state);
+        doc.insert("version".into(), json!(hub.version()));
+        doc.insert("finished".into(), json!(hub.is_finished()));
+        doc.insert(
+            "accepted_groups".into(),
+            json!(hub.accepted.load(Ordering::Relaxed)),
+        );
+        doc.insert(
+            "duplicate_groups".into(),
+            json!(hub.duplicates.load(Ordering::Relaxed)),
+        );
+        doc.insert("rejected".into(), json!(hub.rejections.snapshot()));
+        Ok(Response::new(StatusReply {
+            json: Value::Object(doc).to_string(),
+        }))
+    }
+}
+
+fn async_stream_chunks(
+    blob: Arc<WeightBlob>,
+    start: usize,
+    chunk: usize,
+    manifest: String,
+) -> impl Stream<Item = Result<WeightChunk, Status>> + Send {
+    let total = blob.bytes.len();
+    let mut offsets: Vec<usize> = (start..total).step_by(chunk).collect();
+    if offsets.is_empty() {
+        offsets.push(start);
+    }
+    tokio_stream::iter(offsets.into_iter().enumerate().map(move |(i, offset)| {
+        let end = (offset + chunk).min(total);
+        Ok(WeightChunk {
+            version: blob.version,
+            offset: offset as u64,
+            data: blob.bytes[offset..end].to_vec(),
+            total_bytes: total as u64,
+            manifest_json: if i == 0 {
+                manifest.clone()
+            } else {
+                String::new()
+            },
+            crc32: blob.crc32,
+        })
+    }))
+}

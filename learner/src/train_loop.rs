@@ -1,0 +1,425 @@
+//! The trainer thread of rank 0: loads the policy (every tensor stays on this thread),
+//! restores the latest checkpoint when resuming, then turns accepted groups into GRPO
+//! steps, publishing each new version's weights to the hub and checkpointing as asked.
+
+use crate::checkpoint;
+use crate::data::Cursor;
+use crate::hub::{Accepted, Hub, JobInfo};
+use crate::run::RunError;
+use crate::sample::TrainSample;
+use crate::schedule::LrSchedule;
+use crate::trainer::{StepStats, Trainer, TrainerConfig};
+use crate::{AdamWConfig, GrpoConfig};
+use quill_common::device::{parse_device, parse_dtype};
+use quill_common::job::{self, JobConfig};
+use quill_common::telemetry::{MetricsWriter, Record};
+use quill_common::weights::WeightBlob;
+use quill_common::{default_model, load_pretrained, Tokenizer};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What the trainer thread hands the hub once the model is loaded.
+pub struct Boot {
+    /// Registration data for members.
+    pub info: JobInfo,
+    /// The tokenizer (for leasing prompts).
+    pub tokenizer: Tokenizer,
+    /// The weights of the current version.
+    pub weights: Arc<WeightBlob>,
+    /// Data state restored from a checkpoint.
+    pub data: DataState,
+}
+
+/// The learner's own part of a checkpoint's trainer state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DataState {
+    /// Where the dataset stood.
+    pub cursor: Cursor,
+    /// Prompts leased or waiting at checkpoint time (trained after a resume).
+    pub outstanding: Vec<u64>,
+    /// The last lease id issued (new ids continue after it).
+    pub last_lease: u64,
+}
+
+/// The trainer config a job asks for.
+pub fn trainer_config(job: &JobConfig) -> TrainerConfig {
+    let grpo = &job.grpo;
+    let opt = &job.optimizer;
+    let schedule = match opt.schedule {
+        job::LrSchedule::Constant => LrSchedule::WarmupConstant {
+            warmup_steps: opt.warmup_steps,
+        },
+        job::LrSchedule::Cosine => LrSchedule::Cosine {
+            warmup_steps: opt.warmup_steps,
+            total_steps: grpo.steps,
+            min_lr: opt.min_lr,
+        },
+    };
+    TrainerConfig {
+        grpo: GrpoConfig {
+            eps_low: grpo.eps_low,
+            eps_high: grpo.eps_high,
+            aggregation: match grpo.loss_aggregation {
+                job::LossAggregation::TokenMean => crate::LossAggregation::TokenMean,
+                job::LossAggregation::SequenceMean => crate::LossAggregation::SequenceMean,
+            },
+            kl_coef: grpo.kl_coef,
+            kl_estimator: match grpo.kl_estimator {
+                job::KlEstimator::K1 => crate::KlEstimator::K1,
+                job::KlEstimator::K2 => crate::KlEstimator::K2,
+                job::KlEstimator::K3 => crate::KlEstimator::K3,
+            },
+            tis_cap: grpo.tis_cap,
+            temperature: if job.sampling.temperature > 0.0 {
+                job.sampling.temperature
+            } else {
+                1.0
+            },
+        },
+        optimizer: AdamWConfig {
+            lr: opt.lr,
+            beta1: opt.betas[0],
+            beta2: opt.betas[1],
+            eps: opt.eps,
+            weight_decay: opt.weight_decay,
+            max_grad_norm: (opt.max_grad_norm > 0.0).then_some(opt.max_grad_norm),
+            schedule,
+        },
+        micro_batch_tokens: grpo.micro_batch_tokens,
+        max_consecutive_bad_steps: opt.max_consecutive_bad_steps,
+    }
+}
+
+fn tokenizer_json(job: &JobConfig) -> Result<String, RunError> {
+    if job.model.path == default_model::NAME {
+        return Ok(default_model::tokenizer_json());
+    }
+    let path = PathBuf::from(&job.model.path).join("tokenizer.json");
+    std::fs::read_to_string(&path).map_err(|e| RunError::Io(path.display().to_string(), e))
+}
+
+/// Runs the trainer thread until the job's steps are done or the data runs out.
+pub fn trainer_main(
+    job: JobConfig,
+    resume: bool,
+    boot: std::sync::mpsc::Sender<Result<Boot, RunError>>,
+    hub: std::sync::mpsc::Receiver<Arc<Hub>>,
+    mut ingest: mpsc::Receiver<Accepted>,
+) -> Result<(), RunError> {
+    let loaded = (|| {
+        let device = parse_device(&job.model.device)?;
+        let kind = parse_dtype(&job.model.dtype)?;
+        if kind != tch::Kind::Float {
+            tracing::info!(
+                "the learner trains an f32 master copy; {} applies to published weights",
+                job.model.dtype
+            );
+        }
+        let (model, tokenizer) = load_pretrained(&job.model.path, device, tch::Kind::Float)?;
+        let reference = if job.grpo.kl_coef > 0.0 {
+            let path = job
+                .model
+                .reference_path
+                .as_deref()
+                .unwrap_or(&job.model.path);
+            Some(load_pretrained(path, device, tch::Kind::Float)?.0)
+        } else {
+            None
+        };
+        Ok::<_, RunError>((model, reference, tokenizer))
+    })();
+    let (model, reference, tokenizer) = match loaded {
+        Ok(parts) => parts,
+        Err(e) => {
+            let message = e.to_string();
+            let _ = boot.send(Err(e));
+            return Err(RunError::Startup(message));
+        }
+    };
+    let tokenizer_text = tokenizer_json(&job)?;
+    let info = JobInfo {
+        job_json: serde_json::to_string(&job).expect("job configs serialise"),
+        model_config_json: model.config().to_json("float32").to_string(),
+        tokenizer_json: tokenizer_text.clone(),
+        vocab_size: model.config().vocab_size,
+        context: model.config().max_position_embeddings as usize,
+    };
+    let mut trainer = Trainer::new(model, reference, trainer_config(&job))?;
+    let root = job.job.output_dir.join("checkpoints");
+    let mut data = DataState::default();
+    if resume {
+        match checkpoint::latest_checkpoint(&root) {
+            Some(dir) => {
+                let state = checkpoint::load(&dir, &mut trainer)?;
+                data = serde_json::from_value(state.extra).unwrap_or_default();
+                tracing::info!(checkpoint = %dir.display(), step = state.progress.step, version = state.progress.version, "resumed");
+            }
+            None => tracing::info!(
+                "--resume: no checkpoint under {}, starting fresh",
+                root.display()
+            ),
+        }
+    }
+    let publish_kind = parse_dtype(&job.checkpoint.publish_dtype)?;
+    let weights = publish(&trainer, publish_kind)?;
+    boot.send(Ok(Boot {
+        info,
+        tokenizer,
+        weights,
+        data,
+    }))
+    .map_err(|_| RunError::Startup("the learner stopped during start-up".into()))?;
+    let Ok(hub) = hub.recv() else {
+        return Ok(());
+    };
+    let metrics = MetricsWriter::create(&job.job.output_dir.join(&job.metrics.jsonl))?;
+    let tokenizer_files = [("tokenizer.json", tokenizer_text.as_bytes())];
+    let save = |trainer: &Trainer| -> Result<(), RunError> {
+        let (cursor, outstanding, last_lease) = hub.data_state();
+        let extra = serde_json::to_value(DataState {
+            cursor,
+            outstanding,
+            last_lease,
+        })
+        .expect("serialises");
+        let dir = checkpoint::save(&root, trainer, &tokenizer_files, extra)?;
+        checkpoint::prune(&root, job.checkpoint.keep)?;
+        tracing::info!(checkpoint = %dir.display(), "checkpoint written");
+        Ok(())
+    };
+    let started = Instant::now();
+    while trainer.progress().step < job.grpo.steps {
+        let Some(batch) = collect_batch(&job, &hub, &mut ingest, &trainer) else {
+            tracing::info!("no more prompts: training ends early");
+            break;
+        };
+        let stats = trainer.step(&batch.samples)?;
+        let publish_started = Instant::now();
+        if !stats.skipped {
+            hub.publish(publish(&trainer, publish_kind)?);
+        }
+        let publish_seconds = publish_started.elapsed().as_secs_f64();
+        let record = step_record(
+            &job,
+            &hub,
+            &stats,
+            &batch,
+            publish_seconds,
+            started.elapsed().as_secs_f64(),
+            &ingest,
+        );
+        hub.set_status(record.clone());
+        let line = record
+            .into_iter()
+            .fold(Record::new("step"), |r, (k, v)| r.with(&k, v));
+        metrics.write(&line)?;
+        let step = trainer.progress().step;
+        if job.checkpoint.every_steps > 0 && step % job.checkpoint.every_steps == 0 {
+            save(&trainer)?;
+        }
+    }
+    save(&trainer)?;
+    hub.finish();
+    Ok(())
+}
+
+fn publish(trainer: &Trainer, kind: tch::Kind) -> Result<Arc<WeightBlob>, RunError> {
+    let version = trainer.progress().version;
+    Ok(Arc::new(WeightBlob::from_tensors(
+        version,
+        &trainer.model().hf_tensors(kind),
+    )?))
+}
+
+/// One optimiser step's worth of groups and what they said about the rollouts.
+struct Batch {
+    samples: Vec<TrainSample>,
+    groups: usize,
+    rewards: Vec<[f64; 4]>,
+    words: Vec<f64>,
+    in_range: Vec<bool>,
+    staleness: Vec<f64>,
+    generated_tokens: usize,
+    wait_seconds: f64,
+}
+
+fn collect_batch(
+    job: &JobConfig,
+    hub: &Hub,
+    ingest: &mut mpsc::Receiver<Accepted>,
+    trainer: &Trainer,
+) -> Option<Batch> {
+    let waited = Instant::now();
+    let version = trainer.progress().version;
+    let mut batch = Batch {
+        samples: Vec::new(),
+        groups: 0,
+        rewards: Vec::new(),
+        words: Vec::new(),
+        in_range: Vec::new(),
+        staleness: Vec::new(),
+        generated_tokens: 0,
+        wait_seconds: 0.0,
+    };
+    while batch.groups < job.grpo.prompts_per_step {
+        let accepted = match ingest.try_recv() {
+            Ok(accepted) => accepted,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if hub.data_done() && batch.groups == 0 {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+        };
+        let group = accepted.group;
+        let rollout = group.rollout.expect("the hub checked it");
+        let oldest = rollout
+            .samples
+            .iter()
+            .map(|s| s.version_first)
+            .min()
+            .unwrap_or(version);
+        if version.saturating_sub(oldest) > job.grpo.max_staleness {
+            hub.rejections.count("too_stale_at_train");
+            continue;
+        }
+        for (score, sample) in group.scores.iter().zip(&rollout.samples) {
+            batch
+                .rewards
+                .push([score.total, score.length, score.format, score.quality]);
+            batch.words.push(f64::from(score.words));
+            batch.in_range.push(score.in_range);
+            batch
+                .staleness
+                .push(version.saturating_sub(sample.version_first) as f64);
+            batch.generated_tokens += sample.tokens.len();
+        }
+        if job.grpo.drop_zero_advantage_groups && group.advantages.iter().all(|a| a.abs() < 1e-8) {
+            hub.rejections.count("zero_advantage");
+            continue;
+        }
+        for (sample, advantage) in rollout.samples.into_iter().zip(&group.advantages) {
+            batch.samples.push(TrainSample {
+                prompt: rollout.prompt_tokens.clone(),
+                response: sample.tokens,
+                behaviour_logprobs: sample.logprobs,
+                advantage: *advantage,
+            });
+        }
+        batch.groups += 1;
+    }
+    batch.wait_seconds = waited.elapsed().as_secs_f64();
+    Some(batch)
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn step_record(
+    job: &JobConfig,
+    hub: &Hub,
+    stats: &StepStats,
+    batch: &Batch,
+    publish_seconds: f64,
+    elapsed: f64,
+    ingest: &mpsc::Receiver<Accepted>,
+) -> Map<String, Value> {
+    let column = |i: usize| mean(batch.rewards.iter().map(|r| r[i]));
+    let (gen_tps, actors) = hub.member_metric(quill_common::proto::Role::Actor, "tokens_per_s");
+    let (reward_ms, rewards) = hub.member_metric(quill_common::proto::Role::Reward, "latency_ms");
+    let (sync_s, syncs) =
+        hub.member_metric(quill_common::proto::Role::Actor, "weight_sync_seconds");
+    let (sync_mbps, _) =
+        hub.member_metric(quill_common::proto::Role::Actor, "weight_sync_mb_per_s");
+    let mut record = Map::new();
+    let mut put = |k: &str, v: Value| {
+        record.insert(k.to_owned(), v);
+    };
+    put("step", json!(stats.step));
+    put("steps_total", json!(job.grpo.steps));
+    put("version", json!(stats.version));
+    put("elapsed_s", json!(elapsed));
+    put("skipped", json!(stats.skipped));
+    put("loss", json!(stats.loss));
+    put("grad_norm", json!(stats.grad_norm));
+    put("lr", json!(stats.lr));
+    put("clip_fraction", json!(stats.clip_fraction));
+    put("mean_ratio", json!(stats.mean_ratio));
+    put("kl", json!(stats.mean_kl));
+    put("groups", json!(batch.groups));
+    put("samples_scored", json!(batch.rewards.len()));
+    put("reward_mean", json!(column(0)));
+    put("reward_length", json!(column(1)));
+    put("reward_format", json!(column(2)));
+    if job.rewards.quality_model.is_some() {
+        put("reward_quality", json!(column(3)));
+    }
+    put(
+        "response_words_mean",
+        json!(mean(batch.words.iter().copied())),
+    );
+    put(
+        "in_range_share",
+        json!(mean(batch.in_range.iter().map(|&b| f64::from(u8::from(b))))),
+    );
+    put(
+        "staleness_mean",
+        json!(mean(batch.staleness.iter().copied())),
+    );
+    put("trained_tokens", json!(stats.tokens));
+    put("step_seconds", json!(stats.seconds));
+    put("wait_seconds", json!(batch.wait_seconds));
+    put(
+        "trained_tokens_per_s",
+        json!(stats.tokens as f64 / stats.seconds.max(1e-9)),
+    );
+    put("generated_tokens_per_s", json!(gen_tps));
+    put("actors", json!(actors));
+    put(
+        "rollout_groups_per_s",
+        json!(batch.groups as f64 / (batch.wait_seconds + stats.seconds).max(1e-9)),
+    );
+    put("generated_tokens", json!(batch.generated_tokens));
+    put(
+        "reward_latency_ms",
+        json!(if rewards > 0 {
+            reward_ms / rewards as f64
+        } else {
+            0.0
+        }),
+    );
+    put("ingest_queue", json!(ingest.len()));
+    put("ingest_capacity", json!(job.cluster.ingest_queue));
+    put("publish_seconds", json!(publish_seconds));
+    put(
+        "weight_sync_seconds",
+        json!(if syncs > 0 {
+            sync_s / syncs as f64
+        } else {
+            0.0
+        }),
+    );
+    put(
+        "weight_sync_mb_per_s",
+        json!(if syncs > 0 {
+            sync_mbps / syncs as f64
+        } else {
+            0.0
+        }),
+    );
+    put("rejected", json!(hub.rejections.snapshot()));
+    record
+}

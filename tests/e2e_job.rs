@@ -1,0 +1,247 @@
+//! Whole jobs as a user runs them: `quill launch local` starting a learner, an actor and a
+//! reward worker as separate processes talking gRPC on loopback.
+
+mod support;
+
+use serde_json::{Map, Value};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::job::{processes_mentioning, quill_bin, set, Proc, TestJob};
+
+fn launch(job: &TestJob, extra: &[&str]) -> Proc {
+    let mut command = Command::new(quill_bin());
+    command
+        .args(["launch", "local", "--config"])
+        .arg(&job.config)
+        .args(["--threads", "1"])
+        .args(extra);
+    Proc::spawn(
+        command,
+        &job.dir.path().join(format!("launch{}.log", extra.len())),
+    )
+}
+
+fn steps(job: &TestJob) -> Vec<Map<String, Value>> {
+    let path = job.out().join("metrics.jsonl");
+    quill_common::telemetry::read_records(&path)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("step"))
+        .collect()
+}
+
+fn field(record: &Map<String, Value>, key: &str) -> f64 {
+    record
+        .get(key)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("no {key} in {record:?}"))
+}
+
+fn no_process_left(job: &TestJob) {
+    let needle = job.dir.path().display().to_string();
+    let started = Instant::now();
+    while !processes_mentioning(&needle).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "left behind: {:?}",
+            processes_mentioning(&needle)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_default_job_learns() {
+    let job = TestJob::new(|_| {});
+    let mut launcher = launch(&job, &[]);
+    let status = launcher.wait(Duration::from_secs(1500));
+    let log = launcher.log();
+    assert!(status.success(), "{log}");
+    no_process_left(&job);
+    assert!(
+        log.contains("groups/s") && log.contains("tok/s"),
+        "throughput lines are printed"
+    );
+    let steps = steps(&job);
+    let total = steps.len();
+    assert!(total >= 30, "{total} steps recorded");
+    let window = 8;
+    let mean = |records: &[Map<String, Value>], key: &str| {
+        records.iter().map(|r| field(r, key)).sum::<f64>() / records.len() as f64
+    };
+    let first = mean(&steps[..window], "reward_mean");
+    let last = mean(&steps[total - window..], "reward_mean");
+    assert!(last > first + 0.2, "mean reward {first:.3} -> {last:.3}");
+    let first_in = mean(&steps[..window], "in_range_share");
+    let last_in = mean(&steps[total - window..], "in_range_share");
+    assert!(
+        last_in > first_in,
+        "in-range share {first_in:.3} -> {last_in:.3}"
+    );
+    let last_checkpoint = job.out().join(format!("checkpoints/step-{total:08}"));
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(
+            last_checkpoint.join(file).exists(),
+            "{file} missing from {}",
+            last_checkpoint.display()
+        );
+    }
+}
+
+fn state(job: &TestJob, step: u64) -> Value {
+    let path = job
+        .out()
+        .join(format!("checkpoints/step-{step:08}/trainer_state.json"));
+    serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+#[test]
+fn resume_continues_version_data_cursor_and_optimizer() {
+    let job = TestJob::new(|t| {
+        set(t, "grpo", "steps", 3);
+        set(t, "checkpoint", "every_steps", 3);
+        set(t, "grpo", "prompts_per_step", 2);
+    });
+    let mut first = launch(&job, &[]);
+    assert!(
+        first.wait(Duration::from_secs(600)).success(),
+        "{}",
+        first.log()
+    );
+    let at3 = state(&job, 3);
+    assert_eq!(
+        (at3["step"].as_u64(), at3["version"].as_u64()),
+        (Some(3), Some(3)),
+        "{at3}"
+    );
+    let cursor3 = at3["extra"]["cursor"]["position"].as_u64().unwrap();
+
+    let text = std::fs::read_to_string(&job.config)
+        .unwrap()
+        .replace("steps = 3", "steps = 5");
+    std::fs::write(&job.config, text).unwrap();
+    let mut second = launch(&job, &["--resume"]);
+    assert!(
+        second.wait(Duration::from_secs(600)).success(),
+        "{}",
+        second.log()
+    );
+    assert!(second.log().contains("resumed"), "{}", second.log());
+    let at5 = state(&job, 5);
+    assert_eq!(
+        (at5["step"].as_u64(), at5["version"].as_u64()),
+        (Some(5), Some(5)),
+        "{at5}"
+    );
+    let cursor5 = at5["extra"]["cursor"]["position"].as_u64().unwrap();
+    let epoch5 = at5["extra"]["cursor"]["epoch"].as_u64().unwrap();
+    assert!(
+        epoch5 > 0 || cursor5 > cursor3,
+        "the data cursor moved on from {cursor3}: {at5}"
+    );
+    let recorded: Vec<u64> = steps(&job)
+        .iter()
+        .map(|r| field(r, "step") as u64)
+        .collect();
+    assert_eq!(
+        recorded,
+        vec![1, 2, 3, 4, 5],
+        "the resumed run continues the step count"
+    );
+    let optimizer = job
+        .out()
+        .join("checkpoints/step-00000005/optimizer.safetensors");
+    let bytes = std::fs::read(optimizer).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let step = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("step").cloned());
+    assert_eq!(step.as_deref(), Some("5"), "AdamW's step count continued");
+    no_process_left(&job);
+}
+
+#[test]
+fn interrupting_the_launcher_stops_every_process() {
+    let job = TestJob::new(|t| set(t, "grpo", "steps", 1000));
+    let mut launcher = launch(&job, &[]);
+    let started = Instant::now();
+    while steps(&job).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no step: {}",
+            launcher.log()
+        );
+        assert!(
+            launcher.child.try_wait().unwrap().is_none(),
+            "{}",
+            launcher.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let needle = job.dir.path().display().to_string();
+    assert!(
+        processes_mentioning(&needle).len() >= 3,
+        "learner, actor and reward worker run"
+    );
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(launcher.child.id() as i32, libc::SIGINT);
+    }
+    let status = launcher.wait(Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(
+        launcher
+            .log()
+            .contains("interrupted: stopping every process"),
+        "{}",
+        launcher.log()
+    );
+    no_process_left(&job);
+}
+
+#[test]
+fn bad_job_files_fail_at_start_naming_the_field() {
+    let job = TestJob::new(|t| set(t, "grpo", "eps_low", 1.5));
+    let out = Command::new(quill_bin())
+        .args(["launch", "local", "--config"])
+        .arg(&job.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("grpo.eps_low: must be in [0, 1), got 1.5"),
+        "{err}"
+    );
+    let job = TestJob::new(|t| set(t, "optimizer", "learning_rate", 0.1));
+    let out = Command::new(quill_bin())
+        .args(["learner", "--config"])
+        .arg(&job.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("optimizer.learning_rate: unknown field"),
+        "{err}"
+    );
+    let out = Command::new(quill_bin())
+        .args(["actor", "--learner", "127.0.0.1:1"])
+        .env_remove("QUILL_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no job token"),
+        "actors need the token"
+    );
+}

@@ -1,0 +1,167 @@
+//! Job files and processes for end-to-end tests: every job gets its own directory, a
+//! loopback address on a free port, and a token file; processes are killed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The quill binary under test.
+pub fn quill_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_quill")
+}
+
+/// A job directory with `job.toml` (the default job with `overrides` applied) and a token.
+pub struct TestJob {
+    /// Keeps the directory alive.
+    pub dir: tempfile::TempDir,
+    /// The job file.
+    pub config: PathBuf,
+    /// The token file.
+    pub token: PathBuf,
+}
+
+impl TestJob {
+    /// The default job, written to a fresh directory with `edit` applied to its TOML text.
+    pub fn new(edit: impl FnOnce(&mut toml::Table)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let text =
+            std::fs::read_to_string(super::repo_root().join("configs/default.toml")).unwrap();
+        let mut table: toml::Table = text.parse().unwrap();
+        set(
+            &mut table,
+            "job",
+            "output_dir",
+            dir.path().join("out").display().to_string(),
+        );
+        set(&mut table, "cluster", "learner_addr", "127.0.0.1:0");
+        set(&mut table, "cluster", "heartbeat_seconds", 0.5);
+        set(&mut table, "metrics", "log_every_seconds", 1.0);
+        edit(&mut table);
+        let config = dir.path().join("job.toml");
+        std::fs::write(&config, toml::to_string(&table).unwrap()).unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "test-token-123").unwrap();
+        TestJob { dir, config, token }
+    }
+
+    /// The job's output directory.
+    pub fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    /// Starts `quill learner` for this job.
+    pub fn start_learner(&self, extra: &[&str]) -> Proc {
+        let mut command = Command::new(quill_bin());
+        command
+            .args(["learner", "--config"])
+            .arg(&self.config)
+            .arg("--token-file")
+            .arg(&self.token)
+            .args(["--threads", "1"])
+            .args(extra);
+        Proc::spawn(command, &self.dir.path().join("learner.log"))
+    }
+
+    /// Waits for the learner's bound address.
+    pub fn learner_addr(&self, learner: &mut Proc) -> String {
+        let file = self.out().join("learner.addr");
+        let started = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&file) {
+                if !text.trim().is_empty() {
+                    return text.trim().to_owned();
+                }
+            }
+            assert!(
+                learner.child.try_wait().unwrap().is_none(),
+                "the learner exited: {}",
+                learner.log()
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the learner did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Sets `section.key = value` in a job table.
+pub fn set(table: &mut toml::Table, section: &str, key: &str, value: impl Into<toml::Value>) {
+    table
+        .entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .unwrap()
+        .insert(key.into(), value.into());
+}
+
+/// A child process whose output goes to a log file; killed on drop.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `command` with stdout and stderr in `log`.
+    pub fn spawn(mut command: Command, log: &Path) -> Self {
+        let file = std::fs::File::create(log).unwrap();
+        command
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .stdin(Stdio::null());
+        Proc {
+            child: command.spawn().unwrap(),
+            log: log.to_owned(),
+        }
+    }
+
+    /// What it printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for it to exit, up to `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "still running after {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pids of live processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let status = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = status.split_whitespace().nth(2) == Some("Z");
+        if !zombie && String::from_utf8_lossy(&cmdline).contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
