@@ -320,6 +320,7 @@ async fn heartbeats(
         Instant::now(),
         engine.stats().generated_tokens.load(Ordering::Relaxed),
     );
+    let mut silent_since: Option<Instant> = None;
     loop {
         tokio::time::sleep(every).await;
         let tokens = engine.stats().generated_tokens.load(Ordering::Relaxed);
@@ -345,6 +346,7 @@ async fn heartbeats(
             .await
         {
             Ok(reply) => {
+                silent_since = None;
                 let reply = reply.into_inner();
                 *shared.rewards.lock().expect("poisoned") = reply.reward_addresses;
                 if reply.shutdown {
