@@ -91,7 +91,8 @@ pub struct ModelSection {
     pub path: String,
     /// `cpu`, `cuda` or `cuda:N`; default `cpu`.
     pub device: String,
-    /// The training dtype: `f32` (default) or `bf16`.
+    /// The dtype actors generate in: `f32` (default) or `bf16`. The learner always trains an
+    /// f32 master copy.
     pub dtype: String,
     /// The frozen reference model of the KL term; `path` when absent.
     pub reference_path: Option<String>,
@@ -344,9 +345,8 @@ pub struct CheckpointSection {
     pub every_steps: u64,
     /// How many of the latest checkpoints are kept, at least 1.
     pub keep: usize,
-    /// The dtype of saved weights: `f32` or `bf16`.
-    pub dtype: String,
-    /// The dtype of weights broadcast to actors: `f32` or `bf16`.
+    /// The dtype of weights broadcast to actors: `f32` or `bf16`. (Checkpoints always hold
+    /// the learner's f32 master weights, so that a resumed job continues exactly.)
     pub publish_dtype: String,
 }
 
@@ -355,7 +355,6 @@ impl Default for CheckpointSection {
         CheckpointSection {
             every_steps: 50,
             keep: 3,
-            dtype: "bf16".to_owned(),
             publish_dtype: "bf16".to_owned(),
         }
     }
@@ -783,7 +782,6 @@ impl OptimizerSection {
 impl CheckpointSection {
     fn check(&self) -> Check {
         at_least("checkpoint.keep", self.keep, 1)?;
-        dtype("checkpoint.dtype", &self.dtype)?;
         dtype("checkpoint.publish_dtype", &self.publish_dtype)
     }
 }
@@ -945,8 +943,8 @@ mod tests {
         assert_eq!(config.sampling.group_size, 8);
         assert_eq!(config.sampling.max_new_tokens, 160);
         assert_eq!(config.grpo.prompts_per_step, 4);
-        assert_eq!(config.grpo.steps, 40);
-        assert_eq!(config.optimizer.lr, 3e-4);
+        assert_eq!(config.grpo.steps, 60);
+        assert_eq!(config.optimizer.lr, 1e-3);
         assert_eq!(config.optimizer.warmup_steps, 0);
         assert_eq!(config.rewards.l_max, 400);
         assert_eq!(config.rewards.quality_model, None);
@@ -954,8 +952,8 @@ mod tests {
         assert_eq!(config.cluster.reward_workers, 1);
         assert_eq!(config.cluster.actor_batch, 16);
         assert_eq!(config.checkpoint.every_steps, 20);
-        assert_eq!(config.checkpoint.dtype, "f32");
         assert_eq!(config.cluster.learner_addr, "127.0.0.1:50051");
+        assert_eq!(config.template.response_prefix, " <think> </think><answer>");
     }
 
     #[test]
@@ -1033,7 +1031,6 @@ mod tests {
         assert_eq!(config.optimizer.max_consecutive_bad_steps, 3);
         assert_eq!(config.checkpoint.every_steps, 50);
         assert_eq!(config.checkpoint.keep, 3);
-        assert_eq!(config.checkpoint.dtype, "bf16");
         assert_eq!(config.checkpoint.publish_dtype, "bf16");
         assert_eq!(config.cluster.learner_addr, "127.0.0.1:50051");
         assert!(config.cluster.reward_addrs.is_empty());

@@ -28,37 +28,16 @@ use quill_common::Qwen2;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-/// How per-token losses are averaged into the batch loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossAggregation {
-    /// Sum over all response tokens of the batch divided by the batch's token count.
-    TokenMean,
-    /// Mean over samples of each sample's mean token loss.
-    SequenceMean,
-}
+pub use quill_common::job::{KlEstimator, LossAggregation};
 
-/// Which per-token estimator of KL(π‖π_ref) is penalised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KlEstimator {
-    /// `logp − ref_logp`.
-    K1,
-    /// `(logp − ref_logp)² / 2`.
-    K2,
-    /// `exp(ref_logp − logp) − (ref_logp − logp) − 1` (non-negative, unbiased).
-    K3,
-}
-
-impl KlEstimator {
-    /// The estimator per token, from the policy's and the reference's log-probs.
-    pub fn estimate(self, logp: &Tensor, ref_logp: &Tensor) -> Tensor {
-        let d = logp - ref_logp;
-        match self {
-            KlEstimator::K1 => d,
-            KlEstimator::K2 => d.square() * 0.5,
-            KlEstimator::K3 => (-&d).exp() + d - 1.0,
-        }
+/// The per-token estimate of KL(π‖π_ref) from the policy's and the reference's log-probs:
+/// k1 = `logp − ref`, k2 = `(logp − ref)² / 2`, k3 = `exp(ref − logp) − (ref − logp) − 1`.
+pub fn kl_estimate(estimator: KlEstimator, logp: &Tensor, ref_logp: &Tensor) -> Tensor {
+    let d = logp - ref_logp;
+    match estimator {
+        KlEstimator::K1 => d,
+        KlEstimator::K2 => d.square() * 0.5,
+        KlEstimator::K3 => (-&d).exp() + d - 1.0,
     }
 }
 
@@ -210,7 +189,7 @@ pub fn token_loss(
             (-(weight * advantage * proximal), detached.gt(cap))
         }
     };
-    let kl = ref_logp.map(|r| config.kl_estimator.estimate(logp, r));
+    let kl = ref_logp.map(|r| kl_estimate(config.kl_estimator, logp, r));
     let loss = match (&kl, config.kl_coef > 0.0) {
         (Some(k), true) => pg + k * config.kl_coef,
         _ => pg,
@@ -395,9 +374,9 @@ mod tests {
         let logp = t(&[-1.0, -2.0, -0.5]);
         let reference = t(&[-1.5, -1.0, -0.5]);
         let d = [0.5f32, -1.0, 0.0];
-        let k1 = KlEstimator::K1.estimate(&logp, &reference);
-        let k2 = KlEstimator::K2.estimate(&logp, &reference);
-        let k3 = KlEstimator::K3.estimate(&logp, &reference);
+        let k1 = kl_estimate(KlEstimator::K1, &logp, &reference);
+        let k2 = kl_estimate(KlEstimator::K2, &logp, &reference);
+        let k3 = kl_estimate(KlEstimator::K3, &logp, &reference);
         close(&values(&k1), &d);
         close(&values(&k2), &d.map(|d| d * d / 2.0));
         close(&values(&k3), &d.map(|d| (-d).exp() + d - 1.0));

@@ -68,6 +68,9 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
     let prompts = data::load_prompts(&job.data)?;
     std::fs::create_dir_all(&job.job.output_dir)
         .map_err(|e| RunError::Io(job.job.output_dir.display().to_string(), e))?;
+    if !options.resume {
+        prepare_fresh_start(&job)?;
+    }
     let (ingest_tx, ingest_rx) = mpsc::channel(job.cluster.ingest_queue.max(1));
     let (boot_tx, boot_rx) = std::sync::mpsc::channel();
     let (hub_tx, hub_rx) = std::sync::mpsc::channel();
@@ -161,6 +164,26 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
     let _ = stop_tx.send(());
     let _ = runtime.block_on(server);
     trained
+}
+
+/// A fresh (not resumed) job must not mix with an earlier one in the same directory: its
+/// checkpoints would be taken for this job's, so they are refused; old metrics are replaced.
+fn prepare_fresh_start(job: &JobConfig) -> Result<(), RunError> {
+    let root = job.job.output_dir.join("checkpoints");
+    if let Some(found) = crate::checkpoint::latest_checkpoint(&root) {
+        return Err(RunError::Startup(format!(
+            "{} already holds checkpoints ({}): pass --resume to continue that job, or use another job.output_dir",
+            job.job.output_dir.display(),
+            found.display()
+        )));
+    }
+    let metrics = job.job.output_dir.join(&job.metrics.jsonl);
+    match std::fs::remove_file(&metrics) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(RunError::Io(metrics.display().to_string(), e))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn join(handle: std::thread::JoinHandle<Result<(), RunError>>) -> Result<(), RunError> {

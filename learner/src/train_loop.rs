@@ -63,16 +63,9 @@ pub fn trainer_config(job: &JobConfig) -> TrainerConfig {
         grpo: GrpoConfig {
             eps_low: grpo.eps_low,
             eps_high: grpo.eps_high,
-            aggregation: match grpo.loss_aggregation {
-                job::LossAggregation::TokenMean => crate::LossAggregation::TokenMean,
-                job::LossAggregation::SequenceMean => crate::LossAggregation::SequenceMean,
-            },
+            aggregation: grpo.loss_aggregation,
             kl_coef: grpo.kl_coef,
-            kl_estimator: match grpo.kl_estimator {
-                job::KlEstimator::K1 => crate::KlEstimator::K1,
-                job::KlEstimator::K2 => crate::KlEstimator::K2,
-                job::KlEstimator::K3 => crate::KlEstimator::K3,
-            },
+            kl_estimator: grpo.kl_estimator,
             tis_cap: grpo.tis_cap,
             temperature: if job.sampling.temperature > 0.0 {
                 job.sampling.temperature

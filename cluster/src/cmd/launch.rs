@@ -29,6 +29,9 @@ pub struct LocalArgs {
     /// Number of reward workers (default: cluster.reward_workers).
     #[arg(long)]
     pub reward_workers: Option<usize>,
+    /// Write checkpoints, metrics and the token here instead of `job.output_dir`.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
     /// Continue from the latest checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -88,7 +91,10 @@ fn wait_for_address(path: &Path, learner: &mut Process) -> anyhow::Result<String
 }
 
 fn local(args: LocalArgs) -> anyhow::Result<()> {
-    let job = JobConfig::from_file(&args.config)?;
+    let mut job = JobConfig::from_file(&args.config)?;
+    if let Some(dir) = &args.output_dir {
+        job.job.output_dir = dir.clone();
+    }
     let actors = args.actors.unwrap_or(job.cluster.actors);
     let rewards = args.reward_workers.unwrap_or(job.cluster.reward_workers);
     if actors == 0 || rewards == 0 {
@@ -102,7 +108,20 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&addr_file);
     catch_interrupts();
     let config = args.config.to_str().context("config path is not UTF-8")?;
-    let mut learner_args = vec!["learner", "--config", config, "--token-file", token];
+    let output_dir = job
+        .job
+        .output_dir
+        .to_str()
+        .context("output directory is not UTF-8")?;
+    let mut learner_args = vec![
+        "learner",
+        "--config",
+        config,
+        "--token-file",
+        token,
+        "--output-dir",
+        output_dir,
+    ];
     if args.resume {
         learner_args.push("--resume");
     }

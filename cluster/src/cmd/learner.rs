@@ -18,6 +18,9 @@ pub struct Args {
     /// address is written to OUTPUT_DIR/learner.addr).
     #[arg(long)]
     pub listen: Option<String>,
+    /// Write checkpoints and metrics here instead of `job.output_dir`.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
     /// File holding the job token (overrides `job.token_file`; else $QUILL_TOKEN).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -31,6 +34,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut job = JobConfig::from_file(&args.config)?;
     if args.token_file.is_some() {
         job.job.token_file = args.token_file;
+    }
+    if let Some(dir) = args.output_dir {
+        job.job.output_dir = dir;
     }
     if args.threads > 0 {
         tch::set_num_threads(args.threads);

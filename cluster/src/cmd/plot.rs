@@ -261,9 +261,13 @@ fn padded(lo: f64, hi: f64) -> Range<f64> {
     (lo - pad)..(hi + pad)
 }
 
-/// A tick label: up to six decimals without trailing zeros, scientific for tiny values.
+/// A tick label: up to six decimals without trailing zeros, scientific for tiny values;
+/// rounding noise around zero (a tick at -2.2e-16) reads as 0.
 fn tick_label(value: &f64) -> String {
-    if *value != 0.0 && value.abs() < 1e-4 {
+    if value.abs() < 1e-12 {
+        return "0".to_owned();
+    }
+    if value.abs() < 1e-4 {
         return format!("{value:.1e}");
     }
     let text = format!("{value:.6}");
@@ -402,10 +406,10 @@ mod tests {
 
     #[test]
     fn tick_labels_are_short() {
-        let labels: Vec<String> = [8500.0, 0.30000000000000004, -0.0, 2.5, 0.00001]
+        let labels: Vec<String> = [8500.0, 0.30000000000000004, -0.0, 2.5, 0.00001, -2.2e-16]
             .iter()
             .map(tick_label)
             .collect();
-        assert_eq!(labels, ["8500", "0.3", "0", "2.5", "1.0e-5"]);
+        assert_eq!(labels, ["8500", "0.3", "0", "2.5", "1.0e-5", "0"]);
     }
 }
