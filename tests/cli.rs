@@ -2,23 +2,7 @@
 
 mod support;
 
-use std::process::{Command, Output};
-
-fn quill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_quill"))
-        .args(args)
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .expect("quill runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use support::{quill, stderr, stdout};
 
 #[test]
 fn generate_prints_samples_and_throughput() {

@@ -1,23 +1,10 @@
 //! `quill plot` as a user runs it: charts from a metrics file, and clear errors on bad input.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn quill(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_quill"))
-        .args(args)
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .expect("quill runs")
-}
+mod support;
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use support::{quill, stderr, stdout};
 
 /// 30 step records like the learner writes, interleaved with records of other kinds.
 fn synthetic_metrics() -> String {

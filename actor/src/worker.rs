@@ -6,15 +6,13 @@
 //! thread, which builds its tensors itself.
 
 use crate::{EngineConfig, EngineHandle, GenerationRequest, GroupOutput, SamplingParams};
-use quill_common::auth::{attach_token, AttachToken};
 use quill_common::device::parse_dtype;
 use quill_common::job::JobConfig;
-use quill_common::proto::learner_client::LearnerClient;
-use quill_common::proto::reward_client::RewardClient;
 use quill_common::proto::{
     HeartbeatRequest, LeaseRequest, PromptLease, RegisterRequest, Role, RolloutGroup, Sample,
     WeightsRequest,
 };
+use quill_common::rpc::{endpoint, learner_client, reward_client, LearnerConn, RewardConn};
 use quill_common::weights::{ManifestEntry, WeightBlob};
 use quill_common::{ModelConfig, Qwen2, Tokenizer};
 use std::collections::HashMap;
@@ -22,15 +20,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::task::JoinSet;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 
 /// Heartbeat periods without an answer after which a member decides the learner is gone.
 pub const LEARNER_SILENCE_HEARTBEATS: u32 = 10;
-
-/// Largest gRPC message an actor sends or accepts.
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// Why an actor stopped.
 #[derive(Debug, thiserror::Error)]
@@ -64,17 +58,8 @@ pub struct ActorOptions {
     pub device: Option<String>,
 }
 
-type Learner = LearnerClient<InterceptedService<Channel, AttachToken>>;
-type Reward = RewardClient<InterceptedService<Channel, AttachToken>>;
-
-fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, String> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad address `{addr}`: {e}"))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(32 << 20)))
-}
+type Learner = LearnerConn;
+type Reward = RewardConn;
 
 struct Shared {
     version: AtomicU64,
@@ -94,10 +79,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
     let channel = connect_with_retry(&options.learner, timeout)
         .await
         .map_err(learner_err)?;
-    let mut learner: Learner =
-        LearnerClient::with_interceptor(channel, attach_token(&options.token))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut learner: Learner = learner_client(channel, &options.token);
     let reply = learner
         .register(RegisterRequest {
             role: Role::Actor as i32,
@@ -475,10 +457,7 @@ async fn deliver(
                 Some(c) => c.clone(),
                 None => match endpoint(&addr, timeout) {
                     Ok(ep) => {
-                        let client =
-                            RewardClient::with_interceptor(ep.connect_lazy(), attach_token(token))
-                                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                        let client = reward_client(ep.connect_lazy(), token);
                         cache.insert(addr.clone(), client.clone());
                         client
                     }

@@ -10,6 +10,7 @@ pub mod job;
 pub mod model;
 pub mod pretrained;
 pub mod proto;
+pub mod rpc;
 pub mod telemetry;
 pub mod template;
 pub mod tokenizer;

@@ -66,6 +66,7 @@ struct State {
     dataset: Dataset,
     ledger: Ledger,
     members: BTreeMap<String, Member>,
+    departed: BTreeMap<String, Member>,
     next_member: u64,
     prompt_tokens: HashMap<u64, Vec<i64>>,
     data_exhausted: bool,
@@ -131,6 +132,7 @@ impl Hub {
                 dataset,
                 ledger,
                 members: BTreeMap::new(),
+                departed: BTreeMap::new(),
                 next_member: 0,
                 prompt_tokens: HashMap::new(),
                 data_exhausted: false,
@@ -218,7 +220,8 @@ impl Hub {
             .collect()
     }
 
-    /// Removes members silent for longer than `timeout`; their leases go back in line.
+    /// Sets members silent for longer than `timeout` aside; their leases go back in line.
+    /// A member set aside that calls again (it was only slow) is taken back.
     pub fn evict_silent(&self, timeout: Duration) -> Vec<String> {
         let now = Instant::now();
         let mut state = self.state.lock().expect("poisoned");
@@ -229,7 +232,8 @@ impl Hub {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &gone {
-            state.members.remove(id);
+            let member = state.members.remove(id).expect("listed above");
+            state.departed.insert(id.clone(), member);
             state.ledger.release_member(id);
         }
         gone
@@ -242,7 +246,13 @@ impl Hub {
         }
     }
 
-    fn check_member(state: &State, id: &str) -> Result<(), Status> {
+    /// Checks that `id` registered; a member that was set aside for silence is taken back.
+    fn check_member(state: &mut State, id: &str) -> Result<(), Status> {
+        if let Some(mut member) = state.departed.remove(id) {
+            tracing::warn!(member = %id, "a member set aside for silence is back");
+            member.last_seen = Instant::now();
+            state.members.insert(id.to_owned(), member);
+        }
         if state.members.contains_key(id) {
             Ok(())
         } else {
@@ -444,7 +454,7 @@ impl Learner for LearnerService {
         let req = request.into_inner();
         let live = Duration::from_secs_f64(hub.job.cluster.heartbeat_seconds * 3.0);
         let mut state = hub.state.lock().expect("poisoned");
-        Hub::check_member(&state, &req.member_id)?;
+        Hub::check_member(&mut state, &req.member_id)?;
         let member = state.members.get_mut(&req.member_id).expect("checked");
         member.last_seen = Instant::now();
         member.version = req.version;
@@ -473,7 +483,7 @@ impl Learner for LearnerService {
         let req = request.into_inner();
         let current = hub.version();
         let mut state = hub.state.lock().expect("poisoned");
-        Hub::check_member(&state, &req.member_id)?;
+        Hub::check_member(&mut state, &req.member_id)?;
         if hub.is_finished() {
             return Ok(Response::new(LeaseReply {
                 finished: true,

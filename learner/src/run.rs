@@ -9,6 +9,7 @@ use quill_common::auth;
 use quill_common::job::JobConfig;
 use quill_common::proto::learner_server::LearnerServer;
 use quill_common::proto::Role;
+use quill_common::rpc::{self, MAX_MESSAGE_BYTES};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::service::interceptor::InterceptedService;
 
-/// Largest message the learner accepts (a scored group of long samples).
-pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Heartbeat periods of silence after which a member's leases go back in line.
+pub const EVICT_AFTER_HEARTBEATS: u32 = 5;
 
 /// Everything that can stop the learner.
 #[derive(Debug, thiserror::Error)]
@@ -128,9 +129,7 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
     let heartbeat = Duration::from_secs_f64(job.cluster.heartbeat_seconds);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = runtime.spawn(
-        tonic::transport::Server::builder()
-            .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(32 << 20))
+        rpc::server()
             .add_service(service)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -146,7 +145,7 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
         let mut last_log = tokio::time::Instant::now();
         loop {
             ticks.tick().await;
-            for gone in ticker_hub.evict_silent(heartbeat * 5) {
+            for gone in ticker_hub.evict_silent(heartbeat * EVICT_AFTER_HEARTBEATS) {
                 tracing::warn!(member = %gone, "no heartbeat: removed, its leases go back in line");
             }
             if last_log.elapsed() >= log_every {

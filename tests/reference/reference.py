@@ -3,6 +3,7 @@
 Subcommands:
   fixtures OUT_DIR                       random Qwen2 checkpoints + recorded logits/greedy tokens
   logits MODEL_DIR INPUT_JSON OUT_FILE   logits of a saved checkpoint for given token rows
+  reward-model OUT TOKENIZER TEXTS OUT   a random reward model and its scores of texts
   bench-generate ...                     time transformers' generate() (see --help)
   grpo-step MODEL_DIR BATCH_JSON OUT_FILE [--float64]
                                          GRPO + AdamW steps from a checkpoint, weights after
@@ -11,6 +12,7 @@ Subcommands:
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -272,6 +274,27 @@ def grpo_step(model_dir, batch_json, out_file, dtype):
     save_file(out, out_file)
 
 
+def reward_model(out_dir, tokenizer_json, texts_json, scores_out):
+    """A random sequence-classification reward model over a given tokenizer, saved with it,
+    and its scores of the texts, each scored on its own (no padding)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+    torch.manual_seed(1)
+    cfg = make_config(True, 2, num_labels=1)
+    cfg.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    cfg.architectures = ["Qwen2ForSequenceClassification"]
+    rm = Qwen2ForSequenceClassification(cfg).eval()
+    randomise(rm)
+    rm.save_pretrained(out_dir)
+    shutil.copy(tokenizer_json, os.path.join(out_dir, "tokenizer.json"))
+    with open(texts_json) as f:
+        texts = json.load(f)
+    with torch.no_grad():
+        scores = [float(rm(torch.tensor([tokenizer.encode(t).ids])).logits[0, 0]) for t in texts]
+    save_file({"scores": torch.tensor(scores)}, scores_out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -292,11 +315,18 @@ def main():
     p.add_argument("batch_json")
     p.add_argument("out_file")
     p.add_argument("--float64", action="store_true", help="compute in float64 instead of float32")
+    p = sub.add_parser("reward-model", help="a random reward model and its scores of texts")
+    p.add_argument("out_dir")
+    p.add_argument("tokenizer_json")
+    p.add_argument("texts_json")
+    p.add_argument("scores_out")
     args = parser.parse_args()
     if args.command == "fixtures":
         fixtures(args.out_dir)
     elif args.command == "logits":
         logits(args.model_dir, args.input_json, args.out_file)
+    elif args.command == "reward-model":
+        reward_model(args.out_dir, args.tokenizer_json, args.texts_json, args.scores_out)
     elif args.command == "grpo-step":
         grpo_step(args.model_dir, args.batch_json, args.out_file, torch.float64 if args.float64 else torch.float32)
     else:

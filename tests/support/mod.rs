@@ -7,7 +7,7 @@ pub mod job;
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use tch::Tensor;
 
@@ -94,6 +94,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .abs()
         .max()
         .double_value(&[])
+}
+
+/// Runs the `quill` binary with `args` (no `LD_LIBRARY_PATH`: the rpath must do).
+pub fn quill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_quill"))
+        .args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("quill runs")
+}
+
+/// A finished command's standard output.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A finished command's standard error.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// The two causal-LM fixture variants.

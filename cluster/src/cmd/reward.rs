@@ -4,21 +4,17 @@ use crate::roles::quality::QualityScorer;
 use crate::roles::reward_worker::{RewardService, RewardWorker};
 use anyhow::{bail, Context};
 use quill_actor::worker::LEARNER_SILENCE_HEARTBEATS;
-use quill_common::auth::{attach_token, load_token, require_token};
+use quill_common::auth::{load_token, require_token};
 use quill_common::job::JobConfig;
-use quill_common::proto::learner_client::LearnerClient;
 use quill_common::proto::reward_server::RewardServer;
 use quill_common::proto::{HeartbeatRequest, RegisterRequest, Role};
+use quill_common::rpc::{self, MAX_MESSAGE_BYTES};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Endpoint, Server};
-
-/// Largest gRPC message a reward worker accepts.
-const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// Flags of `quill reward`.
 #[derive(clap::Args, Debug)]
@@ -55,15 +51,12 @@ async fn serve(args: Args, token: String) -> anyhow::Result<()> {
         Some(a) => a,
         None => listener.local_addr()?.to_string(),
     };
-    let channel = Endpoint::from_shared(format!("http://{}", args.learner))
-        .with_context(|| format!("bad learner address `{}`", args.learner))?
-        .connect_timeout(Duration::from_secs(30))
+    let channel = rpc::endpoint(&args.learner, Duration::from_secs(30))
+        .map_err(anyhow::Error::msg)?
         .connect()
         .await
         .with_context(|| format!("cannot reach the learner at {}", args.learner))?;
-    let mut learner = LearnerClient::with_interceptor(channel, attach_token(&token))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut learner = rpc::learner_client(channel, &token);
     let reply = learner
         .register(RegisterRequest {
             role: Role::Reward as i32,
@@ -139,9 +132,7 @@ async fn serve(args: Args, token: String) -> anyhow::Result<()> {
         }
         let _ = stop_tx.send(());
     });
-    Server::builder()
-        .initial_stream_window_size(Some(16 << 20))
-        .initial_connection_window_size(Some(32 << 20))
+    rpc::server()
         .add_service(service)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

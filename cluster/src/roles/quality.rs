@@ -95,3 +95,57 @@ fn score(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn scores_match_transformers() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer = dir.path().join("tokenizer.json");
+        std::fs::write(&tokenizer, quill_common::default_model::tokenizer_json()).unwrap();
+        let texts = vec![
+            "Write about the sea.\n\nThe sea is wide and the light is low.".to_owned(),
+            "写一篇散文\n\n春天来了，花开了。".to_owned(),
+            "short".to_owned(),
+        ];
+        let texts_file = dir.path().join("texts.json");
+        std::fs::write(&texts_file, serde_json::to_string(&texts).unwrap()).unwrap();
+        let model = dir.path().join("rm");
+        let scores = dir.path().join("scores.safetensors");
+        let status = Command::new(root.join(".venv/bin/python"))
+            .arg(root.join("tests/reference/reference.py"))
+            .arg("reward-model")
+            .args([&model, &tokenizer, &texts_file, &scores])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let want = tch::Tensor::read_safetensors(&scores).unwrap().remove(0).1;
+        let want = Vec::<f64>::try_from(&want.to_kind(tch::Kind::Double)).unwrap();
+        let scorer = QualityScorer::start(&model, "cpu", 2).unwrap();
+        let got = scorer.score(texts).unwrap();
+        assert_eq!(got.len(), 3);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "quill {g} vs transformers {w}");
+        }
+        assert!(
+            want.iter().any(|w| w.abs() > 1e-3),
+            "the scores are not trivially zero"
+        );
+    }
+
+    #[test]
+    fn a_missing_reward_model_is_a_clear_error() {
+        let err = QualityScorer::start(Path::new("/no/such/rm"), "cpu", 2)
+            .err()
+            .unwrap();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("loading the quality reward model") && text.contains("/no/such/rm"),
+            "{text}"
+        );
+    }
+}

@@ -4,11 +4,10 @@
 //! number of groups is scored at a time, so a learner that is full slows actors down.
 
 use super::quality::QualityScorer;
-use quill_common::auth::AttachToken;
 use quill_common::job::JobConfig;
-use quill_common::proto::learner_client::LearnerClient;
 use quill_common::proto::reward_server::Reward;
 use quill_common::proto::{RolloutGroup, SampleScores, ScoreReply, ScoredGroup};
+use quill_common::rpc::LearnerConn;
 use quill_reward::{
     combine_advantages, effective_word_count, format_reward, response_length_reward,
     split_response, LengthRange,
@@ -17,12 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
-
-/// Learner client type used by reward workers.
-pub type LearnerConn = LearnerClient<InterceptedService<Channel, AttachToken>>;
 
 /// Shared state of one reward worker.
 pub struct RewardWorker {
