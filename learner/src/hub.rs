@@ -170,7 +170,7 @@ impl Hub {
     /// Whether every prompt has been served and no lease is out.
     pub fn data_done(&self) -> bool {
         let state = self.state.lock().expect("poisoned");
-        state.data_exhausted && state.ledger.active_count() == 0
+        state.data_exhausted && state.ledger.outstanding_prompts().is_empty()
     }
 
     /// The dataset cursor and the prompts that are leased or waiting, for checkpoints.
@@ -200,13 +200,19 @@ impl Hub {
 
     /// Sums a metric over live members of `role`, and how many reported it.
     pub fn member_metric(&self, role: Role, key: &str) -> (f64, usize) {
+        let values = self.member_values(role, key);
+        (values.iter().sum(), values.len())
+    }
+
+    /// A metric of every live member of `role` that reported it, in member order.
+    pub fn member_values(&self, role: Role, key: &str) -> Vec<f64> {
         let state = self.state.lock().expect("poisoned");
         state
             .members
             .values()
             .filter(|m| m.role == role)
-            .filter_map(|m| m.metrics.get(key))
-            .fold((0.0, 0), |(sum, n), v| (sum + v, n + 1))
+            .filter_map(|m| m.metrics.get(key).copied())
+            .collect()
     }
 
     /// Members by role, with their versions (for status and staleness).

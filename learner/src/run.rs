@@ -197,7 +197,13 @@ pub fn throughput_line(hub: &Hub) -> Option<String> {
     let status = hub.status_snapshot();
     let get = |k: &str| status.get(k).and_then(Value::as_f64).unwrap_or(0.0);
     status.get("step")?;
-    let (gen_tps, actors) = hub.member_metric(Role::Actor, "tokens_per_s");
+    let per_actor = hub.member_values(Role::Actor, "tokens_per_s");
+    let gen_tps: f64 = per_actor.iter().sum();
+    let actors = per_actor
+        .iter()
+        .map(|v| format!("{v:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let (reward_ms, workers) = hub.member_metric(Role::Reward, "latency_ms");
     let versions = hub.member_versions(Role::Actor);
     let lag = versions
@@ -206,7 +212,7 @@ pub fn throughput_line(hub: &Hub) -> Option<String> {
         .max()
         .unwrap_or(0);
     Some(format!(
-        "step {}/{} v{} | {:.2} groups/s | gen {:.0} tok/s ({actors} actors, max lag {lag}) | reward {:.0} ms | step {:.2} s, train {:.0} tok/s | queue {}/{} | staleness {:.2} | weights {:.2} s {:.0} MB/s | reward {:.3} in-range {:.0}% words {:.0}",
+        "step {}/{} v{} | {:.2} groups/s | gen {:.0} tok/s (per actor: {actors}; max lag {lag}) | reward {:.0} ms | step {:.2} s, train {:.0} tok/s | queue {}/{} | staleness {:.2} | weights {:.2} s {:.0} MB/s | reward {:.3} in-range {:.0}% words {:.0}",
         get("step"), get("steps_total"), get("version"),
         get("rollout_groups_per_s"), gen_tps,
         reward_ms / workers.max(1) as f64, get("step_seconds"), get("trained_tokens_per_s"),

@@ -191,6 +191,13 @@ pub fn trainer_main(
             break;
         };
         let stats = trainer.step(&batch.samples)?;
+        if stats.skipped {
+            tracing::warn!(
+                step = stats.step,
+                in_a_row = stats.consecutive_bad_steps,
+                "non-finite loss or gradient: the update was skipped"
+            );
+        }
         let publish_started = Instant::now();
         if !stats.skipped {
             hub.publish(publish(&trainer, publish_kind)?);

@@ -2,7 +2,7 @@
 
 use crate::roles::quality::QualityScorer;
 use crate::roles::reward_worker::{RewardService, RewardWorker};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use quill_actor::worker::LEARNER_SILENCE_HEARTBEATS;
 use quill_common::auth::{load_token, require_token};
 use quill_common::job::JobConfig;
@@ -76,9 +76,6 @@ async fn serve(args: Args, token: String) -> anyhow::Result<()> {
         )?),
         _ => None,
     };
-    if job.cluster.ingest_queue == 0 {
-        bail!("cluster.ingest_queue must be positive");
-    }
     let worker = Arc::new(RewardWorker {
         member: reply.member_id.clone(),
         learner: learner.clone(),
