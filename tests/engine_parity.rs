@@ -225,11 +225,10 @@ fn results_do_not_depend_on_batch_composition() {
 
 #[test]
 fn stop_tokens_and_stop_strings_end_samples() {
-    let (model, tokenizer) = default_model::load(Device::Cpu, Kind::Float).unwrap();
-    let mut engine = Engine::new(model, tokenizer.clone(), &EngineConfig::default());
-    let prompt = tokenizer
-        .encode("<|user|>: Write about the sea. <|assistant|>:")
-        .unwrap();
+    // A fixture model: its greedy continuations have no near-ties, so reruns agree.
+    let mut engine = engine("tied_gqa_single", 4);
+    let tokenizer = engine.tokenizer().clone();
+    let prompt = ids(&expected("tied_gqa_single")["prompt_0"]);
     let free = run(
         &mut engine,
         vec![GenerationRequest {
