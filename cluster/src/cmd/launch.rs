@@ -137,37 +137,21 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
         }
     };
     println!("[launcher] learner at {address}; starting {rewards} reward worker(s) and {actors} actor(s)");
-    for i in 0..rewards {
-        let name = format!("reward-{i}");
-        let command = quill(
-            &[
-                "reward",
+    // Reward workers first, so that actors find one at their first heartbeat.
+    for (role, count, threads) in [("reward", rewards, 0), ("actor", actors, args.threads)] {
+        for i in 0..count {
+            let name = format!("{role}-{i}");
+            let argv = [
+                role,
                 "--learner",
                 &address,
                 "--token-file",
                 token,
                 "--name",
                 &name,
-            ],
-            0,
-        )?;
-        processes.push(Process::spawn(&name, command)?);
-    }
-    for i in 0..actors {
-        let name = format!("actor-{i}");
-        let command = quill(
-            &[
-                "actor",
-                "--learner",
-                &address,
-                "--token-file",
-                token,
-                "--name",
-                &name,
-            ],
-            args.threads,
-        )?;
-        processes.push(Process::spawn(&name, command)?);
+            ];
+            processes.push(Process::spawn(&name, quill(&argv, threads)?)?);
+        }
     }
     let mut reported = vec![false; processes.len()];
     let learner_status = loop {
