@@ -92,9 +92,13 @@ impl EngineHandle {
         &self.tokenizer
     }
 
-    /// The engine model's config.
-    pub fn model_config(&self) -> &ModelConfig {
-        &self.config
+    /// Token ids that end a sample: the config's end-of-sequence ids and `<|endoftext|>`.
+    pub fn stop_token_ids(&self) -> Vec<i64> {
+        let mut ids = self.config.eos_token_ids.clone();
+        ids.extend(self.tokenizer.token_id("<|endoftext|>"));
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// Counters updated by the engine while it runs.

@@ -134,7 +134,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         Arc::clone(&shared),
         job.clone(),
     ));
-    let stop_ids = stop_token_ids(&engine);
+    let stop_ids = engine.stop_token_ids();
     let mut groups: JoinSet<()> = JoinSet::new();
     let want = job.cluster.leases_per_actor.max(1);
     let hb = Duration::from_secs_f64(job.cluster.heartbeat_seconds);
@@ -197,14 +197,6 @@ async fn connect_with_retry(addr: &str, timeout: Duration) -> Result<Channel, St
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
-}
-
-fn stop_token_ids(engine: &EngineHandle) -> Vec<i64> {
-    let mut ids = engine.model_config().eos_token_ids.clone();
-    ids.extend(engine.tokenizer().token_id("<|endoftext|>"));
-    ids.sort_unstable();
-    ids.dedup();
-    ids
 }
 
 /// Fetches the newest weights (resuming a dropped transfer once) into the engine.

@@ -72,8 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.stop.clone()
     };
-    let mut stop_token_ids = engine.model_config().eos_token_ids.clone();
-    stop_token_ids.extend(tokenizer.token_id("<|endoftext|>"));
+    let stop_token_ids = engine.stop_token_ids();
     let mut pending = Vec::with_capacity(prompts.len());
     for (i, question) in prompts.iter().enumerate() {
         let text = if args.raw {
