@@ -2,6 +2,7 @@
 //! the think-then-answer prompt template, the embedded default model, device parsing.
 
 pub mod auth;
+pub mod collective;
 pub mod config;
 pub mod default_model;
 pub mod device;
