@@ -78,6 +78,17 @@ pub enum LearnerError {
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A collective over the learner ranks failed (a rank died, timed out, or diverged).
+    #[error(transparent)]
+    Collective(#[from] quill_common::collective::CollectiveError),
+    /// The learner ranks no longer hold the same weights.
+    #[error("learner ranks diverged at step {step}: weight checksums {checksums:?}")]
+    Diverged {
+        /// The step after which the checksums differed.
+        step: u64,
+        /// Each rank's checksum.
+        checksums: Vec<f64>,
+    },
 }
 
 /// Result alias for this crate.

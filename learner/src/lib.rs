@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod grad_sync;
 pub mod grpo;
 pub mod hub;
 pub mod ledger;

@@ -160,6 +160,26 @@ impl AdamW {
             .map(|s| (s.name.as_str(), &s.exp_avg, &s.exp_avg_sq))
     }
 
+    /// Every trained parameter followed by its two moments, in name order (shallow copies:
+    /// writing into them changes the optimizer's state), for synchronising learner ranks.
+    pub(crate) fn state_tensors(&self) -> Vec<Tensor> {
+        self.slots
+            .iter()
+            .flat_map(|s| [&s.param, &s.exp_avg, &s.exp_avg_sq])
+            .map(Tensor::shallow_clone)
+            .collect()
+    }
+
+    /// Every trained parameter (shallow copies), in name order.
+    pub(crate) fn params(&self) -> Vec<Tensor> {
+        self.slots.iter().map(|s| s.param.shallow_clone()).collect()
+    }
+
+    /// Sets the number of updates applied (the schedule's position), e.g. from rank 0.
+    pub(crate) fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
+    }
+
     /// Zeroes every parameter's gradient.
     pub fn zero_grad(&mut self) {
         for slot in &mut self.slots {

@@ -3,13 +3,14 @@
 //! finite. Everything here runs on the calling thread.
 
 use crate::error::{LearnerError, Result};
+use crate::grad_sync::GradSync;
 use crate::grpo::{self, GrpoConfig, LossSums};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::sample::{micro_batches, validate_batch, TrainSample};
 use quill_common::Qwen2;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 /// Settings of the training step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,13 +99,15 @@ pub struct StepStats {
     pub seconds: f64,
 }
 
-/// The policy, an optional frozen reference, their optimizer and the step counters.
+/// The policy, an optional frozen reference, their optimizer, the step counters and, in a
+/// data-parallel group, the link to the other learner ranks.
 pub struct Trainer {
     model: Qwen2,
     reference: Option<Qwen2>,
     optimizer: AdamW,
     config: TrainerConfig,
     progress: Progress,
+    sync: Option<GradSync>,
 }
 
 impl Trainer {
@@ -139,7 +142,55 @@ impl Trainer {
             optimizer,
             config,
             progress: Progress::default(),
+            sync: None,
         })
+    }
+
+    /// Joins a data-parallel group: rank 0's weights, optimizer state and counters are
+    /// copied to every rank (all ranks call this together), and from now on every step
+    /// sums the ranks' gradients.
+    pub fn attach(&mut self, mut sync: GradSync) -> Result<()> {
+        let device = self.model.device();
+        let mut state = self.optimizer.state_tensors();
+        let p = self.progress;
+        let counters = [
+            p.step as f32,
+            p.version as f32,
+            p.consecutive_bad_steps as f32,
+            p.skipped_steps as f32,
+            self.optimizer.steps() as f32,
+        ];
+        state.push(Tensor::from_slice(&counters).to_device(device));
+        sync.broadcast_from_root(&mut state)?;
+        let counters =
+            Vec::<f32>::try_from(state.pop().expect("pushed").to_device(tch::Device::Cpu))?;
+        self.progress = Progress {
+            step: counters[0] as u64,
+            version: counters[1] as u64,
+            consecutive_bad_steps: counters[2] as u32,
+            skipped_steps: counters[3] as u64,
+        };
+        self.optimizer.set_steps(counters[4] as u64);
+        self.sync = Some(sync);
+        Ok(())
+    }
+
+    /// This trainer's rank and the group size (0 of 1 when alone).
+    pub fn rank(&self) -> (usize, usize) {
+        self.sync
+            .as_ref()
+            .map_or((0, 1), |s| (s.rank(), s.world_size()))
+    }
+
+    /// Checks that every rank holds the same weights (all ranks call it together); returns
+    /// the relative spread of their checksums (0 when alone).
+    pub fn check_ranks(&mut self) -> Result<f64> {
+        let params = self.optimizer.params();
+        let (step, device) = (self.progress.step, self.model.device());
+        match &mut self.sync {
+            Some(sync) => sync.check_same_weights(&params, step, device),
+            None => Ok(0.0),
+        }
     }
 
     /// The policy being trained.
@@ -173,11 +224,32 @@ impl Trainer {
     /// step is reported as skipped. More than `max_consecutive_bad_steps` skipped steps in a
     /// row is an error.
     pub fn step(&mut self, batch: &[TrainSample]) -> Result<StepStats> {
-        let start = Instant::now();
         validate_batch(batch, self.model.config())?;
         let weights = grpo::token_weights(batch, self.config.grpo.aggregation);
+        self.step_shard(batch, &weights)
+    }
+
+    /// One step on this rank's `shard` of a global batch, `weights[i]` being sample `i`'s
+    /// per-token weight in the global loss ([`grpo::token_weights`] of the whole batch).
+    /// In a data-parallel group every rank calls it for the same step (a shard may be
+    /// empty); the ranks' gradients are summed, so all of them take the same update.
+    pub fn step_shard(&mut self, shard: &[TrainSample], weights: &[f64]) -> Result<StepStats> {
+        let start = Instant::now();
+        if weights.len() != shard.len() {
+            return Err(LearnerError::config(
+                "weights",
+                format!("{} weights for {} samples", weights.len(), shard.len()),
+            ));
+        }
+        if self.sync.is_none() || !shard.is_empty() {
+            validate_batch(shard, self.model.config())?;
+        }
+        let batch = shard;
         let groups = micro_batches(batch, self.config.micro_batch_tokens);
         self.optimizer.zero_grad();
+        if self.sync.is_some() {
+            self.define_zero_grads()?;
+        }
         let mut sums = LossSums::default();
         let mut finite = true;
         for group in &groups {
@@ -196,6 +268,15 @@ impl Trainer {
                 break;
             }
             loss.f_backward()?;
+        }
+        sums.tokens = batch.iter().map(|s| s.response.len()).sum();
+        let mut sequences = batch.len();
+        if let Some(sync) = &mut self.sync {
+            let device = self.model.device();
+            (sums, sequences, finite) = sync.reduce_sums(&sums, sequences, finite, device)?;
+            if finite {
+                sync.all_reduce_grads(&self.optimizer.params())?;
+            }
         }
         let grad_norm = if finite {
             self.optimizer.clip_grad_norm()?
@@ -243,11 +324,26 @@ impl Trainer {
             mean_kl: stats.mean_kl,
             grad_norm,
             lr,
-            tokens: batch.iter().map(|s| s.response.len()).sum(),
-            sequences: batch.len(),
+            tokens: stats.tokens,
+            sequences,
             micro_batches: groups.len(),
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Gives every parameter a zero gradient, so that a rank with little or no data still
+    /// takes part in every gradient all-reduce.
+    fn define_zero_grads(&mut self) -> Result<()> {
+        let params = self.optimizer.params();
+        let Some(first) = params.first() else {
+            return Ok(());
+        };
+        let mut zero = first.f_sum(Kind::Float)?.f_mul_scalar(0.0)?;
+        for p in &params[1..] {
+            zero = zero.f_add(&p.f_sum(Kind::Float)?.f_mul_scalar(0.0)?)?;
+        }
+        zero.f_backward()?;
+        Ok(())
     }
 }
 
@@ -256,7 +352,6 @@ mod tests {
     use super::*;
     use crate::grpo::{response_logprobs, LossAggregation};
     use crate::testing::{batch, sample, tiny_model};
-    use tch::Tensor;
 
     fn config(micro_batch_tokens: usize, aggregation: LossAggregation) -> TrainerConfig {
         TrainerConfig {
