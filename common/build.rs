@@ -4,6 +4,7 @@ include!("../build/libtorch_rpath.rs");
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     link_libtorch();
+    println!("cargo:rerun-if-changed=proto");
     std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure().compile_protos(&["proto/quill/v1/quill.proto"], &["proto"])?;
     Ok(())

@@ -55,6 +55,8 @@ pub struct JobConfig {
     pub cluster: ClusterSection,
     /// Where metrics go and how often.
     pub metrics: MetricsSection,
+    /// How learner ranks train together (data parallelism).
+    pub parallel: ParallelSection,
 }
 
 /// `[job]`: the job's identity.
@@ -406,6 +408,51 @@ impl Default for ClusterSection {
     }
 }
 
+/// Which collective backend the learner ranks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveKind {
+    /// NCCL when the model trains on CUDA, else the TCP ring.
+    #[default]
+    Auto,
+    /// Ring all-reduce over TCP (CPU tensors).
+    Ring,
+    /// NCCL (CUDA tensors).
+    Nccl,
+}
+
+/// `[parallel]`: data parallelism over learner ranks (`quill learner --rank R --world-size K`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParallelSection {
+    /// The collective backend; default `auto`.
+    pub collective: CollectiveKind,
+    /// Seconds any collective (and joining the group) may wait for another rank, above 0.
+    pub timeout_seconds: f64,
+    /// Compare the ranks' weight checksums every this many steps (0: never); default 10.
+    pub check_every_steps: u64,
+    /// Megabytes of gradient per all-reduce bucket, above 0.
+    pub bucket_mb: f64,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        ParallelSection {
+            collective: CollectiveKind::Auto,
+            timeout_seconds: 300.0,
+            check_every_steps: 10,
+            bucket_mb: 32.0,
+        }
+    }
+}
+
+impl ParallelSection {
+    fn check(&self) -> Check {
+        positive("parallel.timeout_seconds", self.timeout_seconds)?;
+        positive("parallel.bucket_mb", self.bucket_mb)
+    }
+}
+
 /// `[metrics]`: where metrics go and how often.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -524,6 +571,7 @@ impl JobConfig {
         self.optimizer.check(&self.grpo)?;
         self.checkpoint.check()?;
         self.cluster.check()?;
+        self.parallel.check()?;
         self.metrics.check()
     }
 }

@@ -7,12 +7,13 @@
 
 use crate::data::{Dataset, Prompt, PromptText};
 use crate::ledger::{LeaseError, Ledger};
+use crate::ranks::{RankTable, ShardAnswer};
 use quill_common::job::JobConfig;
 use quill_common::proto::learner_server::Learner;
 use quill_common::proto::{
-    HeartbeatReply, HeartbeatRequest, LeaseReply, LeaseRequest, PromptLease, RegisterReply,
-    RegisterRequest, Role, ScoredGroup, StatusReply, StatusRequest, SubmitReply, WeightChunk,
-    WeightsRequest,
+    HeartbeatReply, HeartbeatRequest, JoinRankReply, JoinRankRequest, LeaseReply, LeaseRequest,
+    PromptLease, RegisterReply, RegisterRequest, Role, ScoredGroup, ShardReply, ShardRequest,
+    StatusReply, StatusRequest, SubmitReply, WeightChunk, WeightsRequest,
 };
 use quill_common::weights::WeightBlob;
 use quill_common::Tokenizer;
@@ -111,6 +112,8 @@ pub struct Hub {
     pub accepted: AtomicU64,
     finished: AtomicBool,
     status: Mutex<Map<String, Value>>,
+    /// The learner ranks (data parallelism).
+    pub ranks: RankTable,
 }
 
 impl Hub {
@@ -144,7 +147,14 @@ impl Hub {
             accepted: AtomicU64::new(0),
             finished: AtomicBool::new(false),
             status: Mutex::new(Map::new()),
+            ranks: RankTable::new(1),
         }
+    }
+
+    /// The same hub serving a data-parallel learner of `world` ranks.
+    pub fn with_ranks(mut self, world: usize) -> Self {
+        self.ranks = RankTable::new(world);
+        self
     }
 
     /// The current weights version.
@@ -635,6 +645,20 @@ impl Learner for LearnerService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn join_rank(
+        &self,
+        request: Request<JoinRankRequest>,
+    ) -> Result<Response<JoinRankReply>, Status> {
+        self.join_rank_inner(request).await
+    }
+
+    async fn get_shard(
+        &self,
+        request: Request<ShardRequest>,
+    ) -> Result<Response<ShardReply>, Status> {
+        self.get_shard_inner(request).await
+    }
+
     async fn status(
         &self,
         _request: Request<StatusRequest>,
@@ -666,8 +690,86 @@ impl Learner for LearnerService {
             json!(hub.duplicates.load(Ordering::Relaxed)),
         );
         doc.insert("rejected".into(), json!(hub.rejections.snapshot()));
+        doc.insert("learner_ranks".into(), json!(hub.ranks.world_size()));
         Ok(Response::new(StatusReply {
             json: Value::Object(doc).to_string(),
+        }))
+    }
+}
+
+/// How long a `GetShard` call waits for the batch before answering "not yet".
+const SHARD_POLL: Duration = Duration::from_secs(1);
+
+impl LearnerService {
+    /// `JoinRank`: records the rank, then waits for the group to form.
+    pub async fn join_rank_inner(
+        &self,
+        request: Request<JoinRankRequest>,
+    ) -> Result<Response<JoinRankReply>, Status> {
+        let hub = Arc::clone(&self.0);
+        let (peer, local) = match (request.remote_addr(), request.local_addr()) {
+            (Some(peer), Some(local)) => (peer.ip(), local.ip()),
+            _ => {
+                return Err(Status::internal(
+                    "join rank: the connection has no addresses",
+                ))
+            }
+        };
+        let req = request.into_inner();
+        let port = u16::try_from(req.ring_port).map_err(|_| {
+            Status::invalid_argument(format!("join rank: port {} is not a port", req.ring_port))
+        })?;
+        hub.ranks
+            .join(
+                req.rank as usize,
+                req.world_size as usize,
+                port,
+                req.name,
+                peer,
+                local,
+            )
+            .map_err(Status::invalid_argument)?;
+        tracing::info!(rank = req.rank, "learner rank joined");
+        let timeout = Duration::from_secs_f64(hub.job.parallel.timeout_seconds);
+        let reply = tokio::task::spawn_blocking(move || {
+            hub.ranks.wait_for_setup(timeout, &hub.info.job_json)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::failed_precondition)?;
+        Ok(Response::new(reply))
+    }
+
+    /// `GetShard`: the rank's shard of the step, once rank 0 has formed the batch.
+    pub async fn get_shard_inner(
+        &self,
+        request: Request<ShardRequest>,
+    ) -> Result<Response<ShardReply>, Status> {
+        let hub = Arc::clone(&self.0);
+        let req = request.into_inner();
+        let metrics = req
+            .metrics
+            .into_iter()
+            .filter(|(_, v)| v.is_finite())
+            .collect();
+        let answer = tokio::task::spawn_blocking(move || {
+            hub.ranks
+                .shard(req.rank as usize, req.step, metrics, SHARD_POLL)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::invalid_argument)?;
+        Ok(Response::new(match answer {
+            ShardAnswer::Ready(samples) => ShardReply {
+                ready: true,
+                samples,
+                ..ShardReply::default()
+            },
+            ShardAnswer::NotYet => ShardReply::default(),
+            ShardAnswer::Finished => ShardReply {
+                finished: true,
+                ..ShardReply::default()
+            },
         }))
     }
 }

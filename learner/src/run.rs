@@ -56,6 +56,8 @@ pub struct LearnerOptions {
     pub resume: bool,
     /// Overrides `cluster.learner_addr` (port 0 picks a free port).
     pub listen: Option<String>,
+    /// Learner ranks in the job (data parallelism); 0 or 1 for a single learner.
+    pub world_size: usize,
 }
 
 /// The file the learner writes its bound address into (for launchers and tests).
@@ -92,15 +94,18 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
     dataset.restore(boot.data.cursor);
     let mut ledger = Ledger::starting_at(boot.data.last_lease);
     ledger.requeue(boot.data.outstanding.iter().copied());
-    let hub = Arc::new(Hub::new(
-        job.clone(),
-        boot.info,
-        boot.tokenizer,
-        dataset,
-        ledger,
-        boot.weights,
-        ingest_tx,
-    ));
+    let hub = Arc::new(
+        Hub::new(
+            job.clone(),
+            boot.info,
+            boot.tokenizer,
+            dataset,
+            ledger,
+            boot.weights,
+            ingest_tx,
+        )
+        .with_ranks(options.world_size.max(1)),
+    );
     let runtime =
         tokio::runtime::Runtime::new().map_err(|e| RunError::Io("<tokio runtime>".into(), e))?;
     let listen = options

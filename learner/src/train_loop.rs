@@ -4,17 +4,21 @@
 
 use crate::checkpoint;
 use crate::data::Cursor;
+use crate::group;
 use crate::hub::{Accepted, Hub, JobInfo};
+use crate::ranks::GroupSetup;
 use crate::run::RunError;
-use crate::sample::TrainSample;
+use crate::sample::{validate_batch, TrainSample};
 use crate::schedule::LrSchedule;
 use crate::trainer::{StepStats, Trainer, TrainerConfig};
+use crate::LearnerError;
 use crate::{AdamWConfig, GrpoConfig};
+use quill_common::collective::nccl_unique_id;
 use quill_common::device::{parse_device, parse_dtype};
 use quill_common::job::{self, JobConfig};
 use quill_common::telemetry::{MetricsWriter, Record};
 use quill_common::weights::WeightBlob;
-use quill_common::{default_model, load_pretrained, Tokenizer};
+use quill_common::{default_model, load_pretrained, Qwen2, Tokenizer};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
@@ -95,6 +99,74 @@ fn tokenizer_json(job: &JobConfig) -> Result<String, RunError> {
     std::fs::read_to_string(&path).map_err(|e| RunError::Io(path.display().to_string(), e))
 }
 
+/// Loads the policy a job trains (f32 master weights), its frozen reference when the KL
+/// term needs one, and the tokenizer.
+pub(crate) fn load_models(job: &JobConfig) -> Result<(Qwen2, Option<Qwen2>, Tokenizer), RunError> {
+    let device = parse_device(&job.model.device)?;
+    let kind = parse_dtype(&job.model.dtype)?;
+    if kind != tch::Kind::Float {
+        tracing::info!(
+            "the learner trains an f32 master copy; {} applies to published weights",
+            job.model.dtype
+        );
+    }
+    let (model, tokenizer) = load_pretrained(&job.model.path, device, tch::Kind::Float)?;
+    let reference = if job.grpo.kl_coef > 0.0 {
+        let path = job
+            .model
+            .reference_path
+            .as_deref()
+            .unwrap_or(&job.model.path);
+        Some(load_pretrained(path, device, tch::Kind::Float)?.0)
+    } else {
+        None
+    };
+    Ok((model, reference, tokenizer))
+}
+
+/// Makes rank 0's trainer the root of the data-parallel group: waits for every other
+/// rank to join, fixes the group (addresses, backend, NCCL id), connects, and copies its
+/// state to the others. A failure is also reported to the ranks waiting to join.
+fn form_group(job: &JobConfig, hub: &Hub, trainer: &mut Trainer) -> Result<(), RunError> {
+    let formed = (|| {
+        let listener = group::ring_listener()?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| RunError::Io("<collective listener>".into(), e))?
+            .port();
+        let (host, mut addresses) = hub
+            .ranks
+            .wait_for_ranks(group::timeout(job))
+            .map_err(RunError::Startup)?;
+        addresses[0] = std::net::SocketAddr::new(host, port).to_string();
+        let device = trainer.model().device();
+        let backend = group::backend(job, device);
+        let nccl_id = if backend == "nccl" {
+            nccl_unique_id().map_err(LearnerError::from)?
+        } else {
+            Vec::new()
+        };
+        hub.ranks.set_setup(GroupSetup {
+            addresses: addresses.clone(),
+            backend: backend.to_owned(),
+            nccl_id: nccl_id.clone(),
+        });
+        let sync = group::connect(job, 0, backend, &addresses, &nccl_id, listener, device)?;
+        trainer.attach(sync)?;
+        tracing::info!(
+            ranks = addresses.len(),
+            backend,
+            "learner ranks formed a group"
+        );
+        Ok::<_, RunError>(())
+    })();
+    if let Err(e) = &formed {
+        hub.ranks
+            .fail(format!("rank 0 could not form the group: {e}"));
+    }
+    formed
+}
+
 /// Runs the trainer thread until the job's steps are done or the data runs out.
 pub fn trainer_main(
     job: JobConfig,
@@ -103,29 +175,7 @@ pub fn trainer_main(
     hub: std::sync::mpsc::Receiver<Arc<Hub>>,
     mut ingest: mpsc::Receiver<Accepted>,
 ) -> Result<(), RunError> {
-    let loaded = (|| {
-        let device = parse_device(&job.model.device)?;
-        let kind = parse_dtype(&job.model.dtype)?;
-        if kind != tch::Kind::Float {
-            tracing::info!(
-                "the learner trains an f32 master copy; {} applies to published weights",
-                job.model.dtype
-            );
-        }
-        let (model, tokenizer) = load_pretrained(&job.model.path, device, tch::Kind::Float)?;
-        let reference = if job.grpo.kl_coef > 0.0 {
-            let path = job
-                .model
-                .reference_path
-                .as_deref()
-                .unwrap_or(&job.model.path);
-            Some(load_pretrained(path, device, tch::Kind::Float)?.0)
-        } else {
-            None
-        };
-        Ok::<_, RunError>((model, reference, tokenizer))
-    })();
-    let (model, reference, tokenizer) = match loaded {
+    let (model, reference, tokenizer) = match load_models(&job) {
         Ok(parts) => parts,
         Err(e) => {
             let message = e.to_string();
@@ -184,13 +234,62 @@ pub fn trainer_main(
         tracing::info!(checkpoint = %dir.display(), "checkpoint written");
         Ok(())
     };
+    let world = hub.ranks.world_size();
+    if world > 1 {
+        form_group(&job, &hub, &mut trainer)?;
+    }
+    let trained = train(&job, &hub, &mut ingest, &mut trainer, &metrics, &save);
+    hub.ranks.finish();
+    trained?;
+    save(&trainer)?;
+    hub.finish();
+    Ok(())
+}
+
+/// The training loop of rank 0: batches from the ingest queue, one step each (sharded over
+/// the learner ranks), weights published, records written, checkpoints saved.
+fn train(
+    job: &JobConfig,
+    hub: &Hub,
+    ingest: &mut mpsc::Receiver<Accepted>,
+    trainer: &mut Trainer,
+    metrics: &MetricsWriter,
+    save: &dyn Fn(&Trainer) -> Result<(), RunError>,
+) -> Result<(), RunError> {
+    let publish_kind = parse_dtype(&job.checkpoint.publish_dtype)?;
+    let world = hub.ranks.world_size();
     let started = Instant::now();
     while trainer.progress().step < job.grpo.steps {
-        let Some(batch) = collect_batch(&job, &hub, &mut ingest, &trainer) else {
+        let Some(mut batch) = collect_batch(job, hub, ingest, trainer) else {
             tracing::info!("no more prompts: training ends early");
             break;
         };
-        let stats = trainer.step(&batch.samples)?;
+        let samples = std::mem::take(&mut batch.samples);
+        let stats = if world > 1 {
+            validate_batch(&samples, trainer.model().config())?;
+            let mut shards = group::split(samples, job.grpo.loss_aggregation, world);
+            let wire = shards
+                .iter_mut()
+                .map(|(s, w)| {
+                    std::mem::take(s)
+                        .into_iter()
+                        .zip(w.iter().copied())
+                        .map(|(s, w)| group::to_wire(s, w))
+                        .collect()
+                })
+                .collect::<Vec<Vec<_>>>();
+            let (own, own_weights) = group::from_wire(wire[0].clone());
+            hub.ranks.publish(trainer.progress().step + 1, wire);
+            trainer.step_shard(&own, &own_weights)?
+        } else {
+            trainer.step(&samples)?
+        };
+        let every = job.parallel.check_every_steps;
+        let spread = if world > 1 && every > 0 && trainer.progress().step % every == 0 {
+            Some(trainer.check_ranks()?)
+        } else {
+            None
+        };
         if stats.skipped {
             tracing::warn!(
                 step = stats.step,
@@ -200,18 +299,22 @@ pub fn trainer_main(
         }
         let publish_started = Instant::now();
         if !stats.skipped {
-            hub.publish(publish(&trainer, publish_kind)?);
+            hub.publish(publish(trainer, publish_kind)?);
         }
         let publish_seconds = publish_started.elapsed().as_secs_f64();
-        let record = step_record(
-            &job,
-            &hub,
+        let mut record = step_record(
+            job,
+            hub,
             &stats,
             &batch,
             publish_seconds,
             started.elapsed().as_secs_f64(),
-            &ingest,
+            ingest,
         );
+        record.insert("learner_ranks".into(), json!(world));
+        if let Some(spread) = spread {
+            record.insert("rank_weight_spread".into(), json!(spread));
+        }
         hub.set_status(record.clone());
         let line = record
             .into_iter()
@@ -219,11 +322,9 @@ pub fn trainer_main(
         metrics.write(&line)?;
         let step = trainer.progress().step;
         if job.checkpoint.every_steps > 0 && step % job.checkpoint.every_steps == 0 {
-            save(&trainer)?;
+            save(trainer)?;
         }
     }
-    save(&trainer)?;
-    hub.finish();
     Ok(())
 }
 
@@ -245,6 +346,8 @@ struct Batch {
     staleness: Vec<f64>,
     generated_tokens: usize,
     wait_seconds: f64,
+    prompt_ids: Vec<u64>,
+    groups_by_actor: std::collections::BTreeMap<String, u64>,
 }
 
 fn collect_batch(
@@ -264,6 +367,8 @@ fn collect_batch(
         staleness: Vec::new(),
         generated_tokens: 0,
         wait_seconds: 0.0,
+        prompt_ids: Vec::new(),
+        groups_by_actor: Default::default(),
     };
     while batch.groups < job.grpo.prompts_per_step {
         let accepted = match ingest.try_recv() {
@@ -304,6 +409,11 @@ fn collect_batch(
             hub.rejections.count("zero_advantage");
             continue;
         }
+        batch.prompt_ids.push(rollout.prompt_id);
+        *batch
+            .groups_by_actor
+            .entry(rollout.actor_id.clone())
+            .or_default() += 1;
         for (sample, advantage) in rollout.samples.into_iter().zip(&group.advantages) {
             batch.samples.push(TrainSample {
                 prompt: rollout.prompt_tokens.clone(),
@@ -360,6 +470,8 @@ fn step_record(
     put("mean_ratio", json!(stats.mean_ratio));
     put("kl", json!(stats.mean_kl));
     put("groups", json!(batch.groups));
+    put("prompt_ids", json!(batch.prompt_ids));
+    put("groups_by_actor", json!(batch.groups_by_actor));
     put("samples_scored", json!(batch.rewards.len()));
     put("reward_mean", json!(column(0)));
     put("reward_length", json!(column(1)));

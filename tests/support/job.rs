@@ -62,6 +62,13 @@ impl TestJob {
         Proc::spawn(command, &self.dir.path().join("learner.log"))
     }
 
+    /// Starts `quill ARGS... --token-file TOKEN` for this job, its output in `LOG.log`.
+    pub fn start(&self, log: &str, args: &[&str]) -> Proc {
+        let mut command = Command::new(quill_bin());
+        command.args(args).arg("--token-file").arg(&self.token);
+        Proc::spawn(command, &self.dir.path().join(format!("{log}.log")))
+    }
+
     /// Waits for the learner's bound address.
     pub fn learner_addr(&self, learner: &mut Proc) -> String {
         let file = self.out().join("learner.addr");

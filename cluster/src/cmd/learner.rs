@@ -1,7 +1,10 @@
-//! `quill learner`: rank 0 of a job (the hub and the trainer).
+//! `quill learner`: a learner rank. Rank 0 is the job's hub and trains; ranks > 0 join it
+//! (`--rank R --world-size K --learner RANK0`) and train their shard of every batch.
 
+use anyhow::bail;
 use anyhow::Context;
 use quill_common::job::JobConfig;
+use quill_learner::rank_worker::{run_rank, RankOptions};
 use quill_learner::run::{run as run_learner, LearnerOptions};
 use std::path::PathBuf;
 
@@ -27,10 +30,33 @@ pub struct Args {
     /// CPU threads libtorch may use (0 keeps libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
+    /// This learner's rank in a data-parallel learner (0 is the hub).
+    #[arg(long, default_value_t = 0)]
+    pub rank: usize,
+    /// How many learner ranks train together (every rank gets the same value).
+    #[arg(long, default_value_t = 1)]
+    pub world_size: usize,
+    /// Rank 0's address, HOST:PORT (required for ranks > 0; they take the job from it).
+    #[arg(long)]
+    pub learner: Option<String>,
+    /// Train on this device instead of `model.device` (e.g. `cuda:1` for a second GPU).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 /// Runs the learner until training ends.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.world_size == 0 {
+        bail!("--world-size must be at least 1");
+    }
+    if args.rank >= args.world_size {
+        bail!(
+            "--rank {} is outside --world-size {} (ranks are 0 to {})",
+            args.rank,
+            args.world_size,
+            args.world_size - 1
+        );
+    }
     let mut job = JobConfig::from_file(&args.config)?;
     if args.token_file.is_some() {
         job.job.token_file = args.token_file;
@@ -41,9 +67,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
+    if args.rank > 0 {
+        let Some(learner) = args.learner else {
+            bail!(
+                "--rank {} needs --learner: the address of rank 0",
+                args.rank
+            );
+        };
+        let token = quill_common::auth::load_token(job.job.token_file.as_deref())?;
+        let options = RankOptions {
+            rank: args.rank,
+            world_size: args.world_size,
+            learner,
+            token,
+            device: args.device,
+            name: super::default_name(),
+            connect_timeout: std::time::Duration::from_secs_f64(job.parallel.timeout_seconds),
+        };
+        return run_rank(options).with_context(|| format!("learner rank {}", args.rank));
+    }
+    if args.learner.is_some() {
+        bail!("--learner is for ranks > 0; rank 0 listens on `cluster.learner_addr` or --listen");
+    }
+    if let Some(device) = args.device {
+        job.model.device = device;
+    }
     let options = LearnerOptions {
         resume: args.resume,
         listen: args.listen,
+        world_size: args.world_size,
     };
     run_learner(job, options).context("learner")
 }

@@ -1,0 +1,212 @@
+//! The data-parallel learner as real processes: `quill learner --rank R --world-size K`
+//! ranks joined over gRPC and a TCP ring on loopback, with an actor and a reward worker.
+//! (That K ranks take the same steps as one rank on the same global batches is checked
+//! in-process with the same ring in `learner/src/grad_sync.rs`.)
+
+mod support;
+
+use serde_json::{Map, Value};
+use std::time::{Duration, Instant};
+use support::job::{set, Proc, TestJob};
+
+fn steps(job: &TestJob) -> Vec<Map<String, Value>> {
+    quill_common::telemetry::read_records(&job.out().join("metrics.jsonl"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("step"))
+        .collect()
+}
+
+fn last_step(job: &TestJob) -> u64 {
+    steps(job)
+        .last()
+        .and_then(|r| r.get("step").and_then(Value::as_u64))
+        .unwrap_or(0)
+}
+
+/// A job for `world` learner ranks with a short collective timeout.
+fn ranks_job(steps: u64, timeout: f64) -> TestJob {
+    TestJob::new(|t| {
+        set(t, "grpo", "steps", steps as i64);
+        set(t, "grpo", "prompts_per_step", 3);
+        set(t, "sampling", "max_new_tokens", 48);
+        set(t, "checkpoint", "every_steps", 2);
+        set(t, "parallel", "collective", "ring");
+        set(t, "parallel", "timeout_seconds", timeout);
+        set(t, "parallel", "check_every_steps", 1);
+    })
+}
+
+/// Starts rank 0, ranks 1.., a reward worker and an actor; returns them with rank 0 first.
+fn start_job(job: &TestJob, world: usize, resume: bool, tag: &str) -> (Vec<Proc>, Vec<Proc>) {
+    let config = job.config.display().to_string();
+    let world_arg = world.to_string();
+    let mut args = vec![
+        "learner",
+        "--config",
+        &config,
+        "--threads",
+        "1",
+        "--world-size",
+        &world_arg,
+    ];
+    if resume {
+        args.push("--resume");
+    }
+    let _ = std::fs::remove_file(job.out().join("learner.addr"));
+    let mut rank0 = job.start(&format!("rank0-{tag}"), &args);
+    let addr = job.learner_addr(&mut rank0);
+    let mut ranks = vec![rank0];
+    for rank in 1..world {
+        let r = rank.to_string();
+        ranks.push(job.start(
+            &format!("rank{rank}-{tag}"),
+            &[
+                "learner",
+                "--config",
+                &config,
+                "--threads",
+                "1",
+                "--rank",
+                &r,
+                "--world-size",
+                &world_arg,
+                "--learner",
+                &addr,
+            ],
+        ));
+    }
+    let members = vec![
+        job.start(&format!("reward-{tag}"), &["reward", "--learner", &addr]),
+        job.start(
+            &format!("actor-{tag}"),
+            &["actor", "--learner", &addr, "--threads", "1"],
+        ),
+    ];
+    (ranks, members)
+}
+
+fn wait_for_step(job: &TestJob, step: u64, procs: &mut [Proc]) {
+    let started = Instant::now();
+    while last_step(job) < step {
+        for p in procs.iter_mut() {
+            assert!(
+                p.child.try_wait().unwrap().is_none(),
+                "exited early:\n{}",
+                p.log()
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "no step {step}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn two_learner_ranks_train_in_lockstep() {
+    let job = ranks_job(4, 60.0);
+    let (mut ranks, _members) = start_job(&job, 2, false, "a");
+    for rank in ranks.iter_mut() {
+        let status = rank.wait(Duration::from_secs(900));
+        assert!(status.success(), "{}", rank.log());
+    }
+    assert!(
+        ranks[1].log().contains("rank 0 finished training"),
+        "{}",
+        ranks[1].log()
+    );
+    let records = steps(&job);
+    assert_eq!(records.len(), 4);
+    for r in &records {
+        assert_eq!(r["learner_ranks"], 2, "{r:?}");
+        let spread = r["rank_weight_spread"].as_f64().unwrap();
+        assert!(spread <= 1e-6, "ranks drifted apart: {r:?}");
+        assert!(r["grad_norm"].as_f64().unwrap().is_finite());
+    }
+    assert_eq!(records[3]["version"], 4);
+}
+
+#[test]
+fn a_dead_learner_rank_stops_the_others_and_the_job_resumes() {
+    let timeout = 8.0;
+    let job = ranks_job(8, timeout);
+    // Rank 1 dies: rank 0 fails with an error naming it, within the timeout.
+    let (mut ranks, mut members) = start_job(&job, 2, false, "a");
+    wait_for_step(&job, 3, &mut ranks);
+    ranks[1].child.kill().unwrap();
+    let killed = Instant::now();
+    let status = ranks[0].wait(Duration::from_secs_f64(timeout + 60.0));
+    let log = ranks[0].log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("learner rank 1"), "{log}");
+    assert!(killed.elapsed() < Duration::from_secs_f64(timeout + 30.0));
+    drop(members.drain(..));
+    let reached = last_step(&job);
+    assert!(job.out().join("checkpoints").exists());
+
+    // Resumed; then rank 0 dies: rank 1 fails with an error naming rank 0.
+    let (mut ranks, mut members) = start_job(&job, 2, true, "b");
+    wait_for_step(&job, reached + 1, &mut ranks);
+    ranks[0].child.kill().unwrap();
+    let status = ranks[1].wait(Duration::from_secs_f64(timeout + 60.0));
+    let log = ranks[1].log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("rank 0"), "{log}");
+    drop(members.drain(..));
+
+    // Resumed again, it trains to the end.
+    let (mut ranks, _members) = start_job(&job, 2, true, "c");
+    for rank in ranks.iter_mut() {
+        let status = rank.wait(Duration::from_secs(900));
+        assert!(status.success(), "{}", rank.log());
+    }
+    assert!(ranks[0].log().contains("resumed"), "{}", ranks[0].log());
+    assert_eq!(last_step(&job), 8);
+}
+
+#[test]
+fn bad_rank_flags_are_refused() {
+    let job = ranks_job(2, 10.0);
+    let config = job.config.display().to_string();
+    let run = |args: &[&str]| {
+        let mut full = vec!["learner", "--config", &config];
+        full.extend_from_slice(args);
+        let mut p = job.start("bad", &full);
+        let status = p.wait(Duration::from_secs(60));
+        assert!(!status.success());
+        p.log()
+    };
+    assert!(
+        run(&["--rank", "2", "--world-size", "2"]).contains("--rank 2 is outside --world-size 2")
+    );
+    assert!(run(&["--rank", "1", "--world-size", "2"]).contains("needs --learner"));
+    assert!(run(&["--world-size", "0"]).contains("--world-size must be at least 1"));
+    assert!(run(&["--learner", "127.0.0.1:1"]).contains("--learner is for ranks > 0"));
+    // A rank whose world size differs from rank 0's is refused by rank 0.
+    let mut rank0 = job.start(
+        "rank0",
+        &[
+            "learner",
+            "--config",
+            &config,
+            "--world-size",
+            "2",
+            "--threads",
+            "1",
+        ],
+    );
+    let addr = job.learner_addr(&mut rank0);
+    let log = run(&["--rank", "1", "--world-size", "3", "--learner", &addr]);
+    assert!(log.contains("--world-size 3, rank 0 with 2"), "{log}");
+    let log = run(&[
+        "--rank",
+        "1",
+        "--world-size",
+        "2",
+        "--learner",
+        "127.0.0.1:9",
+    ]);
+    assert!(log.contains("rank 0 at 127.0.0.1:9"), "{log}");
+}
