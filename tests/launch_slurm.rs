@@ -161,7 +161,7 @@ fn bad_flags_are_refused_by_name() {
         &["--reward-nodes", "0"],
         "--reward-nodes: must be at least 1",
     );
-    refused(&job, &["--actor-nodes", "-2"], "--actor-nodes");
+    refused(&job, &["--actor-nodes=-2"], "--actor-nodes");
     refused(
         &job,
         &["--time", "two hours"],
@@ -176,10 +176,16 @@ fn bad_flags_are_refused_by_name() {
         "--learner-port: the learner ranks need a fixed hub port",
     );
     refused(&job, &["--nodes", "2"], "--nodes");
-    refused(
-        &job,
-        &["--sbatch", "/nonexistent/sbatch"],
-        "--sbatch: /nonexistent/sbatch not found",
+    let out = launch(&job, &["--sbatch", "/nonexistent/sbatch"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--sbatch: /nonexistent/sbatch not found"),
+        "{err}"
+    );
+    assert!(
+        job.out().join("quill.sbatch").exists(),
+        "the script is kept for a retry"
     );
 }
 

@@ -21,16 +21,17 @@ const STEPS: i64 = 3;
 /// is missing.
 fn program(name: &str) -> PathBuf {
     let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
+    let found = path
+        .split(':')
         .chain(["/usr/sbin", "/sbin", "/usr/bin"])
         .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} not found: SLURM and munge are not installed; run scripts/test.sh \
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!(
+            "{name} not found: SLURM and munge are not installed; run scripts/test.sh \
                  (or .ci/run), which installs Debian's slurm-wlm and munge"
-            )
-        })
+        )
+    })
 }
 
 fn free_port() -> u16 {
@@ -109,7 +110,7 @@ impl Cluster {
                 root.join("munged.seed").display()
             ));
         cluster.spawn("munged", munge);
-        cluster.wait_for("munged's socket", || socket.exists());
+        cluster.wait_for("munged's socket", |_| socket.exists());
         let mut ctld = Command::new(slurmctld);
         ctld.arg("-D").arg("-f").arg(&conf_path);
         cluster.spawn("slurmctld", ctld);
@@ -122,7 +123,7 @@ impl Cluster {
                 .arg(&conf_path);
             cluster.spawn(&format!("slurmd-q{i}"), d);
         }
-        cluster.wait_for("three idle nodes in sinfo", || {
+        cluster.wait_for("three idle nodes in sinfo", |cluster| {
             let out = cluster.run("sinfo", &["-h", "-N", "-o", "%t"]);
             let states = stdout(&out);
             states.lines().filter(|l| l.trim() == "idle").count() == 3
@@ -143,16 +144,15 @@ impl Cluster {
         self.daemons.push((name.to_owned(), child));
     }
 
-    fn wait_for(&mut self, what: &str, mut ready: impl FnMut() -> bool) {
+    fn wait_for(&mut self, what: &str, mut ready: impl FnMut(&Cluster) -> bool) {
         let started = Instant::now();
-        while !ready() {
-            for (name, child) in &mut self.daemons {
-                if let Some(status) = child.try_wait().unwrap() {
-                    panic!(
-                        "{name} exited ({status}) while waiting for {what}:\n{}",
-                        self.logs()
-                    );
-                }
+        while !ready(self) {
+            let exited = self.daemons.iter_mut().find_map(|(name, child)| {
+                let status = child.try_wait().unwrap()?;
+                Some(format!("{name} exited ({status})"))
+            });
+            if let Some(exited) = exited {
+                panic!("{exited} while waiting for {what}:\n{}", self.logs());
             }
             assert!(
                 started.elapsed() < Duration::from_secs(60),
