@@ -1,4 +1,5 @@
-//! `quill launch local`: a whole job on this machine, as separate processes on loopback.
+//! `quill launch local`: a whole job on this machine, as separate processes on loopback;
+//! `quill launch slurm` lives in `slurm.rs`.
 
 use crate::roles::supervisor::{catch_interrupts, interrupted, stop_all, wait_all, Process};
 use anyhow::{bail, Context};
@@ -15,6 +16,9 @@ use std::time::{Duration, Instant};
 pub enum Launch {
     /// Start the learner, actors and reward workers as child processes on this machine.
     Local(LocalArgs),
+    /// Submit the job to SLURM as one heterogeneous job (learner, actor and reward
+    /// components) rendered from cluster/slurm/quill.sbatch.
+    Slurm(super::slurm::SlurmArgs),
 }
 
 /// Flags of `quill launch local`.
@@ -44,6 +48,7 @@ pub struct LocalArgs {
 pub fn run(launch: Launch) -> anyhow::Result<()> {
     match launch {
         Launch::Local(args) => local(args),
+        Launch::Slurm(args) => super::slurm::run(args),
     }
 }
 

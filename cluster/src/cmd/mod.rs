@@ -9,6 +9,7 @@ pub mod learner;
 mod model_args;
 pub mod plot;
 pub mod reward;
+pub mod slurm;
 
 /// A member name for logs: host and process id.
 pub fn default_name() -> String {
