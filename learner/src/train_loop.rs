@@ -5,6 +5,7 @@
 use crate::checkpoint;
 use crate::data::Cursor;
 use crate::hub::{Accepted, Hub, JobInfo};
+use crate::mfu;
 use crate::run::RunError;
 use crate::sample::TrainSample;
 use crate::schedule::LrSchedule;
@@ -185,6 +186,17 @@ pub fn trainer_main(
         Ok(())
     };
     let started = Instant::now();
+    let rank = RankInfo {
+        params: trainer
+            .model()
+            .var_store()
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as u64)
+            .sum(),
+        device: mfu::device_peak(&job.model.device, job.metrics.peak_tflops),
+    };
+    tracing::info!(device = %rank.device.label, peak_tflops = ?rank.device.peak_tflops, params = rank.params, "MFU basis");
     while trainer.progress().step < job.grpo.steps {
         let Some(batch) = collect_batch(&job, &hub, &mut ingest, &trainer) else {
             tracing::info!("no more prompts: training ends early");
@@ -203,7 +215,9 @@ pub fn trainer_main(
             hub.publish(publish(&trainer, publish_kind)?);
         }
         let publish_seconds = publish_started.elapsed().as_secs_f64();
-        let record = step_record(
+        let ranked = rank.metrics(&stats, batch.wait_seconds, publish_seconds);
+        hub.set_rank_metrics(0, ranked.clone());
+        let mut record = step_record(
             &job,
             &hub,
             &stats,
@@ -212,6 +226,8 @@ pub fn trainer_main(
             started.elapsed().as_secs_f64(),
             &ingest,
         );
+        record.insert("idle_share".into(), ranked["idle_share"].clone());
+        record.insert("mfu".into(), ranked["mfu"].clone());
         hub.set_status(record.clone());
         let line = record
             .into_iter()
@@ -233,6 +249,42 @@ fn publish(trainer: &Trainer, kind: tch::Kind) -> Result<Arc<WeightBlob>, RunErr
         version,
         &trainer.model().hf_tensors(kind),
     )?))
+}
+
+/// What this rank needs to report its step: the model's size and the device's peak.
+struct RankInfo {
+    params: u64,
+    device: mfu::DevicePeak,
+}
+
+impl RankInfo {
+    /// The rank's entry of the status document's `ranks`: step time, trained tokens/s, the
+    /// share of the step's wall time spent waiting for data, and MFU (null when the peak
+    /// is unknown).
+    fn metrics(
+        &self,
+        stats: &StepStats,
+        wait_seconds: f64,
+        publish_seconds: f64,
+    ) -> Map<String, Value> {
+        let wall = wait_seconds + stats.seconds + publish_seconds;
+        let mfu = self
+            .device
+            .peak_tflops
+            .map(|peak| mfu::mfu(self.params, stats.tokens as u64, stats.seconds, peak));
+        let mut map = Map::new();
+        map.insert("device".into(), json!(self.device.label));
+        map.insert("step_seconds".into(), json!(stats.seconds));
+        map.insert(
+            "tokens_per_s".into(),
+            json!(stats.tokens as f64 / stats.seconds.max(1e-9)),
+        );
+        map.insert("idle_share".into(), json!(wait_seconds / wall.max(1e-9)));
+        map.insert("mfu".into(), json!(mfu));
+        map.insert("peak_tflops".into(), json!(self.device.peak_tflops));
+        map.insert("params".into(), json!(self.params));
+        map
+    }
 }
 
 /// One optimiser step's worth of groups and what they said about the rollouts.

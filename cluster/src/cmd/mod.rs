@@ -9,6 +9,8 @@ pub mod learner;
 mod model_args;
 pub mod plot;
 pub mod reward;
+pub mod status;
+mod status_table;
 
 /// A member name for logs: host and process id.
 pub fn default_name() -> String {
