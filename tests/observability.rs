@@ -277,12 +277,24 @@ fn status_and_metrics_show_a_running_job() {
         "--watch",
         "0.3",
     ]);
-    let watching = Proc::spawn(watch, &watch_log);
-    std::thread::sleep(Duration::from_millis(2500));
+    let mut watching = Proc::spawn(watch, &watch_log);
+    let started = Instant::now();
+    while watching.log().matches("job: step ").count() < 3 && started.elapsed().as_secs() < 60 {
+        assert!(
+            watching.child.try_wait().unwrap().is_none(),
+            "{}",
+            watching.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let drawn = watching.log();
+    assert!(
+        watching.child.try_wait().unwrap().is_none(),
+        "--watch keeps running"
+    );
     drop(watching);
-    assert!(drawn.matches("\x1b[2J\x1b[H").count() >= 2, "{drawn}");
-    assert!(drawn.matches("job: step ").count() >= 2, "{drawn}");
+    assert!(drawn.matches("\x1b[2J\x1b[H").count() >= 3, "{drawn}");
+    assert!(drawn.matches("job: step ").count() >= 3, "{drawn}");
 
     // Every process's /metrics is valid Prometheus text with the expected series.
     let (line, body) = http_get(&learner_metrics, "/metrics");
