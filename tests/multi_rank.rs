@@ -108,6 +108,34 @@ fn wait_for_step(job: &TestJob, step: u64, procs: &mut [Proc]) {
 fn two_learner_ranks_train_in_lockstep() {
     let job = ranks_job(4, 60.0);
     let (mut ranks, _members) = start_job(&job, 2, false, "a");
+    // `quill status` lists both ranks with their own step metrics once rank 1 reported.
+    let addr = std::fs::read_to_string(job.out().join("learner.addr")).unwrap();
+    let token = job.token.display().to_string();
+    let mut seen = None;
+    while seen.is_none() && ranks[0].child.try_wait().unwrap().is_none() {
+        let out = std::process::Command::new(support::job::quill_bin())
+            .args([
+                "status",
+                "--learner",
+                addr.trim(),
+                "--token-file",
+                &token,
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        if let Ok(doc) = serde_json::from_slice::<Value>(&out.stdout) {
+            let ranks = doc["ranks"].as_array().cloned().unwrap_or_default();
+            if ranks.len() == 2 {
+                seen = Some(ranks);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let seen = seen.expect("quill status never listed 2 ranks");
+    assert_eq!(seen[1]["rank"], 1, "{seen:?}");
+    assert!(seen[1]["tokens_per_s"].as_f64().unwrap() > 0.0, "{seen:?}");
+    assert!(seen[1]["step_seconds"].as_f64().unwrap() > 0.0, "{seen:?}");
     for rank in ranks.iter_mut() {
         let status = rank.wait(Duration::from_secs(900));
         assert!(status.success(), "{}", rank.log());

@@ -8,11 +8,13 @@
 use crate::{EngineConfig, EngineHandle, GenerationRequest, GroupOutput, SamplingParams};
 use quill_common::device::parse_dtype;
 use quill_common::job::JobConfig;
+use quill_common::prometheus_http;
 use quill_common::proto::{
     HeartbeatRequest, LeaseRequest, PromptLease, RegisterRequest, Role, RolloutGroup, Sample,
     WeightsRequest,
 };
 use quill_common::rpc::{endpoint, learner_client, reward_client, LearnerConn, RewardConn};
+use quill_common::telemetry::{self, Family};
 use quill_common::weights::{ManifestEntry, WeightBlob};
 use quill_common::{ModelConfig, Qwen2, Tokenizer};
 use std::collections::HashMap;
@@ -43,6 +45,9 @@ pub enum ActorError {
     /// The model or engine failed.
     #[error(transparent)]
     Model(#[from] quill_common::Error),
+    /// The Prometheus endpoint could not start.
+    #[error("{0}")]
+    Metrics(String),
 }
 
 /// How an actor joins.
@@ -56,6 +61,8 @@ pub struct ActorOptions {
     pub name: String,
     /// Overrides the job's device for this actor (`cpu`, `cuda:N`).
     pub device: Option<String>,
+    /// Overrides `metrics.member_prometheus_addr`: where to serve Prometheus `/metrics`.
+    pub metrics_listen: Option<String>,
 }
 
 type Learner = LearnerConn;
@@ -67,6 +74,60 @@ struct Shared {
     rewards: Mutex<Vec<String>>,
     in_flight: AtomicU64,
     sync_seconds: Mutex<(f64, f64)>,
+    reported: Mutex<HashMap<String, f64>>,
+}
+
+/// Why the actor's Prometheus endpoint could not start (the message names the flag or
+/// job field the address came from).
+fn metrics_error(source: &str, e: prometheus_http::ServeError) -> ActorError {
+    ActorError::Metrics(format!("{source}: {e}"))
+}
+
+/// Serves the actor's own gauges: what its last heartbeat reported, its weights version
+/// and its generated-token count.
+async fn serve_metrics(
+    options: &ActorOptions,
+    job: &JobConfig,
+    member: &str,
+    engine: &Arc<EngineHandle>,
+    shared: &Arc<Shared>,
+) -> Result<(), ActorError> {
+    let (addr, source) = match &options.metrics_listen {
+        Some(addr) => (Some(addr.clone()), "--metrics-listen"),
+        None => (
+            job.metrics.member_prometheus_addr.clone(),
+            "metrics.member_prometheus_addr",
+        ),
+    };
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let (engine, shared, member) = (Arc::clone(engine), Arc::clone(shared), member.to_owned());
+    let render: prometheus_http::Render = Arc::new(move || {
+        let labels = [("role", "actor"), ("member", member.as_str())];
+        let reported = shared.reported.lock().expect("poisoned").clone();
+        let mut families = telemetry::heartbeat_gauges("quill_actor_", &reported, &labels);
+        families.push(
+            Family::counter(
+                "quill_generated_tokens_total",
+                "Tokens this actor generated.",
+            )
+            .with(
+                &labels,
+                engine.stats().generated_tokens.load(Ordering::Relaxed) as f64,
+            ),
+        );
+        families.push(
+            Family::gauge("quill_weights_version", "Weights version this actor runs.")
+                .with(&labels, shared.version.load(Ordering::SeqCst) as f64),
+        );
+        telemetry::render_prometheus(&families)
+    });
+    let bound = prometheus_http::start(&addr, render)
+        .await
+        .map_err(|e| metrics_error(source, e))?;
+    tracing::info!("Prometheus metrics at http://{bound}/metrics");
+    Ok(())
 }
 
 /// Runs an actor until the learner says the job is over.
@@ -121,7 +182,9 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         rewards: Mutex::new(Vec::new()),
         in_flight: AtomicU64::new(0),
         sync_seconds: Mutex::new((0.0, 0.0)),
+        reported: Mutex::new(HashMap::new()),
     });
+    serve_metrics(&options, &job, &member, &engine, &shared).await?;
     sync_weights(&mut learner, &engine, &shared)
         .await
         .map_err(learner_err)?;
@@ -310,6 +373,11 @@ async fn heartbeats(
             ("weight_sync_seconds".to_owned(), sync_s),
             ("weight_sync_mb_per_s".to_owned(), sync_mbps),
         ]);
+        shared
+            .reported
+            .lock()
+            .expect("poisoned")
+            .clone_from(&metrics);
         let version = shared.version.load(Ordering::SeqCst);
         match learner
             .heartbeat(HeartbeatRequest {

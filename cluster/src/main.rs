@@ -32,6 +32,8 @@ enum Command {
     /// Start a whole job: learner, actors and reward workers.
     #[command(subcommand)]
     Launch(cmd::launch::Launch),
+    /// Show a running job: cluster totals, actors, reward workers and learner ranks.
+    Status(cmd::status::Args),
     /// Draw PNG charts (reward, length, throughput) from a metrics JSONL file.
     Plot(cmd::plot::Args),
 }
@@ -53,5 +55,6 @@ fn main() -> anyhow::Result<()> {
         Command::Reward(args) => cmd::reward::run(args),
         Command::Launch(launch) => cmd::launch::run(launch),
         Command::Plot(args) => cmd::plot::run(args),
+        Command::Status(args) => cmd::status::run(args),
     }
 }

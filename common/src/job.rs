@@ -461,8 +461,15 @@ pub struct MetricsSection {
     pub jsonl: PathBuf,
     /// Seconds between progress lines in the log, above 0.
     pub log_every_seconds: f64,
-    /// The port of a Prometheus endpoint; absent for none.
-    pub prometheus_port: Option<u16>,
+    /// Where the learner serves Prometheus `GET /metrics` (`HOST:PORT`, port 0 picks a
+    /// free port); absent for none.
+    pub prometheus_addr: Option<String>,
+    /// Where actors and reward workers serve their own `GET /metrics`; absent for none.
+    /// Use port 0 when several members share a host (each logs its bound address).
+    pub member_prometheus_addr: Option<String>,
+    /// The learner device's peak FLOP/s in TFLOP/s, for MFU; absent to look the GPU up
+    /// in quill's table (unknown on CPU).
+    pub peak_tflops: Option<f64>,
 }
 
 impl Default for MetricsSection {
@@ -470,7 +477,9 @@ impl Default for MetricsSection {
         MetricsSection {
             jsonl: PathBuf::from("metrics.jsonl"),
             log_every_seconds: 5.0,
-            prometheus_port: None,
+            prometheus_addr: None,
+            member_prometheus_addr: None,
+            peak_tflops: None,
         }
     }
 }
@@ -866,8 +875,18 @@ impl MetricsSection {
     fn check(&self) -> Check {
         non_empty_path("metrics.jsonl", &self.jsonl)?;
         positive("metrics.log_every_seconds", self.log_every_seconds)?;
-        match self.prometheus_port {
-            Some(port) => at_least("metrics.prometheus_port", port, 1),
+        if let Some(addr) = &self.prometheus_addr {
+            socket_addr("metrics.prometheus_addr", addr)?;
+        }
+        if let Some(addr) = &self.member_prometheus_addr {
+            socket_addr("metrics.member_prometheus_addr", addr)?;
+        }
+        match self.peak_tflops {
+            Some(peak) => ensure(
+                peak.is_finite() && peak > 0.0,
+                "metrics.peak_tflops",
+                || format!("must be a finite number above 0, got {peak}"),
+            ),
             None => Ok(()),
         }
     }
@@ -1091,7 +1110,9 @@ mod tests {
         assert_eq!(config.cluster.rpc_timeout_seconds, 30.0);
         assert_eq!(config.metrics.jsonl, PathBuf::from("metrics.jsonl"));
         assert_eq!(config.metrics.log_every_seconds, 5.0);
-        assert_eq!(config.metrics.prometheus_port, None);
+        assert_eq!(config.metrics.prometheus_addr, None);
+        assert_eq!(config.metrics.member_prometheus_addr, None);
+        assert_eq!(config.metrics.peak_tflops, None);
     }
 
     #[test]
@@ -1100,7 +1121,8 @@ mod tests {
             "[grpo]\nloss_aggregation = \"sequence_mean\"\nkl_estimator = \"k1\"\n\
              tis_cap = 2.0\n[optimizer]\nschedule = \"cosine\"\n\
              [rewards]\ncombine = \"weighted_sum\"\nquality_model = \"/models/rm\"\n\
-             [rewards.format]\nngram_penalty = 0.5\n[metrics]\nprometheus_port = 9090\n",
+             [rewards.format]\nngram_penalty = 0.5\n[metrics]\nprometheus_addr = \"0.0.0.0:9090\"\n\
+             member_prometheus_addr = \"0.0.0.0:0\"\npeak_tflops = 989.0\n",
         );
         let config = JobConfig::from_toml_str(&text, "job.toml").unwrap();
         assert_eq!(config.grpo.loss_aggregation, LossAggregation::SequenceMean);
@@ -1111,7 +1133,15 @@ mod tests {
         assert_eq!(config.rewards.quality_model.as_deref(), Some("/models/rm"));
         assert_eq!(config.rewards.format.ngram_penalty, 0.5);
         assert_eq!(config.rewards.format.paragraph_penalty, 2.0);
-        assert_eq!(config.metrics.prometheus_port, Some(9090));
+        assert_eq!(
+            config.metrics.prometheus_addr.as_deref(),
+            Some("0.0.0.0:9090")
+        );
+        assert_eq!(
+            config.metrics.member_prometheus_addr.as_deref(),
+            Some("0.0.0.0:0")
+        );
+        assert_eq!(config.metrics.peak_tflops, Some(989.0));
     }
 
     #[test]
@@ -1161,8 +1191,8 @@ mod tests {
         assert_eq!(field, "optimizer.betas");
         let (field, _) = invalid(&job("[sampling]\nstop = [\"a\", 3]\n"));
         assert_eq!(field, "sampling.stop[1]");
-        let (field, _) = invalid(&job("[metrics]\nprometheus_port = 70000\n"));
-        assert_eq!(field, "metrics.prometheus_port");
+        let (field, _) = invalid(&job("[metrics]\nprometheus_addr = 9090\n"));
+        assert_eq!(field, "metrics.prometheus_addr");
     }
 
     #[test]
@@ -1197,6 +1227,21 @@ mod tests {
                 "[cluster]\nreward_addrs = [\"127.0.0.1:1\", \"nowhere:x\"]",
                 "cluster.reward_addrs[1]",
                 "must be an address like \"127.0.0.1:50051\" (ip:port), got \"nowhere:x\"",
+            ),
+            (
+                "[metrics]\nprometheus_addr = \"localhost:9090\"",
+                "metrics.prometheus_addr",
+                "must be an address like \"127.0.0.1:50051\" (ip:port), got \"localhost:9090\"",
+            ),
+            (
+                "[metrics]\nmember_prometheus_addr = \"0.0.0.0\"",
+                "metrics.member_prometheus_addr",
+                "must be an address like \"127.0.0.1:50051\" (ip:port), got \"0.0.0.0\"",
+            ),
+            (
+                "[metrics]\npeak_tflops = 0.0",
+                "metrics.peak_tflops",
+                "must be a finite number above 0, got 0",
             ),
             (
                 "[cluster]\nweight_chunk_bytes = 0",

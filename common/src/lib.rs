@@ -10,6 +10,7 @@ pub mod error;
 pub mod job;
 pub mod model;
 pub mod pretrained;
+pub mod prometheus_http;
 pub mod proto;
 pub mod rpc;
 pub mod telemetry;

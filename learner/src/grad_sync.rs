@@ -147,7 +147,7 @@ impl GradSync {
         let lo_sum = checksums.iter().copied().fold(f64::INFINITY, f64::min);
         let hi_sum = checksums.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let spread = (hi_sum - lo_sum) / hi_sum.abs().max(f64::MIN_POSITIVE);
-        if !(spread <= DIVERGENCE_TOLERANCE) {
+        if spread.is_nan() || spread > DIVERGENCE_TOLERANCE {
             return Err(LearnerError::Diverged { step, checksums });
         }
         Ok(spread)

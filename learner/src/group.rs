@@ -141,7 +141,7 @@ mod tests {
             .collect();
         assert_eq!(
             loads.iter().sum::<usize>(),
-            global.iter().map(TrainSample::total_tokens).sum()
+            global.iter().map(TrainSample::total_tokens).sum::<usize>()
         );
         assert!(
             loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 11,

@@ -114,6 +114,64 @@ pub struct Hub {
     status: Mutex<Map<String, Value>>,
     /// The learner ranks (data parallelism).
     pub ranks: RankTable,
+    rank_metrics: Mutex<BTreeMap<u32, Map<String, Value>>>,
+    started: Instant,
+}
+
+/// One live member as `quill status` and the Prometheus endpoint show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberView {
+    /// Member id (`actor-1`, `reward-2` …).
+    pub id: String,
+    /// Actor or reward worker.
+    pub role: Role,
+    /// The name it registered with.
+    pub name: String,
+    /// The address it serves on (reward workers).
+    pub address: String,
+    /// The weights version it last reported.
+    pub version: u64,
+    /// Seconds since its last call.
+    pub seconds_since_heartbeat: f64,
+    /// What its last heartbeat reported.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Cluster-wide totals: live members, summed rates and the ingest queue.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClusterTotals {
+    /// Live actors.
+    pub actors: usize,
+    /// Live reward workers.
+    pub reward_workers: usize,
+    /// Learner ranks that reported a step.
+    pub ranks: usize,
+    /// Generated tokens/s summed over actors.
+    pub generated_tokens_per_s: f64,
+    /// Trained tokens/s summed over learner ranks.
+    pub trained_tokens_per_s: f64,
+    /// Scored groups per second summed over reward workers.
+    pub scored_groups_per_s: f64,
+    /// Accepted groups waiting for the trainer.
+    pub queue_depth: usize,
+    /// The ingest queue's bound.
+    pub queue_capacity: usize,
+}
+
+impl ClusterTotals {
+    /// The totals as a JSON object (the status document's `totals`).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "actors": self.actors,
+            "reward_workers": self.reward_workers,
+            "ranks": self.ranks,
+            "generated_tokens_per_s": self.generated_tokens_per_s,
+            "trained_tokens_per_s": self.trained_tokens_per_s,
+            "scored_groups_per_s": self.scored_groups_per_s,
+            "queue_depth": self.queue_depth,
+            "queue_capacity": self.queue_capacity,
+        })
+    }
 }
 
 impl Hub {
@@ -148,6 +206,8 @@ impl Hub {
             finished: AtomicBool::new(false),
             status: Mutex::new(Map::new()),
             ranks: RankTable::new(1),
+            rank_metrics: Mutex::new(BTreeMap::new()),
+            started: Instant::now(),
         }
     }
 
@@ -201,6 +261,77 @@ impl Hub {
     /// The latest status document.
     pub fn status_snapshot(&self) -> Map<String, Value> {
         self.status.lock().expect("poisoned").clone()
+    }
+
+    /// Stores learner rank `rank`'s latest step metrics (`device`, `step_seconds`,
+    /// `tokens_per_s`, `idle_share`, `mfu` …); the status document lists every rank's
+    /// map, sorted by rank, under `ranks`, with `rank` set.
+    pub fn set_rank_metrics(&self, rank: u32, mut metrics: Map<String, Value>) {
+        metrics.insert("rank".into(), json!(rank));
+        self.rank_metrics
+            .lock()
+            .expect("poisoned")
+            .insert(rank, metrics);
+    }
+
+    /// Every rank's latest metrics, sorted by rank.
+    pub fn rank_metrics(&self) -> Vec<Map<String, Value>> {
+        self.rank_metrics
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Seconds since the hub started.
+    pub fn uptime_seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Every live member, in id order.
+    pub fn members(&self) -> Vec<MemberView> {
+        let state = self.state.lock().expect("poisoned");
+        state
+            .members
+            .iter()
+            .map(|(id, m)| MemberView {
+                id: id.clone(),
+                role: m.role,
+                name: m.name.clone(),
+                address: m.address.clone(),
+                version: m.version,
+                seconds_since_heartbeat: m.last_seen.elapsed().as_secs_f64(),
+                metrics: m.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            })
+            .collect()
+    }
+
+    /// Live members, summed rates across actors, reward workers and ranks, and the queue.
+    pub fn cluster_totals(&self) -> ClusterTotals {
+        let members = self.members();
+        let count = |role| members.iter().filter(|m| m.role == role).count();
+        let sum = |role, key: &str| -> f64 {
+            members
+                .iter()
+                .filter(|m| m.role == role)
+                .filter_map(|m| m.metrics.get(key))
+                .sum()
+        };
+        let ranks = self.rank_metrics();
+        ClusterTotals {
+            actors: count(Role::Actor),
+            reward_workers: count(Role::Reward),
+            ranks: ranks.len(),
+            generated_tokens_per_s: sum(Role::Actor, "tokens_per_s"),
+            trained_tokens_per_s: ranks
+                .iter()
+                .filter_map(|r| r.get("tokens_per_s").and_then(Value::as_f64))
+                .sum(),
+            scored_groups_per_s: sum(Role::Reward, "scored_per_s"),
+            queue_depth: self.queue_depth(),
+            queue_capacity: self.ingest.max_capacity(),
+        }
     }
 
     /// Scored groups waiting for the trainer.
@@ -665,17 +796,20 @@ impl Learner for LearnerService {
     ) -> Result<Response<StatusReply>, Status> {
         let hub = &self.0;
         let mut doc = hub.status_snapshot();
-        let state = hub.state.lock().expect("poisoned");
-        let members: Vec<Value> = state
-            .members
-            .iter()
-            .map(|(id, m)| {
-                json!({"id": id, "role": m.role.as_str_name(), "name": m.name, "address": m.address,
-                       "version": m.version, "seconds_since_heartbeat": m.last_seen.elapsed().as_secs_f64(),
+        let members: Vec<Value> = hub
+            .members()
+            .into_iter()
+            .map(|m| {
+                json!({"id": m.id, "role": m.role.as_str_name(), "name": m.name, "address": m.address,
+                       "version": m.version, "seconds_since_heartbeat": m.seconds_since_heartbeat,
                        "metrics": m.metrics})
             })
             .collect();
         doc.insert("members".into(), Value::from(members));
+        doc.insert("ranks".into(), json!(hub.rank_metrics()));
+        doc.insert("totals".into(), hub.cluster_totals().to_json());
+        doc.insert("uptime_s".into(), json!(hub.uptime_seconds()));
+        let state = hub.state.lock().expect("poisoned");
         doc.insert("leases_active".into(), json!(state.ledger.active_count()));
         doc.insert("leases_expired".into(), json!(state.ledger.expired_count()));
         drop(state);
@@ -747,14 +881,19 @@ impl LearnerService {
     ) -> Result<Response<ShardReply>, Status> {
         let hub = Arc::clone(&self.0);
         let req = request.into_inner();
-        let metrics = req
-            .metrics
-            .into_iter()
-            .filter(|(_, v)| v.is_finite())
-            .collect();
+        if !req.metrics.is_empty() && req.rank > 0 && (req.rank as usize) < hub.ranks.world_size() {
+            let mut metrics: Map<String, Value> = req
+                .metrics
+                .into_iter()
+                .filter(|(_, v)| v.is_finite())
+                .map(|(k, v)| (k, json!(v)))
+                .collect();
+            metrics.entry("mfu").or_insert(Value::Null);
+            metrics.insert("device".into(), json!(req.device));
+            hub.set_rank_metrics(req.rank, metrics);
+        }
         let answer = tokio::task::spawn_blocking(move || {
-            hub.ranks
-                .shard(req.rank as usize, req.step, metrics, SHARD_POLL)
+            hub.ranks.shard(req.rank as usize, req.step, SHARD_POLL)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?

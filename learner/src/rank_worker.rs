@@ -4,6 +4,7 @@
 //! and fails with a clear error when rank 0 or another rank goes away.
 
 use crate::group;
+use crate::rank_metrics::RankMeter;
 use crate::run::RunError;
 use crate::train_loop::{load_models, trainer_config};
 use crate::trainer::Trainer;
@@ -89,6 +90,7 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
     );
     let every = job.parallel.check_every_steps;
     let timeout = group::timeout(&job);
+    let meter = RankMeter::new(&job, &trainer);
     let mut metrics = HashMap::new();
     loop {
         let waited = Instant::now();
@@ -98,6 +100,7 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
                 rank: options.rank as u32,
                 step,
                 metrics: metrics.clone(),
+                device: meter.device().to_owned(),
             });
             request.set_timeout(timeout);
             let reply = runtime
@@ -119,16 +122,12 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
             trainer.check_ranks()?;
         }
         let local_tokens: usize = shard.iter().map(|s| s.response.len()).sum();
-        let wall = (wait_seconds + stats.seconds).max(1e-9);
-        metrics = HashMap::from([
-            ("step".to_owned(), stats.step as f64),
-            ("step_seconds".to_owned(), stats.seconds),
-            (
-                "tokens_per_s".to_owned(),
-                local_tokens as f64 / stats.seconds.max(1e-9),
-            ),
-            ("idle_share".to_owned(), wait_seconds / wall),
-        ]);
+        metrics = meter
+            .metrics(stats.seconds, local_tokens, wait_seconds, 0.0)
+            .into_iter()
+            .filter_map(|(k, v)| v.as_f64().map(|v| (k, v)))
+            .collect::<HashMap<_, _>>();
+        metrics.insert("step".to_owned(), stats.step as f64);
     }
 }
 

@@ -2,10 +2,10 @@
 //! over gRPC (`JoinRank`) with the port of their collective listener; once all have
 //! joined, rank 0's trainer fixes the group (every rank's address, the backend, the NCCL
 //! id) and answers them. Each step, rank 0 splits the global batch into one shard per
-//! rank and ranks fetch theirs (`GetShard`), reporting their last step's metrics.
+//! rank and ranks fetch theirs (`GetShard`).
 
 use quill_common::proto::{JoinRankReply, TrainSample as WireSample};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -40,7 +40,6 @@ struct State {
     shards: Option<(u64, Vec<Vec<WireSample>>)>,
     finished: bool,
     failed: Option<String>,
-    metrics: BTreeMap<usize, HashMap<String, f64>>,
 }
 
 /// The learner ranks as rank 0 sees them.
@@ -187,14 +186,8 @@ impl RankTable {
         self.changed.notify_all();
     }
 
-    /// Rank `rank`'s shard of `step`, waiting up to `wait` for it; records `metrics`.
-    pub fn shard(
-        &self,
-        rank: usize,
-        step: u64,
-        metrics: HashMap<String, f64>,
-        wait: Duration,
-    ) -> Result<ShardAnswer, String> {
+    /// Rank `rank`'s shard of `step`, waiting up to `wait` for it.
+    pub fn shard(&self, rank: usize, step: u64, wait: Duration) -> Result<ShardAnswer, String> {
         if rank == 0 || rank >= self.world {
             return Err(format!(
                 "rank {rank} is not a rank > 0 of a world of {}",
@@ -203,9 +196,6 @@ impl RankTable {
         }
         let deadline = Instant::now() + wait;
         let mut state = self.state.lock().expect("poisoned");
-        if !metrics.is_empty() {
-            state.metrics.insert(rank, metrics);
-        }
         loop {
             if let Some((at, shards)) = &mut state.shards {
                 if *at == step {
@@ -226,11 +216,6 @@ impl RankTable {
             }
             state = self.changed.wait_timeout(state, left).expect("poisoned").0;
         }
-    }
-
-    /// The latest metrics each rank > 0 reported, by rank.
-    pub fn rank_metrics(&self) -> BTreeMap<usize, HashMap<String, f64>> {
-        self.state.lock().expect("poisoned").metrics.clone()
     }
 }
 
@@ -261,10 +246,7 @@ mod tests {
         let reply = table.wait_for_setup(Duration::from_secs(1), "{}").unwrap();
         assert_eq!(reply.ring_addresses, addresses);
         let wait = Duration::from_millis(20);
-        assert!(matches!(
-            table.shard(1, 1, HashMap::new(), wait),
-            Ok(ShardAnswer::NotYet)
-        ));
+        assert!(matches!(table.shard(1, 1, wait), Ok(ShardAnswer::NotYet)));
         let sample = |advantage| WireSample {
             advantage,
             ..WireSample::default()
@@ -273,22 +255,14 @@ mod tests {
             1,
             vec![vec![], vec![sample(1.0)], vec![sample(2.0), sample(3.0)]],
         );
-        let metrics = HashMap::from([("step_seconds".to_owned(), 0.5)]);
-        match table.shard(2, 1, metrics, wait).unwrap() {
+        match table.shard(2, 1, wait).unwrap() {
             ShardAnswer::Ready(s) => assert_eq!(s.len(), 2),
             other => panic!("{other:?}"),
         }
-        assert_eq!(table.rank_metrics()[&2]["step_seconds"], 0.5);
         table.publish(2, vec![vec![], vec![], vec![]]);
-        assert!(table
-            .shard(1, 1, HashMap::new(), wait)
-            .unwrap_err()
-            .contains("out of step"));
+        assert!(table.shard(1, 1, wait).unwrap_err().contains("out of step"));
         table.finish();
-        assert!(matches!(
-            table.shard(1, 3, HashMap::new(), wait),
-            Ok(ShardAnswer::Finished)
-        ));
+        assert!(matches!(table.shard(1, 3, wait), Ok(ShardAnswer::Finished)));
     }
 
     #[test]
@@ -303,7 +277,7 @@ mod tests {
         assert!(join(1, 2, 0).unwrap_err().contains("no collective port"));
         join(1, 2, 7000).unwrap();
         assert!(join(1, 2, 7000).unwrap_err().contains("already joined"));
-        assert!(table.shard(5, 1, HashMap::new(), Duration::ZERO).is_err());
+        assert!(table.shard(5, 1, Duration::ZERO).is_err());
         table.fail("no NCCL".into());
         assert_eq!(
             table

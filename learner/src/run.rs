@@ -7,6 +7,7 @@ use crate::ledger::Ledger;
 use crate::train_loop::{trainer_main, Boot};
 use quill_common::auth;
 use quill_common::job::JobConfig;
+use quill_common::prometheus_http::{self, Render};
 use quill_common::proto::learner_server::LearnerServer;
 use quill_common::proto::Role;
 use quill_common::rpc::{self, MAX_MESSAGE_BYTES};
@@ -58,6 +59,8 @@ pub struct LearnerOptions {
     pub listen: Option<String>,
     /// Learner ranks in the job (data parallelism); 0 or 1 for a single learner.
     pub world_size: usize,
+    /// Overrides `metrics.prometheus_addr`: where to serve Prometheus `GET /metrics`.
+    pub metrics_listen: Option<String>,
 }
 
 /// The file the learner writes its bound address into (for launchers and tests).
@@ -121,6 +124,21 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
     std::fs::write(&addr_file, bound.to_string())
         .map_err(|e| RunError::Io(addr_file.display().to_string(), e))?;
     tracing::info!(address = %bound, "learner listening");
+    let (metrics_addr, source) = match &options.metrics_listen {
+        Some(addr) => (Some(addr.clone()), "--metrics-listen"),
+        None => (
+            job.metrics.prometheus_addr.clone(),
+            "metrics.prometheus_addr",
+        ),
+    };
+    if let Some(addr) = metrics_addr {
+        let page_hub = Arc::clone(&hub);
+        let render: Render = Arc::new(move || crate::prometheus::render(&page_hub));
+        let bound = runtime
+            .block_on(prometheus_http::start(&addr, render))
+            .map_err(|e| RunError::Server(format!("{source}: {e}")))?;
+        tracing::info!("Prometheus metrics at http://{bound}/metrics");
+    }
     hub_tx
         .send(Arc::clone(&hub))
         .map_err(|_| RunError::Startup("the trainer thread stopped".into()))?;
@@ -196,15 +214,16 @@ fn join(handle: std::thread::JoinHandle<Result<(), RunError>>) -> Result<(), Run
         .unwrap_or_else(|_| Err(RunError::Startup("the trainer thread panicked".into())))
 }
 
-/// The human-readable throughput line: live rates from the members' heartbeats, the rest
-/// from the latest step.
+/// The human-readable throughput line: cluster totals (live actors and reward workers,
+/// generated tokens/s summed over actors, trained tokens/s summed over learner ranks, the
+/// ingest queue) and live per-actor rates from heartbeats, the rest from the latest step.
 pub fn throughput_line(hub: &Hub) -> Option<String> {
     let status = hub.status_snapshot();
     let get = |k: &str| status.get(k).and_then(Value::as_f64).unwrap_or(0.0);
     status.get("step")?;
-    let per_actor = hub.member_values(Role::Actor, "tokens_per_s");
-    let gen_tps: f64 = per_actor.iter().sum();
-    let actors = per_actor
+    let totals = hub.cluster_totals();
+    let actors = hub
+        .member_values(Role::Actor, "tokens_per_s")
         .iter()
         .map(|v| format!("{v:.0}"))
         .collect::<Vec<_>>()
@@ -217,11 +236,11 @@ pub fn throughput_line(hub: &Hub) -> Option<String> {
         .max()
         .unwrap_or(0);
     Some(format!(
-        "step {}/{} v{} | {:.2} groups/s | gen {:.0} tok/s (per actor: {actors}; max lag {lag}) | reward {:.0} ms | step {:.2} s, train {:.0} tok/s | queue {}/{} | staleness {:.2} | weights {:.2} s {:.0} MB/s | reward {:.3} in-range {:.0}% words {:.0}",
-        get("step"), get("steps_total"), get("version"),
-        get("rollout_groups_per_s"), gen_tps,
-        reward_ms / workers.max(1) as f64, get("step_seconds"), get("trained_tokens_per_s"),
-        hub.queue_depth(), get("ingest_capacity"), get("staleness_mean"),
+        "step {}/{} v{} | {:.2} groups/s | cluster: {} actors gen {:.0} tok/s, {} ranks train {:.0} tok/s, {} reward workers, queue {}/{} | per actor tok/s: {actors} (max lag {lag}) | reward {:.0} ms | step {:.2} s | staleness {:.2} | weights {:.2} s {:.0} MB/s | reward {:.3} in-range {:.0}% words {:.0}",
+        get("step"), get("steps_total"), get("version"), get("rollout_groups_per_s"),
+        totals.actors, totals.generated_tokens_per_s, totals.ranks, totals.trained_tokens_per_s,
+        totals.reward_workers, totals.queue_depth, totals.queue_capacity,
+        reward_ms / workers.max(1) as f64, get("step_seconds"), get("staleness_mean"),
         get("weight_sync_seconds"), get("weight_sync_mb_per_s"),
         get("reward_mean"), 100.0 * get("in_range_share"), get("response_words_mean"),
     ))

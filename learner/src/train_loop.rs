@@ -6,6 +6,7 @@ use crate::checkpoint;
 use crate::data::Cursor;
 use crate::group;
 use crate::hub::{Accepted, Hub, JobInfo};
+use crate::rank_metrics::RankMeter;
 use crate::ranks::GroupSetup;
 use crate::run::RunError;
 use crate::sample::{validate_batch, TrainSample};
@@ -259,12 +260,14 @@ fn train(
     let publish_kind = parse_dtype(&job.checkpoint.publish_dtype)?;
     let world = hub.ranks.world_size();
     let started = Instant::now();
+    let meter = RankMeter::new(job, trainer);
     while trainer.progress().step < job.grpo.steps {
         let Some(mut batch) = collect_batch(job, hub, ingest, trainer) else {
             tracing::info!("no more prompts: training ends early");
             break;
         };
         let samples = std::mem::take(&mut batch.samples);
+        let own_tokens: usize;
         let stats = if world > 1 {
             validate_batch(&samples, trainer.model().config())?;
             let mut shards = group::split(samples, job.grpo.loss_aggregation, world);
@@ -280,8 +283,10 @@ fn train(
                 .collect::<Vec<Vec<_>>>();
             let (own, own_weights) = group::from_wire(wire[0].clone());
             hub.ranks.publish(trainer.progress().step + 1, wire);
+            own_tokens = own.iter().map(|s| s.response.len()).sum();
             trainer.step_shard(&own, &own_weights)?
         } else {
+            own_tokens = samples.iter().map(|s| s.response.len()).sum();
             trainer.step(&samples)?
         };
         let every = job.parallel.check_every_steps;
@@ -302,6 +307,13 @@ fn train(
             hub.publish(publish(trainer, publish_kind)?);
         }
         let publish_seconds = publish_started.elapsed().as_secs_f64();
+        let ranked = meter.metrics(
+            stats.seconds,
+            own_tokens,
+            batch.wait_seconds,
+            publish_seconds,
+        );
+        hub.set_rank_metrics(0, ranked.clone());
         let mut record = step_record(
             job,
             hub,
@@ -315,6 +327,8 @@ fn train(
         if let Some(spread) = spread {
             record.insert("rank_weight_spread".into(), json!(spread));
         }
+        record.insert("idle_share".into(), ranked["idle_share"].clone());
+        record.insert("mfu".into(), ranked["mfu"].clone());
         hub.set_status(record.clone());
         let line = record
             .into_iter()

@@ -20,6 +20,10 @@ pub struct Args {
     /// A name shown in status and logs (default: host and pid).
     #[arg(long)]
     pub name: Option<String>,
+    /// Serve this actor's Prometheus `GET /metrics` on this HOST:PORT instead of the job's
+    /// `metrics.member_prometheus_addr` (port 0 picks a free port; the bound address is logged).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// CPU threads libtorch may use (0 keeps libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
@@ -36,6 +40,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         token,
         name: args.name.unwrap_or_else(super::default_name),
         device: args.device,
+        metrics_listen: args.metrics_listen,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(run_actor(options)).context("actor")

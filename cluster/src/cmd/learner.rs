@@ -21,6 +21,10 @@ pub struct Args {
     /// address is written to OUTPUT_DIR/learner.addr).
     #[arg(long)]
     pub listen: Option<String>,
+    /// Serve Prometheus `GET /metrics` (the cluster aggregate) on this HOST:PORT instead of
+    /// `metrics.prometheus_addr` (port 0 picks a free port; the bound address is logged).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Write checkpoints and metrics here instead of `job.output_dir`.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
@@ -96,6 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         resume: args.resume,
         listen: args.listen,
         world_size: args.world_size,
+        metrics_listen: args.metrics_listen,
     };
     run_learner(job, options).context("learner")
 }

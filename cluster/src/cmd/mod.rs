@@ -10,6 +10,8 @@ mod model_args;
 pub mod plot;
 pub mod reward;
 pub mod slurm;
+pub mod status;
+mod status_table;
 
 /// A member name for logs: host and process id.
 pub fn default_name() -> String {

@@ -6,15 +6,20 @@ use anyhow::Context;
 use quill_actor::worker::LEARNER_SILENCE_HEARTBEATS;
 use quill_common::auth::{load_token, require_token};
 use quill_common::job::JobConfig;
+use quill_common::prometheus_http::{self, Render};
 use quill_common::proto::reward_server::RewardServer;
 use quill_common::proto::{HeartbeatRequest, RegisterRequest, Role};
 use quill_common::rpc::{self, MAX_MESSAGE_BYTES};
-use std::collections::HashMap;
+use quill_common::telemetry::{render_prometheus, Family};
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
+
+/// The span `scored_per_s` is averaged over (scoring comes in bursts, one per group).
+const SCORED_RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Flags of `quill reward`.
 #[derive(clap::Args, Debug)]
@@ -34,6 +39,10 @@ pub struct Args {
     /// A name shown in status and logs (default: host and pid).
     #[arg(long)]
     pub name: Option<String>,
+    /// Serve this worker's Prometheus `GET /metrics` on this HOST:PORT instead of the job's
+    /// `metrics.member_prometheus_addr` (port 0 picks a free port; the bound address is logged).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 /// Runs a reward worker until the job ends.
@@ -81,11 +90,28 @@ async fn serve(args: Args, token: String) -> anyhow::Result<()> {
         learner: learner.clone(),
         quality,
         in_flight: Default::default(),
+        waiting: Default::default(),
+        scored: Default::default(),
         latency_ms: Mutex::new(0.0),
         limit: tokio::sync::Semaphore::new(job.cluster.ingest_queue),
         job,
     });
     tracing::info!(member = %reply.member_id, %address, "reward worker serving");
+    let (metrics_addr, source) = match args.metrics_listen {
+        Some(addr) => (Some(addr), "--metrics-listen"),
+        None => (
+            worker.job.metrics.member_prometheus_addr.clone(),
+            "metrics.member_prometheus_addr",
+        ),
+    };
+    if let Some(addr) = metrics_addr {
+        let page_worker = Arc::clone(&worker);
+        let render: Render = Arc::new(move || metrics_page(&page_worker));
+        let bound = prometheus_http::start(&addr, render)
+            .await
+            .with_context(|| source.to_owned())?;
+        tracing::info!("Prometheus metrics at http://{bound}/metrics");
+    }
     let service = InterceptedService::new(
         RewardServer::new(RewardService(Arc::clone(&worker)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -97,9 +123,25 @@ async fn serve(args: Args, token: String) -> anyhow::Result<()> {
     tokio::spawn(async move {
         let every = Duration::from_secs_f64(beat_worker.job.cluster.heartbeat_seconds);
         let mut silent_since: Option<std::time::Instant> = None;
+        // Groups scored over the last SCORED_RATE_WINDOW: (when, count) samples.
+        let mut window = VecDeque::from([(std::time::Instant::now(), 0u64)]);
         loop {
             tokio::time::sleep(every).await;
+            let now = std::time::Instant::now();
+            let scored = beat_worker.scored.load(Ordering::Relaxed);
+            window.push_back((now, scored));
+            while window.len() > 2 && now.duration_since(window[1].0) >= SCORED_RATE_WINDOW {
+                window.pop_front();
+            }
+            let (since, before) = window[0];
+            let scored_per_s =
+                (scored - before) as f64 / now.duration_since(since).as_secs_f64().max(1e-9);
             let metrics = HashMap::from([
+                ("scored_per_s".to_owned(), scored_per_s),
+                (
+                    "queue_depth".to_owned(),
+                    beat_worker.waiting.load(Ordering::Relaxed) as f64,
+                ),
                 (
                     "latency_ms".to_owned(),
                     *beat_worker.latency_ms.lock().expect("poisoned"),
@@ -141,4 +183,33 @@ async fn serve(args: Args, token: String) -> anyhow::Result<()> {
         .context("reward server")?;
     tracing::info!("reward worker finished");
     Ok(())
+}
+
+/// The worker's own `/metrics` page: latency, queue, groups in progress and scored.
+fn metrics_page(worker: &RewardWorker) -> String {
+    let labels = [("role", "reward"), ("member", worker.member.as_str())];
+    let latency = *worker.latency_ms.lock().expect("poisoned");
+    let families = [
+        Family::gauge(
+            "quill_reward_latency_ms",
+            "Moving average of receipt-to-verdict time per group, ms.",
+        )
+        .with(&labels, latency),
+        Family::gauge(
+            "quill_reward_queue_depth",
+            "Groups waiting for a scoring slot.",
+        )
+        .with(&labels, worker.waiting.load(Ordering::Relaxed) as f64),
+        Family::gauge(
+            "quill_reward_in_flight",
+            "Groups being scored or forwarded.",
+        )
+        .with(&labels, worker.in_flight.load(Ordering::Relaxed) as f64),
+        Family::counter(
+            "quill_reward_scored_groups_total",
+            "Groups scored and answered.",
+        )
+        .with(&labels, worker.scored.load(Ordering::Relaxed) as f64),
+    ];
+    render_prometheus(&families)
 }

@@ -30,6 +30,10 @@ pub struct RewardWorker {
     pub quality: Option<QualityScorer>,
     /// Groups being scored or forwarded.
     pub in_flight: AtomicU64,
+    /// Groups waiting for a scoring slot (the worker's queue).
+    pub waiting: AtomicU64,
+    /// Groups scored and answered by the learner so far.
+    pub scored: AtomicU64,
     /// Exponential moving average of the time from receipt to the learner's answer.
     pub latency_ms: Mutex<f64>,
     /// Bounds the groups in progress.
@@ -126,15 +130,17 @@ pub struct RewardService(pub Arc<RewardWorker>);
 impl Reward for RewardService {
     async fn score(&self, request: Request<RolloutGroup>) -> Result<Response<ScoreReply>, Status> {
         let worker = &self.0;
-        let _permit = worker
-            .limit
-            .acquire()
-            .await
-            .map_err(|_| Status::unavailable("shutting down"))?;
+        worker.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = worker.limit.acquire().await;
+        worker.waiting.fetch_sub(1, Ordering::Relaxed);
+        let _permit = permit.map_err(|_| Status::unavailable("shutting down"))?;
         worker.in_flight.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = score_and_forward(worker, request.into_inner()).await;
         worker.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if result.is_ok() {
+            worker.scored.fetch_add(1, Ordering::Relaxed);
+        }
         let ms = started.elapsed().as_secs_f64() * 1e3;
         let mut latency = worker.latency_ms.lock().expect("poisoned");
         *latency = if *latency == 0.0 {

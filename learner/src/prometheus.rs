@@ -1,0 +1,198 @@
+//! The learner's Prometheus page: the job's progress, the cluster totals, every live
+//! member's heartbeat metrics (labels `role`, `member`, `name`) and every learner rank's
+//! step metrics (labels `rank`, `device`).
+
+use crate::hub::Hub;
+use quill_common::telemetry::{render_prometheus, Family};
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+
+/// Step-record fields exported as `quill_step_<field>` gauges.
+const STEP_FIELDS: &[(&str, &str)] = &[
+    ("loss", "GRPO loss of the latest step."),
+    (
+        "reward_mean",
+        "Mean total reward of the latest step's samples.",
+    ),
+    (
+        "in_range_share",
+        "Share of the latest step's answers inside their length range.",
+    ),
+    (
+        "response_words_mean",
+        "Mean answer length in words, latest step.",
+    ),
+    ("grad_norm", "Gradient norm of the latest step."),
+    ("lr", "Learning rate of the latest step."),
+    (
+        "staleness_mean",
+        "Mean policy lag (versions) of the latest step's samples.",
+    ),
+    ("kl", "Mean KL to the reference, latest step."),
+    ("clip_fraction", "Share of clipped tokens, latest step."),
+];
+
+/// Rank fields exported as `quill_rank_<field>` gauges.
+const RANK_FIELDS: &[(&str, &str)] = &[
+    (
+        "step_seconds",
+        "Seconds of the rank's latest optimiser step.",
+    ),
+    (
+        "tokens_per_s",
+        "Tokens/s the rank trained in its latest step.",
+    ),
+    (
+        "idle_share",
+        "Share of the rank's step wall time spent waiting for data.",
+    ),
+    (
+        "mfu",
+        "Model FLOPs utilisation of the rank's latest step (6 N D / peak).",
+    ),
+];
+
+/// Renders the learner's `/metrics` page.
+pub fn render(hub: &Hub) -> String {
+    let own = [("role", "learner")];
+    let status = hub.status_snapshot();
+    let number = |key: &str| status.get(key).and_then(Value::as_f64);
+    let mut families = vec![
+        Family::gauge(
+            "quill_weights_version",
+            "Version of the weights being served.",
+        )
+        .with(&own, hub.version() as f64),
+        Family::gauge("quill_uptime_seconds", "Seconds since the learner started.")
+            .with(&own, hub.uptime_seconds()),
+        Family::counter("quill_accepted_groups_total", "Scored groups accepted.")
+            .with(&own, hub.accepted.load(Ordering::Relaxed) as f64),
+        Family::counter(
+            "quill_duplicate_groups_total",
+            "Scored groups delivered again (no-ops).",
+        )
+        .with(&own, hub.duplicates.load(Ordering::Relaxed) as f64),
+    ];
+    let mut rejected = Family::counter(
+        "quill_rejected_groups_total",
+        "Scored groups refused or dropped, by reason.",
+    );
+    for (reason, count) in hub.rejections.snapshot() {
+        rejected.push(&[("role", "learner"), ("reason", reason)], count as f64);
+    }
+    families.push(rejected);
+    let mut step = Family::gauge("quill_step", "Optimiser steps done.");
+    let mut planned = Family::gauge("quill_steps_planned", "Optimiser steps the job runs.");
+    if let (Some(done), Some(total)) = (number("step"), number("steps_total")) {
+        step.push(&own, done);
+        planned.push(&own, total);
+    }
+    families.extend([step, planned]);
+    for (field, help) in STEP_FIELDS {
+        let mut family = Family::gauge(&format!("quill_step_{field}"), help);
+        if let Some(value) = number(field) {
+            family.push(&own, value);
+        }
+        families.push(family);
+    }
+
+    let totals = hub.cluster_totals();
+    for (name, help, value) in [
+        ("actors", "Live actors.", totals.actors as f64),
+        (
+            "reward_workers",
+            "Live reward workers.",
+            totals.reward_workers as f64,
+        ),
+        ("ranks", "Learner ranks reporting.", totals.ranks as f64),
+        (
+            "generated_tokens_per_second",
+            "Generated tokens/s summed over actors.",
+            totals.generated_tokens_per_s,
+        ),
+        (
+            "trained_tokens_per_second",
+            "Trained tokens/s summed over learner ranks.",
+            totals.trained_tokens_per_s,
+        ),
+        (
+            "scored_groups_per_second",
+            "Scored groups/s summed over reward workers.",
+            totals.scored_groups_per_s,
+        ),
+        (
+            "ingest_queue_depth",
+            "Accepted groups waiting for the trainer.",
+            totals.queue_depth as f64,
+        ),
+        (
+            "ingest_queue_capacity",
+            "Bound of the ingest queue.",
+            totals.queue_capacity as f64,
+        ),
+    ] {
+        families.push(Family::gauge(&format!("quill_cluster_{name}"), help).with(&own, value));
+    }
+
+    let members = hub.members();
+    let version = hub.version();
+    let mut age = Family::gauge(
+        "quill_member_heartbeat_age_seconds",
+        "Seconds since the member's last call.",
+    );
+    let mut member_version = Family::gauge(
+        "quill_member_weights_version",
+        "Weights version the member runs.",
+    );
+    let mut lag = Family::gauge(
+        "quill_member_weights_lag",
+        "Versions the member is behind the learner.",
+    );
+    let mut reported: std::collections::BTreeMap<&str, Family> = Default::default();
+    for m in &members {
+        let labels = [
+            ("role", role_label(m.role)),
+            ("member", m.id.as_str()),
+            ("name", m.name.as_str()),
+        ];
+        age.push(&labels, m.seconds_since_heartbeat);
+        member_version.push(&labels, m.version as f64);
+        lag.push(&labels, version.saturating_sub(m.version) as f64);
+        for (key, value) in &m.metrics {
+            reported
+                .entry(key)
+                .or_insert_with(|| {
+                    Family::gauge(
+                        &format!("quill_member_{key}"),
+                        &format!("`{key}` from the member's latest heartbeat."),
+                    )
+                })
+                .push(&labels, *value);
+        }
+    }
+    families.extend([age, member_version, lag]);
+    families.extend(reported.into_values());
+
+    let ranks = hub.rank_metrics();
+    for (field, help) in RANK_FIELDS {
+        let mut family = Family::gauge(&format!("quill_rank_{field}"), help);
+        for rank in &ranks {
+            let id = rank.get("rank").map(Value::to_string).unwrap_or_default();
+            let device = rank.get("device").and_then(Value::as_str).unwrap_or("");
+            if let Some(value) = rank.get(*field).and_then(Value::as_f64) {
+                family.push(&[("rank", id.as_str()), ("device", device)], value);
+            }
+        }
+        families.push(family);
+    }
+    render_prometheus(&families)
+}
+
+/// The `role` label of a member.
+fn role_label(role: quill_common::proto::Role) -> &'static str {
+    match role {
+        quill_common::proto::Role::Actor => "actor",
+        quill_common::proto::Role::Reward => "reward",
+        quill_common::proto::Role::Unspecified => "unspecified",
+    }
+}
