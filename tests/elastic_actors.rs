@@ -1,0 +1,138 @@
+//! Actors join and leave a running job at will: one started mid-run gets the current
+//! weights and contributes; one killed mid-run loses no prompt (its leases are issued
+//! again), and every prompt of the data is trained exactly once.
+
+mod support;
+
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use support::job::{set, TestJob};
+
+const PROMPTS: u64 = 16;
+
+fn steps(job: &TestJob) -> Vec<Map<String, Value>> {
+    quill_common::telemetry::read_records(&job.out().join("metrics.jsonl"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("step"))
+        .collect()
+}
+
+/// Groups trained so far per actor member id.
+fn groups_by_actor(job: &TestJob) -> BTreeMap<String, u64> {
+    let mut total = BTreeMap::new();
+    for record in steps(job) {
+        for (actor, n) in record["groups_by_actor"].as_object().unwrap() {
+            *total.entry(actor.clone()).or_default() += n.as_u64().unwrap();
+        }
+    }
+    total
+}
+
+#[test]
+fn an_actor_joins_mid_run_and_a_killed_one_loses_no_prompt() {
+    let job = TestJob::new(|t| {
+        set(t, "grpo", "steps", 1000);
+        set(t, "grpo", "prompts_per_step", 2);
+        set(t, "grpo", "max_staleness", 1000);
+        set(t, "grpo", "drop_zero_advantage_groups", false);
+        set(t, "sampling", "max_new_tokens", 40);
+        set(t, "data", "epochs", 1);
+    });
+    let data = job.dir.path().join("prompts.jsonl");
+    let lines: Vec<String> = (0..PROMPTS)
+        .map(|i| format!(r#"{{"question": "Write about topic {i}.", "length": 30}}"#))
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let mut table: toml::Table = std::fs::read_to_string(&job.config)
+        .unwrap()
+        .parse()
+        .unwrap();
+    set(&mut table, "data", "path", data.display().to_string());
+    std::fs::write(&job.config, toml::to_string(&table).unwrap()).unwrap();
+
+    let mut learner = job.start_learner(&[]);
+    let addr = job.learner_addr(&mut learner);
+    let _reward = job.start("reward", &["reward", "--learner", &addr]);
+    let mut first = job.start(
+        "actor-a",
+        &[
+            "actor",
+            "--learner",
+            &addr,
+            "--threads",
+            "1",
+            "--name",
+            "first",
+        ],
+    );
+    let started = Instant::now();
+    while steps(&job).is_empty() {
+        assert!(
+            learner.child.try_wait().unwrap().is_none(),
+            "{}",
+            learner.log()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no first step"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let first_id = groups_by_actor(&job).into_keys().next().unwrap();
+    // A second actor joins the running job and contributes.
+    let _second = job.start(
+        "actor-b",
+        &[
+            "actor",
+            "--learner",
+            &addr,
+            "--threads",
+            "1",
+            "--name",
+            "second",
+        ],
+    );
+    while groups_by_actor(&job).len() < 2 {
+        assert!(
+            learner.child.try_wait().unwrap().is_none(),
+            "{}",
+            learner.log()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the second actor never contributed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        job.dir.path().join("actor-b.log").exists()
+            && std::fs::read_to_string(job.dir.path().join("actor-b.log"))
+                .unwrap()
+                .contains("actor joined"),
+    );
+    // The first actor dies holding leases; the job goes on and ends with the data.
+    first.child.kill().unwrap();
+    let status = learner.wait(Duration::from_secs(900));
+    assert!(status.success(), "{}", learner.log());
+    let log = learner.log();
+    assert!(log.contains("no more prompts"), "{log}");
+    assert!(log.contains("its leases go back in line"), "{log}");
+
+    let mut trained: Vec<u64> = steps(&job)
+        .iter()
+        .flat_map(|r| r["prompt_ids"].as_array().unwrap().clone())
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    trained.sort_unstable();
+    assert_eq!(
+        trained,
+        (0..PROMPTS).collect::<Vec<_>>(),
+        "every prompt trained exactly once"
+    );
+    let by_actor = groups_by_actor(&job);
+    assert_eq!(by_actor.len(), 2, "{by_actor:?}");
+    assert!(by_actor[&first_id] >= 1, "{by_actor:?}");
+    assert_eq!(by_actor.values().sum::<u64>(), PROMPTS);
+}
