@@ -1,6 +1,6 @@
-//! A real SLURM cluster on this machine: munged, slurmctld and three slurmd daemons
-//! (emulated nodes q1-q3 on one host, so each component of the heterogeneous job gets a
-//! node of its own) with their configuration in a temporary directory via `SLURM_CONF`.
+//! A real SLURM cluster on this machine: munged, slurmctld and four slurmd daemons
+//! (emulated nodes q1-q4 on one host, so each component of the heterogeneous job gets
+//! nodes of its own: two learner ranks, an actor, a reward worker) with their configuration in a temporary directory via `SLURM_CONF`.
 //! `quill launch slurm` submits a small default job with the real `sbatch`; the test waits
 //! for it and checks that it trained and that every component COMPLETED with exit code 0.
 //! Every daemon and job process is stopped when the test ends, also on failure.
@@ -79,16 +79,17 @@ impl Cluster {
             socket = socket.display(),
             root = root.display(),
         );
-        // Three emulated nodes on this host, one slurmd each: the heterogeneous job's
-        // components are then placed side by side (SLURM plans them node by node).
-        for i in 1..=3 {
+        // Four emulated nodes on this host, one slurmd each: the heterogeneous job's
+        // components are then placed side by side (SLURM plans them node by node); the
+        // learner component takes two of them (two data-parallel learner ranks).
+        for i in 1..=4 {
             let port = if i == 1 { node_port } else { free_port() };
             conf.push_str(&format!(
                 "NodeName=q{i} NodeAddr=127.0.0.1 NodeHostname={} Port={port} CPUs=2 RealMemory=4000\n",
                 host.trim()
             ));
         }
-        conf.push_str("PartitionName=debug Nodes=q[1-3] Default=YES MaxTime=INFINITE State=UP\n");
+        conf.push_str("PartitionName=debug Nodes=q[1-4] Default=YES MaxTime=INFINITE State=UP\n");
         let conf_path = root.join("slurm.conf");
         std::fs::write(&conf_path, conf).unwrap();
         std::fs::create_dir_all(root.join("state")).unwrap();
@@ -114,7 +115,7 @@ impl Cluster {
         let mut ctld = Command::new(slurmctld);
         ctld.arg("-D").arg("-f").arg(&conf_path);
         cluster.spawn("slurmctld", ctld);
-        for i in 1..=3 {
+        for i in 1..=4 {
             std::fs::create_dir_all(root.join(format!("spool/q{i}"))).unwrap();
             let mut d = Command::new(&slurmd);
             d.arg("-D")
@@ -123,10 +124,10 @@ impl Cluster {
                 .arg(&conf_path);
             cluster.spawn(&format!("slurmd-q{i}"), d);
         }
-        cluster.wait_for("three idle nodes in sinfo", |cluster| {
+        cluster.wait_for("four idle nodes in sinfo", |cluster| {
             let out = cluster.run("sinfo", &["-h", "-N", "-o", "%t"]);
             let states = stdout(&out);
-            states.lines().filter(|l| l.trim() == "idle").count() == 3
+            states.lines().filter(|l| l.trim() == "idle").count() == 4
         });
         cluster
     }
@@ -275,7 +276,15 @@ fn a_job_trains_on_a_real_slurm_cluster() {
     );
 
     let reward_port = free_port().to_string();
-    let out = launch(&["--reward-port", &reward_port]);
+    let learner_port = free_port().to_string();
+    let out = launch(&[
+        "--reward-port",
+        &reward_port,
+        "--learner-nodes",
+        "2",
+        "--learner-port",
+        &learner_port,
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let id = submitted_id(&out);
     assert!(stdout(&out).contains(&format!("squeue --job {id}")));
@@ -305,10 +314,17 @@ fn a_job_trains_on_a_real_slurm_cluster() {
     assert!(log.contains("learner at 127.0.0.1:"), "{log}");
     assert!(log.contains("the learner finished (status 0)"), "{log}");
 
-    let steps: Vec<i64> = quill_common::telemetry::read_records(&job.out().join("metrics.jsonl"))
+    let records: Vec<_> = quill_common::telemetry::read_records(&job.out().join("metrics.jsonl"))
         .unwrap()
         .into_iter()
         .filter(|r| r.get("kind").and_then(Value::as_str) == Some("step"))
+        .collect();
+    assert!(
+        records.iter().all(|r| r["learner_ranks"] == 2),
+        "{records:?}"
+    );
+    let steps: Vec<i64> = records
+        .iter()
         .map(|r| r["step"].as_i64().unwrap())
         .collect();
     assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "{log}");

@@ -40,7 +40,8 @@ pub struct Args {
     /// How many learner ranks train together (every rank gets the same value).
     #[arg(long, default_value_t = 1)]
     pub world_size: usize,
-    /// Rank 0's address, HOST:PORT (required for ranks > 0; they take the job from it).
+    /// Rank 0's address, HOST:PORT (required for ranks > 0, which take the job from it;
+    /// rank 0 ignores it, so every rank can get the same command line).
     #[arg(long)]
     pub learner: Option<String>,
     /// Train on this device instead of `model.device` (e.g. `cuda:1` for a second GPU).
@@ -89,9 +90,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             connect_timeout: std::time::Duration::from_secs_f64(job.parallel.timeout_seconds),
         };
         return run_rank(options).with_context(|| format!("learner rank {}", args.rank));
-    }
-    if args.learner.is_some() {
-        bail!("--learner is for ranks > 0; rank 0 listens on `cluster.learner_addr` or --listen");
     }
     if let Some(device) = args.device {
         job.model.device = device;
