@@ -107,12 +107,24 @@ fn wait_for_step(job: &TestJob, step: u64, procs: &mut [Proc]) {
 #[test]
 fn two_learner_ranks_train_in_lockstep() {
     let job = ranks_job(4, 60.0);
-    let (mut ranks, _members) = start_job(&job, 2, false, "a");
+    let mut command = std::process::Command::new(support::job::quill_bin());
+    command
+        .args([
+            "launch",
+            "local",
+            "--learner-ranks",
+            "2",
+            "--threads",
+            "1",
+            "--config",
+        ])
+        .arg(&job.config);
+    let mut launcher = Proc::spawn(command, &job.dir.path().join("launch.log"));
     // `quill status` lists both ranks with their own step metrics once rank 1 reported.
-    let addr = std::fs::read_to_string(job.out().join("learner.addr")).unwrap();
-    let token = job.token.display().to_string();
+    let addr = job.learner_addr(&mut launcher);
+    let token = job.out().join("job.token").display().to_string();
     let mut seen = None;
-    while seen.is_none() && ranks[0].child.try_wait().unwrap().is_none() {
+    while seen.is_none() && launcher.child.try_wait().unwrap().is_none() {
         let out = std::process::Command::new(support::job::quill_bin())
             .args([
                 "status",
@@ -136,15 +148,10 @@ fn two_learner_ranks_train_in_lockstep() {
     assert_eq!(seen[1]["rank"], 1, "{seen:?}");
     assert!(seen[1]["tokens_per_s"].as_f64().unwrap() > 0.0, "{seen:?}");
     assert!(seen[1]["step_seconds"].as_f64().unwrap() > 0.0, "{seen:?}");
-    for rank in ranks.iter_mut() {
-        let status = rank.wait(Duration::from_secs(900));
-        assert!(status.success(), "{}", rank.log());
-    }
-    assert!(
-        ranks[1].log().contains("rank 0 finished training"),
-        "{}",
-        ranks[1].log()
-    );
+    let status = launcher.wait(Duration::from_secs(900));
+    let log = launcher.log();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("rank 0 finished training"), "{log}");
     let records = steps(&job);
     assert_eq!(records.len(), 4);
     for r in &records {

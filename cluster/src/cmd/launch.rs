@@ -33,6 +33,9 @@ pub struct LocalArgs {
     /// Number of reward workers (default: cluster.reward_workers).
     #[arg(long)]
     pub reward_workers: Option<usize>,
+    /// Number of data-parallel learner ranks (rank 0 is the hub; see [parallel]).
+    #[arg(long, default_value_t = 1)]
+    pub learner_ranks: usize,
     /// Write checkpoints, metrics and the token here instead of `job.output_dir`.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
@@ -105,6 +108,9 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
     if actors == 0 || rewards == 0 {
         bail!("a local job needs at least one actor and one reward worker");
     }
+    if args.learner_ranks == 0 {
+        bail!("--learner-ranks must be at least 1");
+    }
     std::fs::create_dir_all(&job.job.output_dir)
         .with_context(|| format!("creating {}", job.job.output_dir.display()))?;
     let token = token_file(&job)?;
@@ -130,6 +136,8 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
     if args.resume {
         learner_args.push("--resume");
     }
+    let world = args.learner_ranks.to_string();
+    learner_args.extend(["--world-size", &world]);
     let mut processes = vec![Process::spawn(
         "learner",
         quill(&learner_args, args.threads)?,
@@ -142,6 +150,28 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
         }
     };
     println!("[launcher] learner at {address}; starting {rewards} reward worker(s) and {actors} actor(s)");
+    for rank in 1..args.learner_ranks {
+        let rank = rank.to_string();
+        let argv = [
+            "learner",
+            "--config",
+            config,
+            "--token-file",
+            token,
+            "--output-dir",
+            output_dir,
+            "--world-size",
+            &world,
+            "--rank",
+            &rank,
+            "--learner",
+            &address,
+        ];
+        processes.push(Process::spawn(
+            &format!("learner-{rank}"),
+            quill(&argv, args.threads)?,
+        )?);
+    }
     // Reward workers first, so that actors find one at their first heartbeat.
     for (role, count, threads) in [("reward", rewards, 0), ("actor", actors, args.threads)] {
         for i in 0..count {
