@@ -10,6 +10,7 @@ pub mod job;
 pub mod model;
 pub mod pretrained;
 pub mod proto;
+pub mod relay;
 pub mod rpc;
 pub mod telemetry;
 pub mod template;

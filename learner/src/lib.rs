@@ -9,6 +9,7 @@ pub mod grpo;
 pub mod hub;
 pub mod ledger;
 pub mod optim;
+pub mod relay_tree;
 pub mod run;
 pub mod sample;
 pub mod schedule;

@@ -20,6 +20,13 @@ pub struct Args {
     /// A name shown in status and logs (default: host and pid).
     #[arg(long)]
     pub name: Option<String>,
+    /// Where to serve the weight relay other actors fetch from (IP:PORT; port 0 picks a
+    /// free port). A wildcard IP (0.0.0.0) needs --relay-advertise.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub relay_listen: String,
+    /// The relay address other actors should dial (default: the bound listen address).
+    #[arg(long)]
+    pub relay_advertise: Option<String>,
     /// CPU threads libtorch may use (0 keeps libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
@@ -36,6 +43,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         token,
         name: args.name.unwrap_or_else(super::default_name),
         device: args.device,
+        relay_listen: args.relay_listen,
+        relay_advertise: args.relay_advertise,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(run_actor(options)).context("actor")

@@ -62,6 +62,7 @@ async fn serve(args: Args, token: String) -> anyhow::Result<()> {
             role: Role::Reward as i32,
             name: args.name.unwrap_or_else(super::default_name),
             address: address.clone(),
+            relay_address: String::new(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("register with the learner: {}", s.message()))?
@@ -113,6 +114,7 @@ async fn serve(args: Args, token: String) -> anyhow::Result<()> {
                 member_id: beat_worker.member.clone(),
                 version: 0,
                 metrics,
+                ..HeartbeatRequest::default()
             };
             match learner.heartbeat(request).await {
                 Ok(reply) if reply.get_ref().shutdown => break,
