@@ -521,8 +521,8 @@ impl Learner for LearnerService {
                 let node = relay_tree::Node {
                     id: id.clone(),
                     address: m.relay_address.clone(),
-                    version: m.version,
-                    receiving: m.receiving,
+                    holds: m.version >= latest && !m.weight_source.is_empty(),
+                    receiving: m.receiving == latest,
                 };
                 (m.joined, node)
             })
@@ -531,7 +531,7 @@ impl Learner for LearnerService {
         actors.sort_by_key(|(joined, _)| *joined);
         let nodes: Vec<relay_tree::Node> = actors.into_iter().map(|(_, n)| n).collect();
         let weight_sources =
-            relay_tree::sources(&nodes, &req.member_id, latest, hub.job.cluster.relay_fanout);
+            relay_tree::sources(&nodes, &req.member_id, hub.job.cluster.relay_fanout);
         Ok(Response::new(HeartbeatReply {
             latest_version: latest,
             reward_addresses,

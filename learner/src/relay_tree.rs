@@ -20,10 +20,10 @@ pub struct Node {
     pub id: String,
     /// Relay `HOST:PORT`; empty for an actor that does not relay (always a leaf).
     pub address: String,
-    /// The version it runs.
-    pub version: u64,
-    /// The version it is receiving (0: none).
-    pub receiving: u64,
+    /// It runs the newest version.
+    pub holds: bool,
+    /// It is receiving the newest version.
+    pub receiving: bool,
 }
 
 /// The learner as a source.
@@ -34,13 +34,13 @@ pub fn learner_source() -> WeightSource {
     }
 }
 
-/// The ordered sources from which `member` fetches version `latest`: up to
+/// The ordered sources from which `member` fetches the newest version: up to
 /// [`MAX_RELAY_SOURCES`] relaying ancestors, nearest first, then the learner. `nodes` are
 /// the live actors in join order; `fanout` 0 (or an unknown member) gives the learner only.
-pub fn sources(nodes: &[Node], member: &str, latest: u64, fanout: usize) -> Vec<WeightSource> {
+pub fn sources(nodes: &[Node], member: &str, fanout: usize) -> Vec<WeightSource> {
     let mut out = Vec::new();
     if fanout > 0 {
-        let order = layout(nodes, latest);
+        let order = layout(nodes);
         if let Some(mut pos) = order.iter().position(|n| n.id == member) {
             while pos >= fanout && out.len() < MAX_RELAY_SOURCES {
                 pos = pos / fanout - 1;
@@ -58,13 +58,13 @@ pub fn sources(nodes: &[Node], member: &str, latest: u64, fanout: usize) -> Vec<
     out
 }
 
-/// Breadth-first positions: relaying holders of `latest`, relaying receivers, other
-/// relaying actors, then actors that do not relay; join order within each group.
-fn layout(nodes: &[Node], latest: u64) -> Vec<&Node> {
+/// Breadth-first positions: relaying holders of the newest version, relaying receivers,
+/// other relaying actors, then actors that do not relay; join order within each group.
+fn layout(nodes: &[Node]) -> Vec<&Node> {
     let rank = |n: &Node| match () {
         _ if n.address.is_empty() => 3,
-        _ if n.version >= latest => 0,
-        _ if n.receiving == latest => 1,
+        _ if n.holds => 0,
+        _ if n.receiving => 1,
         _ => 2,
     };
     let mut order: Vec<&Node> = nodes.iter().collect();
@@ -76,12 +76,15 @@ fn layout(nodes: &[Node], latest: u64) -> Vec<&Node> {
 mod tests {
     use super::*;
 
+    /// The newest version in these tests.
+    const LATEST: u64 = 3;
+
     fn node(id: &str, version: u64, receiving: u64) -> Node {
         Node {
             id: id.into(),
             address: format!("127.0.0.1:{}", 1000 + id.len()),
-            version,
-            receiving,
+            holds: version >= LATEST,
+            receiving: receiving == LATEST,
         }
     }
 
@@ -96,7 +99,7 @@ mod tests {
             .map(|id| node(id, 1, 0))
             .collect();
         // fan-out 2: a, b under the learner; c, d under a; e, f under b; g under c.
-        let of = |m| ids(&sources(&nodes, m, 2, 2)).join(",");
+        let of = |m| ids(&sources(&nodes, m, 2)).join(",");
         assert_eq!(of("a"), "learner");
         assert_eq!(of("b"), "learner");
         assert_eq!(of("c"), "a,learner");
@@ -105,7 +108,7 @@ mod tests {
         assert_eq!(of("f"), "b,learner");
         assert_eq!(of("g"), "c,a,learner");
         // fan-out 1 is a chain; only MAX_RELAY_SOURCES ancestors are handed out.
-        let of1 = |m| ids(&sources(&nodes, m, 2, 1)).join(",");
+        let of1 = |m| ids(&sources(&nodes, m, 1)).join(",");
         assert_eq!(of1("a"), "learner");
         assert_eq!(of1("c"), "b,a,learner");
         assert_eq!(of1("g"), "f,e,d,learner");
@@ -116,7 +119,7 @@ mod tests {
             let mut children = std::collections::HashMap::new();
             for n in &nodes {
                 *children
-                    .entry(sources(&nodes, &n.id, 2, fanout)[0].member_id.clone())
+                    .entry(sources(&nodes, &n.id, fanout)[0].member_id.clone())
                     .or_insert(0) += 1;
             }
             assert!(children.values().all(|&c| c <= fanout), "{children:?}");
@@ -126,7 +129,7 @@ mod tests {
     fn of0(nodes: &[Node]) -> Vec<String> {
         nodes
             .iter()
-            .map(|n| ids(&sources(nodes, &n.id, 2, 0)).join(","))
+            .map(|n| ids(&sources(nodes, &n.id, 0)).join(","))
             .collect()
     }
 
@@ -139,7 +142,7 @@ mod tests {
             node("c", 2, 3),
             node("d", 0, 0),
         ];
-        let of = |m| ids(&sources(&nodes, m, 3, 1)).join(",");
+        let of = |m| ids(&sources(&nodes, m, 1)).join(",");
         assert_eq!(of("b"), "learner", "the holder sits at the top");
         assert_eq!(of("c"), "b,learner", "the receiver comes next");
         assert_eq!(of("a"), "c,b,learner", "the laggard hangs below them");
@@ -149,10 +152,10 @@ mod tests {
     #[test]
     fn departed_and_non_relaying_actors_are_never_parents() {
         let mut nodes = vec![node("a", 1, 0), node("b", 1, 0), node("c", 1, 0)];
-        assert_eq!(ids(&sources(&nodes, "c", 2, 1)), ["b", "a", "learner"]);
+        assert_eq!(ids(&sources(&nodes, "c", 1)), ["b", "a", "learner"]);
         // b departs (the hub no longer lists it): c moves up under a.
         nodes.remove(1);
-        assert_eq!(ids(&sources(&nodes, "c", 2, 1)), ["a", "learner"]);
+        assert_eq!(ids(&sources(&nodes, "c", 1)), ["a", "learner"]);
         // An actor without a relay address is only ever a leaf.
         nodes.insert(
             0,
@@ -161,9 +164,9 @@ mod tests {
                 ..node("x", 1, 0)
             },
         );
-        assert_eq!(ids(&sources(&nodes, "a", 2, 1)), ["learner"]);
-        assert_eq!(ids(&sources(&nodes, "x", 2, 1)), ["c", "a", "learner"]);
+        assert_eq!(ids(&sources(&nodes, "a", 1)), ["learner"]);
+        assert_eq!(ids(&sources(&nodes, "x", 1)), ["c", "a", "learner"]);
         // A member the hub does not know gets the learner.
-        assert_eq!(ids(&sources(&nodes, "zz", 2, 1)), ["learner"]);
+        assert_eq!(ids(&sources(&nodes, "zz", 1)), ["learner"]);
     }
 }
