@@ -529,12 +529,12 @@ impl RelayNode {
 
     fn find(&self, version: u64) -> Option<Arc<Transfer>> {
         let held = self.held.lock().expect("poisoned");
-        let found = [&held.incoming, &held.current]
+        let candidates = [held.incoming.clone(), held.current.clone()];
+        drop(held);
+        candidates
             .into_iter()
             .flatten()
             .find(|t| t.version == version && !t.is_abandoned())
-            .cloned();
-        found
     }
 
     fn describe(&self) -> String {
