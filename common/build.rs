@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     link_libtorch();
     println!("cargo:rerun-if-changed=proto");
     std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
-    tonic_prost_build::configure().compile_protos(&["proto/quill/v1/quill.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        // Weight chunks are `bytes::Bytes`: slices of a blob, forwarded without copies.
+        .bytes(".quill.v1.WeightChunk.data")
+        .compile_protos(&["proto/quill/v1/quill.proto"], &["proto"])?;
     Ok(())
 }

@@ -102,6 +102,7 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
             role: 0,
             name: "x".into(),
             address: String::new(),
+            relay_address: String::new(),
         })
         .await
         .unwrap_err();
@@ -116,6 +117,7 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
             role: Role::Actor as i32,
             name: "test".into(),
             address: String::new(),
+            relay_address: String::new(),
         })
         .await
         .unwrap()
@@ -142,6 +144,7 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
                 role: Role::Actor as i32,
                 name: "probe".into(),
                 address: String::new(),
+                relay_address: String::new(),
             })
             .await
             .unwrap()

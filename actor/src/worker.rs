@@ -2,26 +2,35 @@
 //! groups, generates them, and hands each finished group to a reward worker (spread over
 //! the workers, trying the next one when one fails).
 //!
+//! Every actor also serves `WeightRelay`: the learner's heartbeat replies name where to
+//! fetch each new version (a parent actor first, the learner last), and the actor forwards
+//! what it receives to its own children while it is still arriving.
+//!
 //! Tensors never touch this async code: weights travel as byte blobs to the engine
 //! thread, which builds its tensors itself.
 
 use crate::{EngineConfig, EngineHandle, GenerationRequest, GroupOutput, SamplingParams};
+use quill_common::auth::require_token;
 use quill_common::device::parse_dtype;
 use quill_common::job::JobConfig;
 use quill_common::prometheus_http;
+use quill_common::proto::weight_relay_server::WeightRelayServer;
 use quill_common::proto::{
-    HeartbeatRequest, LeaseRequest, PromptLease, RegisterRequest, Role, RolloutGroup, Sample,
-    WeightsRequest,
+    HeartbeatReply, HeartbeatRequest, LeaseRequest, PromptLease, RegisterRequest, Role,
+    RolloutGroup, Sample, WeightSource,
 };
-use quill_common::rpc::{endpoint, learner_client, reward_client, LearnerConn, RewardConn};
+use quill_common::relay::{Fetcher, RelayError, RelayNode, RelayService};
+use quill_common::rpc::{
+    self, endpoint, learner_client, reward_client, LearnerConn, RewardConn, MAX_MESSAGE_BYTES,
+};
 use quill_common::telemetry::{self, Family};
-use quill_common::weights::{ManifestEntry, WeightBlob};
 use quill_common::{ModelConfig, Qwen2, Tokenizer};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::task::JoinSet;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -48,6 +57,9 @@ pub enum ActorError {
     /// The Prometheus endpoint could not start.
     #[error("{0}")]
     Metrics(String),
+    /// The weight relay could not be served.
+    #[error("weight relay: {0}")]
+    Relay(String),
 }
 
 /// How an actor joins.
@@ -63,6 +75,10 @@ pub struct ActorOptions {
     pub device: Option<String>,
     /// Overrides `metrics.member_prometheus_addr`: where to serve Prometheus `/metrics`.
     pub metrics_listen: Option<String>,
+    /// Where to serve `WeightRelay` (`HOST:PORT`; port 0 picks a free port).
+    pub relay_listen: String,
+    /// The relay address other actors should dial (default: the bound address).
+    pub relay_advertise: Option<String>,
 }
 
 type Learner = LearnerConn;
@@ -74,6 +90,15 @@ struct Shared {
     rewards: Mutex<Vec<String>>,
     in_flight: AtomicU64,
     sync_seconds: Mutex<(f64, f64)>,
+    relay: Arc<RelayNode>,
+    fetcher: Fetcher,
+    sources: Mutex<Vec<WeightSource>>,
+    syncing: AtomicBool,
+    receiving: AtomicU64,
+    source: Mutex<String>,
+    from_learner: AtomicU64,
+    from_relays: AtomicU64,
+    corrupt_chunks: AtomicU64,
     reported: Mutex<HashMap<String, f64>>,
 }
 
@@ -141,11 +166,21 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         .await
         .map_err(learner_err)?;
     let mut learner: Learner = learner_client(channel, &options.token);
+    let listener = tokio::net::TcpListener::bind(&options.relay_listen)
+        .await
+        .map_err(|e| {
+            ActorError::Relay(format!(
+                "cannot listen on --relay-listen {}: {e}",
+                options.relay_listen
+            ))
+        })?;
+    let relay_address = relay_address(&listener, options.relay_advertise.as_deref())?;
     let reply = learner
         .register(RegisterRequest {
             role: Role::Actor as i32,
             name: options.name.clone(),
             address: String::new(),
+            relay_address: relay_address.clone(),
         })
         .await
         .map_err(|s| learner_err(format!("register: {}", s.message())))?
@@ -176,19 +211,50 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         },
     )?;
     let engine = Arc::new(engine);
+    let stall = relay_stall(&job);
+    let relay = RelayNode::new(stall);
     let shared = Arc::new(Shared {
         version: AtomicU64::new(0),
         shutdown: AtomicBool::new(false),
         rewards: Mutex::new(Vec::new()),
         in_flight: AtomicU64::new(0),
         sync_seconds: Mutex::new((0.0, 0.0)),
+        relay: Arc::clone(&relay),
+        fetcher: Fetcher {
+            learner: Some(learner.clone()),
+            token: options.token.clone(),
+            stall,
+        },
+        sources: Mutex::new(Vec::new()),
+        syncing: AtomicBool::new(false),
+        receiving: AtomicU64::new(0),
+        source: Mutex::new(String::new()),
+        from_learner: AtomicU64::new(0),
+        from_relays: AtomicU64::new(0),
+        corrupt_chunks: AtomicU64::new(0),
         reported: Mutex::new(HashMap::new()),
     });
     serve_metrics(&options, &job, &member, &engine, &shared).await?;
-    sync_weights(&mut learner, &engine, &shared)
+    let relay_server = tokio::spawn(
+        rpc::server()
+            .add_service(InterceptedService::new(
+                WeightRelayServer::new(RelayService(relay))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                require_token(options.token.clone()),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let first = learner
+        .heartbeat(heartbeat_request(&member, &shared, HashMap::new()))
+        .await
+        .map_err(|s| learner_err(format!("heartbeat: {}", s.message())))?
+        .into_inner();
+    take_reply(&shared, &first);
+    sync_weights(first.latest_version, &engine, &shared)
         .await
         .map_err(learner_err)?;
-    tracing::info!(member = %member, version = shared.version.load(Ordering::SeqCst), "actor joined");
+    tracing::info!(member = %member, version = shared.version.load(Ordering::SeqCst), relay = %relay_address, "actor joined");
 
     let heartbeat = tokio::spawn(heartbeats(
         learner.clone(),
@@ -246,6 +312,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
     }
     groups.abort_all();
     heartbeat.abort();
+    relay_server.abort();
     tracing::info!(member = %member, "actor finished");
     Ok(())
 }
@@ -262,87 +329,128 @@ async fn connect_with_retry(addr: &str, timeout: Duration) -> Result<Channel, St
     }
 }
 
-/// Fetches the newest weights (resuming a dropped transfer once) into the engine.
+/// How long a relay child waits for the next bytes before it tries another source.
+fn relay_stall(job: &JobConfig) -> Duration {
+    Duration::from_secs_f64((job.cluster.heartbeat_seconds * 4.0).max(2.0))
+}
+
+/// The relay address to announce: `--relay-advertise`, else the bound address (which must
+/// then be a concrete IP, not a wildcard).
+fn relay_address(
+    listener: &tokio::net::TcpListener,
+    advertise: Option<&str>,
+) -> Result<String, ActorError> {
+    if let Some(addr) = advertise {
+        return match addr.parse::<std::net::SocketAddr>() {
+            Ok(_) => Ok(addr.to_owned()),
+            Err(_) => Err(ActorError::Relay(format!(
+                "--relay-advertise `{addr}` is not IP:PORT"
+            ))),
+        };
+    }
+    let bound = listener
+        .local_addr()
+        .map_err(|e| ActorError::Relay(e.to_string()))?;
+    if bound.ip().is_unspecified() {
+        return Err(ActorError::Relay(format!(
+            "--relay-listen {bound} is a wildcard address: give --relay-advertise IP:PORT"
+        )));
+    }
+    Ok(bound.to_string())
+}
+
+fn heartbeat_request(
+    member: &str,
+    shared: &Shared,
+    mut metrics: HashMap<String, f64>,
+) -> HeartbeatRequest {
+    let counters = [
+        ("relay_bytes_served", &*shared.relay.bytes_served),
+        ("weight_bytes_from_learner", &shared.from_learner),
+        ("weight_bytes_from_relays", &shared.from_relays),
+        ("weight_corrupt_chunks", &shared.corrupt_chunks),
+    ];
+    for (key, counter) in counters {
+        metrics.insert(key.to_owned(), counter.load(Ordering::Relaxed) as f64);
+    }
+    HeartbeatRequest {
+        member_id: member.to_owned(),
+        version: shared.version.load(Ordering::SeqCst),
+        metrics,
+        receiving_version: shared.receiving.load(Ordering::SeqCst),
+        weight_source: shared.source.lock().expect("poisoned").clone(),
+    }
+}
+
+/// Takes the reward workers, the weight sources and the newest version from a reply.
+fn take_reply(shared: &Shared, reply: &HeartbeatReply) {
+    *shared.rewards.lock().expect("poisoned") = reply.reward_addresses.clone();
+    *shared.sources.lock().expect("poisoned") = reply.weight_sources.clone();
+    shared.relay.set_latest(reply.latest_version);
+}
+
+/// Fetches `version` from the sources the learner named (resuming from the next source
+/// when one fails), relaying it to children meanwhile, and swaps it into the engine.
 async fn sync_weights(
-    learner: &mut Learner,
+    version: u64,
     engine: &Arc<EngineHandle>,
     shared: &Shared,
 ) -> Result<(), String> {
     let started = Instant::now();
-    let blob = fetch_weights(learner).await?;
-    let bytes = blob.bytes.len() as f64;
-    let version = blob.version;
+    let sources = shared.sources.lock().expect("poisoned").clone();
+    let transfer = shared.relay.begin(version);
+    shared.receiving.store(version, Ordering::SeqCst);
+    let fetched = shared.fetcher.fetch(&transfer, &sources, 3).await;
+    shared.receiving.store(0, Ordering::SeqCst);
+    let report = match fetched {
+        Ok(report) => report,
+        Err(e) => {
+            if !matches!(e, RelayError::Exhausted { .. }) {
+                shared.relay.give_up(version);
+            }
+            return Err(e.to_string());
+        }
+    };
+    shared
+        .from_learner
+        .fetch_add(report.from_learner, Ordering::Relaxed);
+    shared
+        .from_relays
+        .fetch_add(report.from_relays, Ordering::Relaxed);
+    shared
+        .corrupt_chunks
+        .fetch_add(report.corrupt_chunks, Ordering::Relaxed);
+    *shared.source.lock().expect("poisoned") = report.source;
+    let bytes = transfer.received() as f64;
     let engine = Arc::clone(engine);
-    tokio::task::spawn_blocking(move || engine.update_weights(Arc::new(blob)))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let held = Arc::clone(&transfer);
+    tokio::task::spawn_blocking(move || {
+        let blob = held.to_blob().map_err(|e| e.to_string())?;
+        engine
+            .update_weights(Arc::new(blob))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    shared.relay.promote(&transfer);
     shared.version.store(version, Ordering::SeqCst);
     let seconds = started.elapsed().as_secs_f64();
     *shared.sync_seconds.lock().expect("poisoned") = (seconds, bytes / 1e6 / seconds.max(1e-9));
     Ok(())
 }
 
-async fn fetch_weights(learner: &mut Learner) -> Result<WeightBlob, String> {
-    let mut bytes: Vec<u8> = Vec::new();
-    let mut manifest: Vec<ManifestEntry> = Vec::new();
-    let (mut version, mut crc32, mut total) = (0u64, 0u32, None::<u64>);
-    for attempt in 0..3 {
-        let request = WeightsRequest {
-            version,
-            offset: bytes.len() as u64,
-        };
-        let mut stream = match learner.get_weights(request).await {
-            Ok(s) => s.into_inner(),
-            Err(s) if s.code() == Code::FailedPrecondition => {
-                bytes.clear();
-                continue;
-            }
-            Err(s) => return Err(format!("weights: {}", s.message())),
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(chunk)) => {
-                    if chunk.offset != bytes.len() as u64 {
-                        return Err(format!(
-                            "weights: chunk at {} but {} bytes held",
-                            chunk.offset,
-                            bytes.len()
-                        ));
-                    }
-                    if !chunk.manifest_json.is_empty() {
-                        manifest = serde_json::from_str(&chunk.manifest_json)
-                            .map_err(|e| format!("weights manifest: {e}"))?;
-                    }
-                    version = chunk.version;
-                    crc32 = chunk.crc32;
-                    total = Some(chunk.total_bytes);
-                    bytes.extend_from_slice(&chunk.data);
-                }
-                Ok(None) => break,
-                Err(s) if attempt < 2 => {
-                    tracing::warn!(
-                        "weight transfer broke at byte {}: {}; resuming",
-                        bytes.len(),
-                        s.message()
-                    );
-                    break;
-                }
-                Err(s) => return Err(format!("weights: {}", s.message())),
-            }
-        }
-        if total == Some(bytes.len() as u64) && !manifest.is_empty() {
-            let blob = WeightBlob {
-                version,
-                manifest,
-                bytes,
-                crc32,
-            };
-            blob.verify().map_err(|e| e.to_string())?;
-            return Ok(blob);
-        }
+/// Syncs to `version` in the background unless a sync is already running.
+fn spawn_sync(version: u64, engine: &Arc<EngineHandle>, shared: &Arc<Shared>) {
+    if shared.syncing.swap(true, Ordering::SeqCst) {
+        return;
     }
-    Err("weights: transfer did not complete after 3 tries".into())
+    let (engine, shared) = (Arc::clone(engine), Arc::clone(shared));
+    tokio::spawn(async move {
+        if let Err(e) = sync_weights(version, &engine, &shared).await {
+            tracing::warn!("weight sync failed: {e}");
+        }
+        shared.syncing.store(false, Ordering::SeqCst);
+    });
 }
 
 async fn heartbeats(
@@ -378,27 +486,19 @@ async fn heartbeats(
             .lock()
             .expect("poisoned")
             .clone_from(&metrics);
-        let version = shared.version.load(Ordering::SeqCst);
-        match learner
-            .heartbeat(HeartbeatRequest {
-                member_id: member.clone(),
-                version,
-                metrics,
-            })
-            .await
-        {
+        let request = heartbeat_request(&member, &shared, metrics);
+        let version = request.version;
+        match learner.heartbeat(request).await {
             Ok(reply) => {
                 silent_since = None;
                 let reply = reply.into_inner();
-                *shared.rewards.lock().expect("poisoned") = reply.reward_addresses;
+                take_reply(&shared, &reply);
                 if reply.shutdown {
                     shared.shutdown.store(true, Ordering::SeqCst);
                     return;
                 }
                 if reply.latest_version > version {
-                    if let Err(e) = sync_weights(&mut learner, &engine, &shared).await {
-                        tracing::warn!("weight sync failed: {e}");
-                    }
+                    spawn_sync(reply.latest_version, &engine, &shared);
                 }
             }
             Err(status) => {

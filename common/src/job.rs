@@ -20,6 +20,8 @@ use toml::Spanned;
 
 use crate::template::{PromptTemplate, DEFAULT_STOP_STRINGS, QUESTION_SLOT};
 
+/// The largest allowed `cluster.relay_fanout`.
+pub const MAX_RELAY_FANOUT: usize = 64;
 /// The smallest allowed `cluster.weight_chunk_bytes`: 1 KiB.
 pub const MIN_WEIGHT_CHUNK_BYTES: usize = 1024;
 
@@ -384,6 +386,9 @@ pub struct ClusterSection {
     pub ingest_queue: usize,
     /// Bytes per message of the weight stream, 1 KiB to 64 MiB.
     pub weight_chunk_bytes: usize,
+    /// Children per node of the weight relay tree (the learner included), at most
+    /// [`MAX_RELAY_FANOUT`]; 0 disables relaying (every actor fetches from the learner).
+    pub relay_fanout: usize,
     /// Seconds between heartbeats, above 0.
     pub heartbeat_seconds: f64,
     /// Seconds before an RPC fails, above 0.
@@ -402,6 +407,7 @@ impl Default for ClusterSection {
             lease_seconds: 600,
             ingest_queue: 64,
             weight_chunk_bytes: 4 * 1024 * 1024,
+            relay_fanout: 2,
             heartbeat_seconds: 2.0,
             rpc_timeout_seconds: 30.0,
         }
@@ -866,6 +872,16 @@ impl ClusterSection {
                 )
             },
         )?;
+        ensure(
+            self.relay_fanout <= MAX_RELAY_FANOUT,
+            "cluster.relay_fanout",
+            || {
+                format!(
+                    "must be at most {MAX_RELAY_FANOUT} (0 disables relaying), got {}",
+                    self.relay_fanout
+                )
+            },
+        )?;
         positive("cluster.heartbeat_seconds", self.heartbeat_seconds)?;
         positive("cluster.rpc_timeout_seconds", self.rpc_timeout_seconds)
     }
@@ -1106,6 +1122,7 @@ mod tests {
         assert_eq!(config.cluster.lease_seconds, 600);
         assert_eq!(config.cluster.ingest_queue, 64);
         assert_eq!(config.cluster.weight_chunk_bytes, 4 << 20);
+        assert_eq!(config.cluster.relay_fanout, 2);
         assert_eq!(config.cluster.heartbeat_seconds, 2.0);
         assert_eq!(config.cluster.rpc_timeout_seconds, 30.0);
         assert_eq!(config.metrics.jsonl, PathBuf::from("metrics.jsonl"));
@@ -1247,6 +1264,11 @@ mod tests {
                 "[cluster]\nweight_chunk_bytes = 0",
                 "cluster.weight_chunk_bytes",
                 "must be in [1024, 67108864] (1 KiB to 64 MiB), got 0",
+            ),
+            (
+                "[cluster]\nrelay_fanout = 65",
+                "cluster.relay_fanout",
+                "must be at most 64 (0 disables relaying), got 65",
             ),
             (
                 "[model]\ndtype = \"f8\"",

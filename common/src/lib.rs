@@ -12,6 +12,7 @@ pub mod model;
 pub mod pretrained;
 pub mod prometheus_http;
 pub mod proto;
+pub mod relay;
 pub mod rpc;
 pub mod telemetry;
 pub mod template;

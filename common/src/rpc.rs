@@ -4,6 +4,7 @@
 use crate::auth::{attach_token, AttachToken};
 use crate::proto::learner_client::LearnerClient;
 use crate::proto::reward_client::RewardClient;
+use crate::proto::weight_relay_client::WeightRelayClient;
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
@@ -19,6 +20,9 @@ const CONNECTION_WINDOW: u32 = 32 << 20;
 pub type LearnerConn = LearnerClient<InterceptedService<Channel, AttachToken>>;
 /// A reward-worker client that sends the job token.
 pub type RewardConn = RewardClient<InterceptedService<Channel, AttachToken>>;
+
+/// An actor-relay client that sends the job token.
+pub type RelayConn = WeightRelayClient<InterceptedService<Channel, AttachToken>>;
 
 /// A client endpoint for `HOST:PORT` with connect and call timeouts and wide windows.
 pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, String> {
@@ -47,6 +51,13 @@ pub fn learner_client(channel: Channel, token: &str) -> LearnerConn {
 /// A reward-worker client over `channel` with the job token and the message limits.
 pub fn reward_client(channel: Channel, token: &str) -> RewardConn {
     RewardClient::with_interceptor(channel, attach_token(token))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// A weight-relay client over `channel` with the job token and the message limits.
+pub fn relay_client(channel: Channel, token: &str) -> RelayConn {
+    WeightRelayClient::with_interceptor(channel, attach_token(token))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }

@@ -1,30 +1,31 @@
 //! Rank 0 as the job's hub: the `Learner` gRPC service. It owns membership, the prompt
 //! data and its leases, checks every scored group before it may be trained on, feeds the
 //! bounded ingest queue (a full queue makes `SubmitScored` wait: backpressure), and serves
-//! the newest weights in chunks.
+//! the newest weights in chunks, and tells each actor where to fetch them: its parents in
+//! the relay tree (`relay_tree`), the learner last.
 //!
 //! No tensor lives here: the trainer thread publishes weights as byte blobs.
 
 use crate::data::{Dataset, Prompt, PromptText};
 use crate::ledger::{LeaseError, Ledger};
 use crate::ranks::{RankTable, ShardAnswer};
+use crate::relay_tree;
 use quill_common::job::JobConfig;
 use quill_common::proto::learner_server::Learner;
 use quill_common::proto::{
     HeartbeatReply, HeartbeatRequest, JoinRankReply, JoinRankRequest, LeaseReply, LeaseRequest,
     PromptLease, RegisterReply, RegisterRequest, Role, ScoredGroup, ShardReply, ShardRequest,
-    StatusReply, StatusRequest, SubmitReply, WeightChunk, WeightsRequest,
+    StatusReply, StatusRequest, SubmitReply, WeightsRequest,
 };
+use quill_common::relay::{ChunkStream, Transfer};
 use quill_common::weights::WeightBlob;
 use quill_common::Tokenizer;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 /// Most prompt groups one lease call hands out.
@@ -58,6 +59,10 @@ struct Member {
     role: Role,
     name: String,
     address: String,
+    relay_address: String,
+    joined: u64,
+    receiving: u64,
+    weight_source: String,
     last_seen: Instant,
     version: u64,
     metrics: HashMap<String, f64>,
@@ -104,6 +109,10 @@ pub struct Hub {
     state: Mutex<State>,
     ingest: mpsc::Sender<Accepted>,
     weights: RwLock<Arc<WeightBlob>>,
+    /// The current blob as checksummed chunks, served by `GetWeights`.
+    root: RwLock<Arc<Transfer>>,
+    /// Bytes `GetWeights` sent, by version.
+    served: Mutex<BTreeMap<u64, Arc<AtomicU64>>>,
     /// Refusals and drops by reason.
     pub rejections: Rejections,
     /// Duplicated deliveries (accepted as no-ops).
@@ -185,6 +194,7 @@ impl Hub {
         weights: Arc<WeightBlob>,
         ingest: mpsc::Sender<Accepted>,
     ) -> Self {
+        let root = Transfer::complete(Arc::clone(&weights), job.cluster.weight_chunk_bytes);
         Hub {
             job,
             info,
@@ -199,6 +209,8 @@ impl Hub {
                 data_exhausted: false,
             }),
             ingest,
+            root: RwLock::new(root),
+            served: Mutex::new(BTreeMap::new()),
             weights: RwLock::new(weights),
             rejections: Rejections::default(),
             duplicates: AtomicU64::new(0),
@@ -224,7 +236,19 @@ impl Hub {
 
     /// Makes `blob` the weights every member should run.
     pub fn publish(&self, blob: Arc<WeightBlob>) {
+        let root = Transfer::complete(Arc::clone(&blob), self.job.cluster.weight_chunk_bytes);
+        *self.root.write().expect("poisoned") = root;
         *self.weights.write().expect("poisoned") = blob;
+    }
+
+    /// Bytes of weights the learner itself sent, by version.
+    pub fn weights_served(&self) -> BTreeMap<u64, u64> {
+        self.served
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(v, n)| (*v, n.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Tells every member to finish: no more leases, heartbeats answer `shutdown`.
@@ -535,8 +559,6 @@ impl Hub {
 #[derive(Clone)]
 pub struct LearnerService(pub Arc<Hub>);
 
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send>>;
-
 fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -557,6 +579,14 @@ impl Learner for LearnerService {
                 "register: role must be actor or reward",
             ));
         }
+        if !req.relay_address.is_empty()
+            && req.relay_address.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(Status::invalid_argument(format!(
+                "register: relay_address `{}` is not HOST:PORT",
+                req.relay_address
+            )));
+        }
         if role == Role::Reward && req.address.parse::<std::net::SocketAddr>().is_err() {
             return Err(Status::invalid_argument(format!(
                 "register: reward address `{}` is not HOST:PORT",
@@ -570,13 +600,18 @@ impl Learner for LearnerService {
         } else {
             "reward"
         };
-        let id = format!("{prefix}-{}", state.next_member);
+        let joined = state.next_member;
+        let id = format!("{prefix}-{joined}");
         state.members.insert(
             id.clone(),
             Member {
                 role,
                 name: req.name,
                 address: req.address,
+                relay_address: req.relay_address,
+                joined,
+                receiving: 0,
+                weight_source: String::new(),
                 last_seen: Instant::now(),
                 version: 0,
                 metrics: HashMap::new(),
@@ -605,6 +640,8 @@ impl Learner for LearnerService {
         let member = state.members.get_mut(&req.member_id).expect("checked");
         member.last_seen = Instant::now();
         member.version = req.version;
+        member.receiving = req.receiving_version;
+        member.weight_source = req.weight_source;
         member.metrics = req
             .metrics
             .into_iter()
@@ -617,11 +654,31 @@ impl Learner for LearnerService {
             .filter(|m| m.role == Role::Reward && now.duration_since(m.last_seen) <= live)
             .map(|m| m.address.clone())
             .collect();
+        let latest = hub.version();
+        let mut actors: Vec<(u64, relay_tree::Node)> = state
+            .members
+            .iter()
+            .filter(|(_, m)| m.role == Role::Actor && now.duration_since(m.last_seen) <= live)
+            .map(|(id, m)| {
+                let node = relay_tree::Node {
+                    id: id.clone(),
+                    address: m.relay_address.clone(),
+                    holds: m.version >= latest && !m.weight_source.is_empty(),
+                    receiving: m.receiving == latest,
+                };
+                (m.joined, node)
+            })
+            .collect();
         drop(state);
+        actors.sort_by_key(|(joined, _)| *joined);
+        let nodes: Vec<relay_tree::Node> = actors.into_iter().map(|(_, n)| n).collect();
+        let weight_sources =
+            relay_tree::sources(&nodes, &req.member_id, hub.job.cluster.relay_fanout);
         Ok(Response::new(HeartbeatReply {
-            latest_version: hub.version(),
+            latest_version: latest,
             reward_addresses,
             shutdown: hub.is_finished(),
+            weight_sources,
         }))
     }
 
@@ -755,25 +812,30 @@ impl Learner for LearnerService {
     ) -> Result<Response<ChunkStream>, Status> {
         let hub = &self.0;
         let req = request.into_inner();
-        let blob = Arc::clone(&hub.weights.read().expect("poisoned"));
-        if req.offset > 0 && req.version != blob.version {
+        let root = Arc::clone(&hub.root.read().expect("poisoned"));
+        if req.offset > 0 && req.version != root.version() {
             return Err(Status::failed_precondition(format!(
                 "version {} is no longer served (now {}): restart from offset 0",
-                req.version, blob.version
+                req.version,
+                root.version()
             )));
         }
-        if req.offset > blob.bytes.len() as u64 {
+        if req.offset > root.received() {
             return Err(Status::out_of_range(format!(
                 "offset {} is past the end ({} bytes)",
                 req.offset,
-                blob.bytes.len()
+                root.received()
             )));
         }
-        let chunk = hub.job.cluster.weight_chunk_bytes.max(1);
-        let manifest = serde_json::to_string(&blob.manifest).expect("manifest serialises");
-        let start = req.offset as usize;
-        let stream = async_stream_chunks(blob, start, chunk, manifest);
-        Ok(Response::new(Box::pin(stream)))
+        let served = Arc::clone(
+            hub.served
+                .lock()
+                .expect("poisoned")
+                .entry(root.version())
+                .or_default(),
+        );
+        let stall = Duration::from_secs_f64(hub.job.cluster.rpc_timeout_seconds);
+        Ok(Response::new(root.serve(req.offset, stall, served)))
     }
 
     async fn join_rank(
@@ -797,11 +859,15 @@ impl Learner for LearnerService {
         let hub = &self.0;
         let mut doc = hub.status_snapshot();
         let members: Vec<Value> = hub
-            .members()
-            .into_iter()
-            .map(|m| {
-                json!({"id": m.id, "role": m.role.as_str_name(), "name": m.name, "address": m.address,
-                       "version": m.version, "seconds_since_heartbeat": m.seconds_since_heartbeat,
+            .state
+            .lock()
+            .expect("poisoned")
+            .members
+            .iter()
+            .map(|(id, m)| {
+                json!({"id": id, "role": m.role.as_str_name(), "name": m.name, "address": m.address,
+                       "relay_address": m.relay_address, "receiving_version": m.receiving,
+                       "weight_source": m.weight_source, "version": m.version, "seconds_since_heartbeat": m.last_seen.elapsed().as_secs_f64(),
                        "metrics": m.metrics})
             })
             .collect();
@@ -814,6 +880,14 @@ impl Learner for LearnerService {
         doc.insert("leases_expired".into(), json!(state.ledger.expired_count()));
         drop(state);
         doc.insert("version".into(), json!(hub.version()));
+        doc.insert(
+            "weights".into(),
+            json!({
+                "blob_bytes": hub.root.read().expect("poisoned").received(),
+                "relay_fanout": hub.job.cluster.relay_fanout,
+                "served_bytes_by_version": hub.weights_served(),
+            }),
+        );
         doc.insert("finished".into(), json!(hub.is_finished()));
         doc.insert(
             "accepted_groups".into(),
@@ -911,32 +985,4 @@ impl LearnerService {
             },
         }))
     }
-}
-
-fn async_stream_chunks(
-    blob: Arc<WeightBlob>,
-    start: usize,
-    chunk: usize,
-    manifest: String,
-) -> impl Stream<Item = Result<WeightChunk, Status>> + Send {
-    let total = blob.bytes.len();
-    let mut offsets: Vec<usize> = (start..total).step_by(chunk).collect();
-    if offsets.is_empty() {
-        offsets.push(start);
-    }
-    tokio_stream::iter(offsets.into_iter().enumerate().map(move |(i, offset)| {
-        let end = (offset + chunk).min(total);
-        Ok(WeightChunk {
-            version: blob.version,
-            offset: offset as u64,
-            data: blob.bytes[offset..end].to_vec(),
-            total_bytes: total as u64,
-            manifest_json: if i == 0 {
-                manifest.clone()
-            } else {
-                String::new()
-            },
-            crc32: blob.crc32,
-        })
-    }))
 }

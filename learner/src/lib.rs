@@ -16,6 +16,7 @@ pub mod prometheus;
 pub mod rank_metrics;
 pub mod rank_worker;
 pub mod ranks;
+pub mod relay_tree;
 pub mod run;
 pub mod sample;
 pub mod schedule;

@@ -24,6 +24,13 @@ pub struct Args {
     /// `metrics.member_prometheus_addr` (port 0 picks a free port; the bound address is logged).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// Where to serve the weight relay other actors fetch from (IP:PORT; port 0 picks a
+    /// free port). A wildcard IP (0.0.0.0) needs --relay-advertise.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub relay_listen: String,
+    /// The relay address other actors should dial (default: the bound listen address).
+    #[arg(long)]
+    pub relay_advertise: Option<String>,
     /// CPU threads libtorch may use (0 keeps libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
@@ -41,6 +48,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         name: args.name.unwrap_or_else(super::default_name),
         device: args.device,
         metrics_listen: args.metrics_listen,
+        relay_listen: args.relay_listen,
+        relay_advertise: args.relay_advertise,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(run_actor(options)).context("actor")

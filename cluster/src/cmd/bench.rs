@@ -21,6 +21,12 @@ pub enum Bench {
     /// Generation throughput of quill's engine vs transformers' generate() on the same
     /// checkpoint, batch and thread count, for fixed-length and long-tailed outputs.
     Generate(GenerateArgs),
+    /// Raw loopback TCP bandwidth, then the time to deliver one weights version to 1, 2,
+    /// 4, 8 actor processes through the relay tree (the actors' relay and fetch code).
+    Weights(super::bench_weights::WeightsArgs),
+    /// One weights-only actor of `bench weights` (receives, relays, verifies).
+    #[command(hide = true)]
+    RelayNode(super::bench_weights::NodeArgs),
 }
 
 /// Flags of `quill bench generate`.
@@ -73,6 +79,8 @@ pub enum Workload {
 pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Generate(args) => generate(args),
+        Bench::Weights(args) => super::bench_weights::run(args),
+        Bench::RelayNode(args) => super::bench_weights::node(args),
     }
 }
 

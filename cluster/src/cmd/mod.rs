@@ -2,6 +2,7 @@
 
 pub mod actor;
 pub mod bench;
+mod bench_weights;
 pub mod generate;
 pub mod init_model;
 pub mod launch;

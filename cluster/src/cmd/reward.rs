@@ -71,6 +71,7 @@ async fn serve(args: Args, token: String) -> anyhow::Result<()> {
             role: Role::Reward as i32,
             name: args.name.unwrap_or_else(super::default_name),
             address: address.clone(),
+            relay_address: String::new(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("register with the learner: {}", s.message()))?
@@ -155,6 +156,7 @@ async fn serve(args: Args, token: String) -> anyhow::Result<()> {
                 member_id: beat_worker.member.clone(),
                 version: 0,
                 metrics,
+                ..HeartbeatRequest::default()
             };
             match learner.heartbeat(request).await {
                 Ok(reply) if reply.get_ref().shutdown => break,
