@@ -1,6 +1,7 @@
 //! Actors join and leave a running job at will: one started mid-run gets the current
 //! weights and contributes; one killed mid-run loses no prompt (its leases are issued
-//! again), and every prompt of the data is trained exactly once.
+//! again), and every prompt of the data is trained exactly once. There are enough prompts
+//! that the killed actor still holds leases: the job cannot end until they are re-issued.
 
 mod support;
 
@@ -9,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use support::job::{set, TestJob};
 
-const PROMPTS: u64 = 16;
+const PROMPTS: u64 = 48;
 
 fn steps(job: &TestJob) -> Vec<Map<String, Value>> {
     quill_common::telemetry::read_records(&job.out().join("metrics.jsonl"))

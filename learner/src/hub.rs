@@ -111,6 +111,9 @@ pub struct Hub {
     weights: RwLock<Arc<WeightBlob>>,
     /// The current blob as checksummed chunks, served by `GetWeights`.
     root: RwLock<Arc<Transfer>>,
+    /// The version before it, still served to transfers that asked for it (so an actor
+    /// whose transfer outlasts a training step can finish it instead of starting over).
+    previous: RwLock<Option<Arc<Transfer>>>,
     /// Bytes `GetWeights` sent, by version.
     served: Mutex<BTreeMap<u64, Arc<AtomicU64>>>,
     /// Refusals and drops by reason.
@@ -210,6 +213,7 @@ impl Hub {
             }),
             ingest,
             root: RwLock::new(root),
+            previous: RwLock::new(None),
             served: Mutex::new(BTreeMap::new()),
             weights: RwLock::new(weights),
             rejections: Rejections::default(),
@@ -237,7 +241,8 @@ impl Hub {
     /// Makes `blob` the weights every member should run.
     pub fn publish(&self, blob: Arc<WeightBlob>) {
         let root = Transfer::complete(Arc::clone(&blob), self.job.cluster.weight_chunk_bytes);
-        *self.root.write().expect("poisoned") = root;
+        let old = std::mem::replace(&mut *self.root.write().expect("poisoned"), root);
+        *self.previous.write().expect("poisoned") = Some(old);
         *self.weights.write().expect("poisoned") = blob;
     }
 
@@ -812,21 +817,9 @@ impl Learner for LearnerService {
     ) -> Result<Response<ChunkStream>, Status> {
         let hub = &self.0;
         let req = request.into_inner();
-        let root = Arc::clone(&hub.root.read().expect("poisoned"));
-        if req.offset > 0 && req.version != root.version() {
-            return Err(Status::failed_precondition(format!(
-                "version {} is no longer served (now {}): restart from offset 0",
-                req.version,
-                root.version()
-            )));
-        }
-        if req.offset > root.received() {
-            return Err(Status::out_of_range(format!(
-                "offset {} is past the end ({} bytes)",
-                req.offset,
-                root.received()
-            )));
-        }
+        let current = Arc::clone(&hub.root.read().expect("poisoned"));
+        let previous = hub.previous.read().expect("poisoned").clone();
+        let root = choose_transfer(current, previous, &req)?;
         let served = Arc::clone(
             hub.served
                 .lock()
@@ -903,6 +896,35 @@ impl Learner for LearnerService {
             json: Value::Object(doc).to_string(),
         }))
     }
+}
+
+/// The transfer a `GetWeights` call gets: the version it asks for when that is the
+/// current or the previous one, else the current one from byte 0 (a resumed transfer of
+/// an older version must start over).
+fn choose_transfer(
+    current: Arc<Transfer>,
+    previous: Option<Arc<Transfer>>,
+    req: &WeightsRequest,
+) -> Result<Arc<Transfer>, Status> {
+    let root = match previous {
+        Some(p) if req.version == p.version() && req.version != current.version() => p,
+        _ => current,
+    };
+    if req.offset > 0 && req.version != root.version() {
+        return Err(Status::failed_precondition(format!(
+            "version {} is no longer served (now {}): restart from offset 0",
+            req.version,
+            root.version()
+        )));
+    }
+    if req.offset > root.received() {
+        return Err(Status::out_of_range(format!(
+            "offset {} is past the end ({} bytes)",
+            req.offset,
+            root.received()
+        )));
+    }
+    Ok(root)
 }
 
 /// How long a `GetShard` call waits for the batch before answering "not yet".
@@ -984,5 +1006,49 @@ impl LearnerService {
                 ..ShardReply::default()
             },
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quill_common::weights::ManifestEntry;
+
+    fn transfer(version: u64) -> Arc<Transfer> {
+        let bytes = vec![version as u8; 64];
+        let blob = WeightBlob {
+            version,
+            manifest: vec![ManifestEntry {
+                name: "w".into(),
+                dtype: "f32".into(),
+                shape: vec![16],
+                offset: 0,
+                len: 64,
+            }],
+            // Serving does not re-check the whole-blob CRC (receivers do).
+            crc32: 0,
+            bytes,
+        };
+        Transfer::complete(Arc::new(blob), 16)
+    }
+
+    #[test]
+    fn the_previous_version_stays_servable_for_transfers_that_asked_for_it() {
+        let ask = |version, offset| WeightsRequest { version, offset };
+        let pick = |previous: Option<u64>, req: WeightsRequest| {
+            choose_transfer(transfer(5), previous.map(transfer), &req).map(|t| t.version())
+        };
+        assert_eq!(pick(Some(4), ask(4, 0)).unwrap(), 4);
+        assert_eq!(pick(Some(4), ask(4, 32)).unwrap(), 4);
+        assert_eq!(pick(Some(4), ask(5, 32)).unwrap(), 5);
+        assert_eq!(pick(Some(4), ask(3, 0)).unwrap(), 5);
+        assert_eq!(pick(None, ask(4, 0)).unwrap(), 5);
+        let err = pick(Some(4), ask(3, 16)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err
+            .message()
+            .contains("version 3 is no longer served (now 5)"));
+        let err = pick(Some(4), ask(4, 65)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange);
     }
 }
