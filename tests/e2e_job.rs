@@ -21,33 +21,11 @@ fn launch(job: &TestJob, extra: &[&str]) -> Proc {
     )
 }
 
-fn steps(job: &TestJob) -> Vec<Map<String, Value>> {
-    let path = job.out().join("metrics.jsonl");
-    quill_common::telemetry::read_records(&path)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("step"))
-        .collect()
-}
-
 fn field(record: &Map<String, Value>, key: &str) -> f64 {
     record
         .get(key)
         .and_then(Value::as_f64)
         .unwrap_or_else(|| panic!("no {key} in {record:?}"))
-}
-
-fn no_process_left(job: &TestJob) {
-    let needle = job.dir.path().display().to_string();
-    let started = Instant::now();
-    while !processes_mentioning(&needle).is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "left behind: {:?}",
-            processes_mentioning(&needle)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -57,12 +35,12 @@ fn the_default_job_learns() {
     let status = launcher.wait(Duration::from_secs(1500));
     let log = launcher.log();
     assert!(status.success(), "{log}");
-    no_process_left(&job);
+    job.no_process_left();
     assert!(
         log.contains("groups/s") && log.contains("tok/s"),
         "throughput lines are printed"
     );
-    let steps = steps(&job);
+    let steps = job.steps();
     let total = steps.len();
     assert!(total >= 30, "{total} steps recorded");
     let window = 8;
@@ -148,7 +126,8 @@ fn resume_continues_version_data_cursor_and_optimizer() {
         epoch5 > 0 || cursor5 > cursor3,
         "the data cursor moved on from {cursor3}: {at5}"
     );
-    let recorded: Vec<u64> = steps(&job)
+    let recorded: Vec<u64> = job
+        .steps()
         .iter()
         .map(|r| field(r, "step") as u64)
         .collect();
@@ -167,7 +146,7 @@ fn resume_continues_version_data_cursor_and_optimizer() {
         .as_ref()
         .and_then(|m| m.get("step").cloned());
     assert_eq!(step.as_deref(), Some("5"), "AdamW's step count continued");
-    no_process_left(&job);
+    job.no_process_left();
 }
 
 #[test]
@@ -175,7 +154,7 @@ fn interrupting_the_launcher_stops_every_process() {
     let job = TestJob::new(|t| set(t, "grpo", "steps", 1000));
     let mut launcher = launch(&job, &[]);
     let started = Instant::now();
-    while steps(&job).is_empty() {
+    while job.steps().is_empty() {
         assert!(
             started.elapsed() < Duration::from_secs(300),
             "no step: {}",
@@ -206,7 +185,7 @@ fn interrupting_the_launcher_stops_every_process() {
         "{}",
         launcher.log()
     );
-    no_process_left(&job);
+    job.no_process_left();
 }
 
 #[test]

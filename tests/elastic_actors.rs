@@ -5,25 +5,16 @@
 
 mod support;
 
-use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use support::job::{set, TestJob};
 
 const PROMPTS: u64 = 48;
 
-fn steps(job: &TestJob) -> Vec<Map<String, Value>> {
-    quill_common::telemetry::read_records(&job.out().join("metrics.jsonl"))
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("step"))
-        .collect()
-}
-
 /// Groups trained so far per actor member id.
 fn groups_by_actor(job: &TestJob) -> BTreeMap<String, u64> {
     let mut total = BTreeMap::new();
-    for record in steps(job) {
+    for record in job.steps() {
         for (actor, n) in record["groups_by_actor"].as_object().unwrap() {
             *total.entry(actor.clone()).or_default() += n.as_u64().unwrap();
         }
@@ -69,7 +60,7 @@ fn an_actor_joins_mid_run_and_a_killed_one_loses_no_prompt() {
         ],
     );
     let started = Instant::now();
-    while steps(&job).is_empty() {
+    while job.steps().is_empty() {
         assert!(
             learner.child.try_wait().unwrap().is_none(),
             "{}",
@@ -121,7 +112,8 @@ fn an_actor_joins_mid_run_and_a_killed_one_loses_no_prompt() {
     assert!(log.contains("no more prompts"), "{log}");
     assert!(log.contains("its leases go back in line"), "{log}");
 
-    let mut trained: Vec<u64> = steps(&job)
+    let mut trained: Vec<u64> = job
+        .steps()
         .iter()
         .flat_map(|r| r["prompt_ids"].as_array().unwrap().clone())
         .map(|v| v.as_u64().unwrap())

@@ -5,20 +5,12 @@
 
 mod support;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::time::{Duration, Instant};
 use support::job::{set, Proc, TestJob};
 
-fn steps(job: &TestJob) -> Vec<Map<String, Value>> {
-    quill_common::telemetry::read_records(&job.out().join("metrics.jsonl"))
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| r.get("kind").and_then(Value::as_str) == Some("step"))
-        .collect()
-}
-
 fn last_step(job: &TestJob) -> u64 {
-    steps(job)
+    job.steps()
         .last()
         .and_then(|r| r.get("step").and_then(Value::as_u64))
         .unwrap_or(0)
@@ -152,7 +144,7 @@ fn two_learner_ranks_train_in_lockstep() {
     let log = launcher.log();
     assert!(status.success(), "{log}");
     assert!(log.contains("rank 0 finished training"), "{log}");
-    let records = steps(&job);
+    let records = job.steps();
     assert_eq!(records.len(), 4);
     for r in &records {
         assert_eq!(r["learner_ranks"], 2, "{r:?}");

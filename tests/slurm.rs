@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use support::job::{processes_mentioning, quill_bin, set, TestJob};
+use support::job::{quill_bin, set, TestJob};
 use support::{stderr, stdout};
 
 const STEPS: i64 = 3;
@@ -342,14 +342,5 @@ fn a_job_trains_on_a_real_slurm_cluster() {
     assert_eq!(token.permissions().mode() & 0o777, 0o600);
     assert!(job.out().join("quill.sbatch").exists());
 
-    let needle = job.dir.path().display().to_string();
-    let started = Instant::now();
-    while !processes_mentioning(&needle).is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "left behind: {:?}",
-            processes_mentioning(&needle)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    job.no_process_left();
 }

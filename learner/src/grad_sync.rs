@@ -208,10 +208,9 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
-    /// Runs `world` ranks on threads over a loopback ring; rank r starts from a model drawn
-    /// with seed `1 + r` (rank 0's is broadcast). Returns each rank's weights and loss after
-    /// every step.
-    fn train_ranks(world: usize, aggregation: LossAggregation) -> Vec<Vec<(Vec<f32>, f64, f64)>> {
+    /// Runs `body(rank, ring)` for `world` ranks on threads over a loopback ring and
+    /// returns what each rank returned, by rank.
+    fn on_ranks<T: Send>(world: usize, body: impl Fn(usize, RingCollective) -> T + Sync) -> Vec<T> {
         let listeners: Vec<TcpListener> = (0..world)
             .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
             .collect();
@@ -224,38 +223,43 @@ mod tests {
                 .into_iter()
                 .enumerate()
                 .map(|(rank, listener)| {
-                    let addresses = &addresses;
+                    let (addresses, body) = (&addresses, &body);
                     scope.spawn(move || {
-                        let ring = RingCollective::connect(
+                        let timeout = Duration::from_secs(20);
+                        body(
                             rank,
-                            listener,
-                            addresses,
-                            Duration::from_secs(20),
+                            RingCollective::connect(rank, listener, addresses, timeout).unwrap(),
                         )
-                        .unwrap();
-                        let mut trainer =
-                            Trainer::new(tiny_model(1 + rank as u64), None, config(aggregation))
-                                .unwrap();
-                        trainer.attach(GradSync::new(Box::new(ring), 600)).unwrap();
-                        let mut history = Vec::new();
-                        for global in batches() {
-                            let weights = token_weights(&global, aggregation);
-                            let (shard, w): (Vec<_>, Vec<_>) = global
-                                .into_iter()
-                                .zip(weights)
-                                .enumerate()
-                                .filter(|(i, _)| i % world == rank)
-                                .map(|(_, pair)| pair)
-                                .unzip();
-                            let stats = trainer.step_shard(&shard, &w).unwrap();
-                            assert_eq!(trainer.check_ranks().unwrap(), 0.0);
-                            history.push((flat_weights(&trainer), stats.loss, stats.grad_norm));
-                        }
-                        history
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Runs `world` ranks on threads over a loopback ring; rank r starts from a model drawn
+    /// with seed `1 + r` (rank 0's is broadcast). Returns each rank's weights and loss after
+    /// every step.
+    fn train_ranks(world: usize, aggregation: LossAggregation) -> Vec<Vec<(Vec<f32>, f64, f64)>> {
+        on_ranks(world, |rank, ring| {
+            let mut trainer =
+                Trainer::new(tiny_model(1 + rank as u64), None, config(aggregation)).unwrap();
+            trainer.attach(GradSync::new(Box::new(ring), 600)).unwrap();
+            let mut history = Vec::new();
+            for global in batches() {
+                let weights = token_weights(&global, aggregation);
+                let (shard, w): (Vec<_>, Vec<_>) = global
+                    .into_iter()
+                    .zip(weights)
+                    .enumerate()
+                    .filter(|(i, _)| i % world == rank)
+                    .map(|(_, pair)| pair)
+                    .unzip();
+                let stats = trainer.step_shard(&shard, &w).unwrap();
+                assert_eq!(trainer.check_ranks().unwrap(), 0.0);
+                history.push((flat_weights(&trainer), stats.loss, stats.grad_norm));
+            }
+            history
         })
     }
 
@@ -303,43 +307,18 @@ mod tests {
 
     #[test]
     fn diverged_ranks_are_caught() {
-        let listeners: Vec<TcpListener> = (0..2)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addresses: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().to_string())
-            .collect();
-        let errors: Vec<String> = std::thread::scope(|scope| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    let addresses = &addresses;
-                    scope.spawn(move || {
-                        let ring = RingCollective::connect(
-                            rank,
-                            listener,
-                            addresses,
-                            Duration::from_secs(20),
-                        )
-                        .unwrap();
-                        let mut trainer =
-                            Trainer::new(tiny_model(1), None, config(LossAggregation::TokenMean))
-                                .unwrap();
-                        trainer
-                            .attach(GradSync::new(Box::new(ring), DEFAULT_BUCKET_BYTES))
-                            .unwrap();
-                        if rank == 1 {
-                            let _guard = tch::no_grad_guard();
-                            let mut p = trainer.optimizer().params()[0].shallow_clone();
-                            let _ = p.f_add_scalar_(1e-2).unwrap();
-                        }
-                        trainer.check_ranks().unwrap_err().to_string()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let errors = on_ranks(2, |rank, ring| {
+            let mut trainer =
+                Trainer::new(tiny_model(1), None, config(LossAggregation::TokenMean)).unwrap();
+            trainer
+                .attach(GradSync::new(Box::new(ring), DEFAULT_BUCKET_BYTES))
+                .unwrap();
+            if rank == 1 {
+                let _guard = tch::no_grad_guard();
+                let mut p = trainer.optimizer().params()[0].shallow_clone();
+                let _ = p.f_add_scalar_(1e-2).unwrap();
+            }
+            trainer.check_ranks().unwrap_err().to_string()
         });
         for err in errors {
             assert!(err.contains("learner ranks diverged at step 0"), "{err}");

@@ -49,6 +49,29 @@ impl TestJob {
         self.dir.path().join("out")
     }
 
+    /// The job's step records from its metrics file, in order (none before the first step).
+    pub fn steps(&self) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        quill_common::telemetry::read_records(&self.out().join("metrics.jsonl"))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.get("kind").and_then(serde_json::Value::as_str) == Some("step"))
+            .collect()
+    }
+
+    /// Waits up to 10 s until no process mentions the job's directory any more.
+    pub fn no_process_left(&self) {
+        let needle = self.dir.path().display().to_string();
+        let started = Instant::now();
+        while !processes_mentioning(&needle).is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "left behind: {:?}",
+                processes_mentioning(&needle)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Starts `quill learner` for this job.
     pub fn start_learner(&self, extra: &[&str]) -> Proc {
         let mut command = Command::new(quill_bin());

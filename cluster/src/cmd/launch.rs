@@ -124,7 +124,9 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
         .output_dir
         .to_str()
         .context("output directory is not UTF-8")?;
-    let mut learner_args = vec![
+    let world = args.learner_ranks.to_string();
+    // Every rank's command line; rank 0 adds --resume, ranks > 0 their rank and rank 0.
+    let rank_args = [
         "learner",
         "--config",
         config,
@@ -132,12 +134,13 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
         token,
         "--output-dir",
         output_dir,
+        "--world-size",
+        &world,
     ];
+    let mut learner_args = rank_args.to_vec();
     if args.resume {
         learner_args.push("--resume");
     }
-    let world = args.learner_ranks.to_string();
-    learner_args.extend(["--world-size", &world]);
     let mut processes = vec![Process::spawn(
         "learner",
         quill(&learner_args, args.threads)?,
@@ -152,21 +155,8 @@ fn local(args: LocalArgs) -> anyhow::Result<()> {
     println!("[launcher] learner at {address}; starting {rewards} reward worker(s) and {actors} actor(s)");
     for rank in 1..args.learner_ranks {
         let rank = rank.to_string();
-        let argv = [
-            "learner",
-            "--config",
-            config,
-            "--token-file",
-            token,
-            "--output-dir",
-            output_dir,
-            "--world-size",
-            &world,
-            "--rank",
-            &rank,
-            "--learner",
-            &address,
-        ];
+        let mut argv = rank_args.to_vec();
+        argv.extend(["--rank", &rank, "--learner", &address]);
         processes.push(Process::spawn(
             &format!("learner-{rank}"),
             quill(&argv, args.threads)?,
