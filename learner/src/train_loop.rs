@@ -270,18 +270,18 @@ fn train(
         let own_tokens: usize;
         let stats = if world > 1 {
             validate_batch(&samples, trainer.model().config())?;
-            let mut shards = group::split(samples, job.grpo.loss_aggregation, world);
-            let wire = shards
-                .iter_mut()
-                .map(|(s, w)| {
-                    std::mem::take(s)
+            let mut shards = group::split(samples, job.grpo.loss_aggregation, world).into_iter();
+            let (own, own_weights) = shards.next().expect("one shard per rank");
+            // Rank 0 trains its own shard in place; its slot in the table stays empty.
+            let wire = std::iter::once(Vec::new())
+                .chain(shards.map(|(samples, weights)| {
+                    samples
                         .into_iter()
-                        .zip(w.iter().copied())
+                        .zip(weights)
                         .map(|(s, w)| group::to_wire(s, w))
                         .collect()
-                })
-                .collect::<Vec<Vec<_>>>();
-            let (own, own_weights) = group::from_wire(wire[0].clone());
+                }))
+                .collect();
             hub.ranks.publish(trainer.progress().step + 1, wire);
             own_tokens = own.iter().map(|s| s.response.len()).sum();
             trainer.step_shard(&own, &own_weights)?

@@ -175,13 +175,6 @@ impl Trainer {
         Ok(())
     }
 
-    /// This trainer's rank and the group size (0 of 1 when alone).
-    pub fn rank(&self) -> (usize, usize) {
-        self.sync
-            .as_ref()
-            .map_or((0, 1), |s| (s.rank(), s.world_size()))
-    }
-
     /// Checks that every rank holds the same weights (all ranks call it together); returns
     /// the relative spread of their checksums (0 when alone).
     pub fn check_ranks(&mut self) -> Result<f64> {
