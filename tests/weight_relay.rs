@@ -81,6 +81,15 @@ async fn wait_for(channel: &Channel, limit: Duration, done: impl Fn(&Value) -> b
     }
 }
 
+/// The version a relay's NOT_FOUND answer says it holds ("holding 7, receiving none").
+fn held_version(message: &str) -> Option<u64> {
+    let rest = message.split("holding ").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Every actor in `names` runs version `v` or newer, synced from some source.
 fn all_at(doc: &Value, names: &[&str], v: u64) -> bool {
     let list = actors(doc);
@@ -206,13 +215,22 @@ async fn the_learner_sends_one_copy_and_a_dead_relay_is_routed_around() {
         "{}",
         err.message()
     );
-    // The held version moves on with training: ask again while it is NOT_FOUND.
+    // The held version moves on with training: ask the relay what it holds (its answer to
+    // version 0 says), then ask for that version past its end, until one lands in between.
     let mut err = None;
-    for _ in 0..20 {
-        let now = status(&channel).await;
-        let held = by_name(&actors(&now), "actor-a").unwrap()["version"]
-            .as_u64()
-            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while err.is_none() && Instant::now() < deadline {
+        let which = relay
+            .get_weights(WeightsRequest {
+                version: 0,
+                offset: 0,
+            })
+            .await
+            .unwrap_err();
+        let Some(held) = held_version(which.message()) else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let past = relay
             .get_weights(WeightsRequest {
                 version: held,
@@ -225,7 +243,6 @@ async fn the_learner_sends_one_copy_and_a_dead_relay_is_routed_around() {
         };
         if e.code() != Code::NotFound {
             err = Some(e);
-            break;
         }
     }
     let err = err.expect("the relay always answered NOT_FOUND");
