@@ -5,7 +5,7 @@ mod support;
 
 use serde_json::{Map, Value};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::job::{processes_mentioning, quill_bin, set, Proc, TestJob};
 
 fn launch(job: &TestJob, extra: &[&str]) -> Proc {
@@ -153,20 +153,7 @@ fn resume_continues_version_data_cursor_and_optimizer() {
 fn interrupting_the_launcher_stops_every_process() {
     let job = TestJob::new(|t| set(t, "grpo", "steps", 1000));
     let mut launcher = launch(&job, &[]);
-    let started = Instant::now();
-    while job.steps().is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no step: {}",
-            launcher.log()
-        );
-        assert!(
-            launcher.child.try_wait().unwrap().is_none(),
-            "{}",
-            launcher.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    job.wait_for_steps(1, Duration::from_secs(300), &mut [&mut launcher]);
     let needle = job.dir.path().display().to_string();
     assert!(
         processes_mentioning(&needle).len() >= 3,

@@ -6,8 +6,8 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
-use support::job::{set, TestJob};
+use std::time::Duration;
+use support::job::{set, wait_until, TestJob};
 
 const PROMPTS: u64 = 48;
 
@@ -59,19 +59,7 @@ fn an_actor_joins_mid_run_and_a_killed_one_loses_no_prompt() {
             "first",
         ],
     );
-    let started = Instant::now();
-    while job.steps().is_empty() {
-        assert!(
-            learner.child.try_wait().unwrap().is_none(),
-            "{}",
-            learner.log()
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no first step"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    job.wait_for_steps(1, Duration::from_secs(300), &mut [&mut learner]);
     let first_id = groups_by_actor(&job).into_keys().next().unwrap();
     // A second actor joins the running job and contributes.
     let _second = job.start(
@@ -86,18 +74,12 @@ fn an_actor_joins_mid_run_and_a_killed_one_loses_no_prompt() {
             "second",
         ],
     );
-    while groups_by_actor(&job).len() < 2 {
-        assert!(
-            learner.child.try_wait().unwrap().is_none(),
-            "{}",
-            learner.log()
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "the second actor never contributed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        "groups from the second actor",
+        Duration::from_secs(600),
+        &mut [&mut learner],
+        || (groups_by_actor(&job).len() >= 2).then_some(()),
+    );
     assert!(
         job.dir.path().join("actor-b.log").exists()
             && std::fs::read_to_string(job.dir.path().join("actor-b.log"))

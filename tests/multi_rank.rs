@@ -7,7 +7,7 @@ mod support;
 
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use support::job::{set, Proc, TestJob};
+use support::job::{set, wait_until, Proc, TestJob};
 
 fn last_step(job: &TestJob) -> u64 {
     job.steps()
@@ -79,21 +79,13 @@ fn start_job(job: &TestJob, world: usize, resume: bool, tag: &str) -> (Vec<Proc>
 }
 
 fn wait_for_step(job: &TestJob, step: u64, procs: &mut [Proc]) {
-    let started = Instant::now();
-    while last_step(job) < step {
-        for p in procs.iter_mut() {
-            assert!(
-                p.child.try_wait().unwrap().is_none(),
-                "exited early:\n{}",
-                p.log()
-            );
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "no step {step}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut procs: Vec<&mut Proc> = procs.iter_mut().collect();
+    wait_until(
+        &format!("step {step}"),
+        Duration::from_secs(600),
+        &mut procs,
+        || (last_step(job) >= step).then_some(()),
+    );
 }
 
 #[test]

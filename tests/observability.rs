@@ -9,27 +9,22 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::job::{quill_bin, set, Proc, TestJob};
+use support::job::{quill_bin, set, wait_until, wait_until_every, Proc, TestJob};
 use support::{stderr, stdout};
 
 /// The address a process logged for its Prometheus endpoint.
 fn metrics_addr(proc: &mut Proc) -> String {
-    let started = Instant::now();
-    loop {
-        let log = proc.log();
-        if let Some(rest) = log.split("Prometheus metrics at http://").nth(1) {
-            return rest.split('/').next().unwrap().to_owned();
-        }
-        assert!(
-            proc.child.try_wait().unwrap().is_none(),
-            "exited before serving metrics:\n{log}"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no metrics address logged:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let log = proc.log.clone();
+    wait_until(
+        "metrics address in the log",
+        Duration::from_secs(120),
+        &mut [proc],
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let rest = text.split("Prometheus metrics at http://").nth(1)?;
+            Some(rest.split('/').next().unwrap().to_owned())
+        },
+    )
 }
 
 /// Status line and body of `GET path` on `addr`.
@@ -144,8 +139,8 @@ fn members_of<'a>(doc: &'a Value, role: &str) -> Vec<&'a Value> {
 /// Polls `quill status --json` until the actor generates, the reward worker has scored
 /// and rank 0 has reported a step.
 fn wait_for_a_busy_cluster(learner: &str, job: &TestJob, procs: &mut [&mut Proc]) -> Value {
-    let started = Instant::now();
-    loop {
+    let (period, limit) = (Duration::from_millis(500), Duration::from_secs(600));
+    wait_until_every(period, "a busy cluster", limit, procs, || {
         let out = status(learner, &job.token, &["--json"]);
         assert!(out.status.success(), "{}", stderr(&out));
         let doc: Value = serde_json::from_str(&stdout(&out)).expect("--json prints JSON");
@@ -156,22 +151,8 @@ fn wait_for_a_busy_cluster(learner: &str, job: &TestJob, procs: &mut [&mut Proc]
             .iter()
             .any(|m| m["metrics"]["scored_per_s"].as_f64().unwrap_or(0.0) > 0.0);
         let ranked = doc["ranks"].as_array().is_some_and(|r| !r.is_empty());
-        if actor_busy && reward_busy && ranked {
-            return doc;
-        }
-        for proc in procs.iter_mut() {
-            assert!(
-                proc.child.try_wait().unwrap().is_none(),
-                "a process exited:\n{}",
-                proc.log()
-            );
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "the cluster never got busy: {doc:#}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        (actor_busy && reward_busy && ranked).then_some(doc)
+    })
 }
 
 #[test]

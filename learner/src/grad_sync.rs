@@ -158,27 +158,11 @@ impl GradSync {
 mod tests {
     use super::*;
     use crate::grpo::{token_weights, LossAggregation};
-    use crate::testing::{batch, sample, tiny_model};
-    use crate::{AdamWConfig, GrpoConfig, Trainer, TrainerConfig};
+    use crate::testing::{batch, sample, tiny_model, trainer_config};
+    use crate::Trainer;
     use quill_common::collective::RingCollective;
     use std::net::TcpListener;
     use std::time::Duration;
-
-    fn config(aggregation: LossAggregation) -> TrainerConfig {
-        TrainerConfig {
-            grpo: GrpoConfig {
-                aggregation,
-                ..GrpoConfig::default()
-            },
-            optimizer: AdamWConfig {
-                lr: 1e-2,
-                max_grad_norm: Some(0.5),
-                ..AdamWConfig::default()
-            },
-            micro_batch_tokens: 16,
-            max_consecutive_bad_steps: 1,
-        }
-    }
 
     /// Three global batches, the last smaller than three ranks' worth.
     fn batches() -> Vec<Vec<crate::TrainSample>> {
@@ -242,8 +226,12 @@ mod tests {
     /// every step.
     fn train_ranks(world: usize, aggregation: LossAggregation) -> Vec<Vec<(Vec<f32>, f64, f64)>> {
         on_ranks(world, |rank, ring| {
-            let mut trainer =
-                Trainer::new(tiny_model(1 + rank as u64), None, config(aggregation)).unwrap();
+            let mut trainer = Trainer::new(
+                tiny_model(1 + rank as u64),
+                None,
+                trainer_config(16, aggregation, 0.5),
+            )
+            .unwrap();
             trainer.attach(GradSync::new(Box::new(ring), 600)).unwrap();
             let mut history = Vec::new();
             for global in batches() {
@@ -266,7 +254,8 @@ mod tests {
     #[test]
     fn ranks_take_the_same_steps_as_one_rank_on_the_global_batch() {
         for aggregation in [LossAggregation::TokenMean, LossAggregation::SequenceMean] {
-            let mut single = Trainer::new(tiny_model(1), None, config(aggregation)).unwrap();
+            let mut single =
+                Trainer::new(tiny_model(1), None, trainer_config(16, aggregation, 0.5)).unwrap();
             let reference: Vec<(Vec<f32>, f64, f64)> = batches()
                 .iter()
                 .map(|b| {
@@ -298,7 +287,10 @@ mod tests {
                 }
                 let moved = max_diff(
                     &ranks[0][2].0,
-                    &flat_weights(&Trainer::new(tiny_model(1), None, config(aggregation)).unwrap()),
+                    &flat_weights(
+                        &Trainer::new(tiny_model(1), None, trainer_config(16, aggregation, 0.5))
+                            .unwrap(),
+                    ),
                 );
                 assert!(moved > 1e-3, "training moved the weights by {moved}");
             }
@@ -308,8 +300,12 @@ mod tests {
     #[test]
     fn diverged_ranks_are_caught() {
         let errors = on_ranks(2, |rank, ring| {
-            let mut trainer =
-                Trainer::new(tiny_model(1), None, config(LossAggregation::TokenMean)).unwrap();
+            let mut trainer = Trainer::new(
+                tiny_model(1),
+                None,
+                trainer_config(16, LossAggregation::TokenMean, 0.5),
+            )
+            .unwrap();
             trainer
                 .attach(GradSync::new(Box::new(ring), DEFAULT_BUCKET_BYTES))
                 .unwrap();

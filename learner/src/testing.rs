@@ -1,6 +1,8 @@
 //! A tiny random model and batches for the unit tests.
 
+use crate::grpo::{GrpoConfig, LossAggregation};
 use crate::sample::TrainSample;
+use crate::{AdamWConfig, TrainerConfig};
 use quill_common::{default_model, ModelConfig, Qwen2};
 use serde_json::json;
 use tch::{Device, Kind};
@@ -54,4 +56,25 @@ pub fn batch() -> Vec<TrainSample> {
         sample(3, 2, 9, -3.7, 0.7),
         sample(4, 7, 4, -3.9, -1.2),
     ]
+}
+
+/// A trainer configuration for the tiny model: lr 1e-2, gradients clipped at `max_grad_norm`.
+pub fn trainer_config(
+    micro_batch_tokens: usize,
+    aggregation: LossAggregation,
+    max_grad_norm: f64,
+) -> TrainerConfig {
+    TrainerConfig {
+        grpo: GrpoConfig {
+            aggregation,
+            ..GrpoConfig::default()
+        },
+        optimizer: AdamWConfig {
+            lr: 1e-2,
+            max_grad_norm: Some(max_grad_norm),
+            ..AdamWConfig::default()
+        },
+        micro_batch_tokens,
+        max_consecutive_bad_steps: 1,
+    }
 }

@@ -344,23 +344,7 @@ impl Trainer {
 mod tests {
     use super::*;
     use crate::grpo::{response_logprobs, LossAggregation};
-    use crate::testing::{batch, sample, tiny_model};
-
-    fn config(micro_batch_tokens: usize, aggregation: LossAggregation) -> TrainerConfig {
-        TrainerConfig {
-            grpo: GrpoConfig {
-                aggregation,
-                ..GrpoConfig::default()
-            },
-            optimizer: AdamWConfig {
-                lr: 1e-2,
-                max_grad_norm: Some(0.05),
-                ..AdamWConfig::default()
-            },
-            micro_batch_tokens,
-            max_consecutive_bad_steps: 1,
-        }
-    }
+    use crate::testing::{batch, sample, tiny_model, trainer_config};
 
     /// A snapshot (copies: `hf_tensors` may alias the live parameters).
     fn weights(trainer: &Trainer) -> Vec<(String, Tensor)> {
@@ -378,8 +362,10 @@ mod tests {
     #[test]
     fn micro_batching_does_not_change_the_update() {
         for aggregation in [LossAggregation::TokenMean, LossAggregation::SequenceMean] {
-            let mut whole = Trainer::new(tiny_model(1), None, config(1000, aggregation)).unwrap();
-            let mut split = Trainer::new(tiny_model(1), None, config(12, aggregation)).unwrap();
+            let mut whole =
+                Trainer::new(tiny_model(1), None, trainer_config(1000, aggregation, 0.05)).unwrap();
+            let mut split =
+                Trainer::new(tiny_model(1), None, trainer_config(12, aggregation, 0.05)).unwrap();
             let before = weights(&whole);
             let a = whole.step(&batch()).unwrap();
             let b = split.step(&batch()).unwrap();
@@ -398,7 +384,7 @@ mod tests {
         let mut trainer = Trainer::new(
             tiny_model(2),
             None,
-            config(1000, LossAggregation::TokenMean),
+            trainer_config(1000, LossAggregation::TokenMean, 0.05),
         )
         .unwrap();
         let mut batch = vec![sample(5, 4, 5, 0.0, 1.0), sample(6, 4, 5, 0.0, -1.0)];
@@ -430,7 +416,7 @@ mod tests {
         let mut trainer = Trainer::new(
             tiny_model(3),
             None,
-            config(1000, LossAggregation::TokenMean),
+            trainer_config(1000, LossAggregation::TokenMean, 0.05),
         )
         .unwrap();
         let before = weights(&trainer);
@@ -465,7 +451,7 @@ mod tests {
         let mut trainer = Trainer::new(
             tiny_model(4),
             None,
-            config(1000, LossAggregation::TokenMean),
+            trainer_config(1000, LossAggregation::TokenMean, 0.05),
         )
         .unwrap();
         let mut nan_advantage = batch();
@@ -507,7 +493,7 @@ mod tests {
 
     #[test]
     fn kl_needs_a_reference() {
-        let mut c = config(1000, LossAggregation::TokenMean);
+        let mut c = trainer_config(1000, LossAggregation::TokenMean, 0.05);
         c.grpo.kl_coef = 0.1;
         let err = Trainer::new(tiny_model(5), None, c.clone()).err().unwrap();
         assert!(err.to_string().contains("kl_coef"), "{err}");

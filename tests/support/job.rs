@@ -61,15 +61,9 @@ impl TestJob {
     /// Waits up to 10 s until no process mentions the job's directory any more.
     pub fn no_process_left(&self) {
         let needle = self.dir.path().display().to_string();
-        let started = Instant::now();
-        while !processes_mentioning(&needle).is_empty() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "left behind: {:?}",
-                processes_mentioning(&needle)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until("no process left", Duration::from_secs(10), &mut [], || {
+            processes_mentioning(&needle).is_empty().then_some(())
+        });
     }
 
     /// Starts `quill learner` for this job.
@@ -95,24 +89,63 @@ impl TestJob {
     /// Waits for the learner's bound address.
     pub fn learner_addr(&self, learner: &mut Proc) -> String {
         let file = self.out().join("learner.addr");
-        let started = Instant::now();
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&file) {
-                if !text.trim().is_empty() {
-                    return text.trim().to_owned();
-                }
-            }
-            assert!(
-                learner.child.try_wait().unwrap().is_none(),
-                "the learner exited: {}",
-                learner.log()
-            );
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "the learner did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        wait_until(
+            "the learner's address",
+            Duration::from_secs(120),
+            &mut [learner],
+            || {
+                let text = std::fs::read_to_string(&file).ok()?;
+                let addr = text.trim();
+                (!addr.is_empty()).then(|| addr.to_owned())
+            },
+        )
+    }
+
+    /// Waits until the job has written `n` step records; every process in `procs` must
+    /// stay alive meanwhile.
+    pub fn wait_for_steps(&self, n: usize, limit: Duration, procs: &mut [&mut Proc]) {
+        wait_until(&format!("step {n}"), limit, procs, || {
+            (self.steps().len() >= n).then_some(())
+        });
+    }
+}
+
+/// Polls `check` every 100 ms until it gives a value. The test fails naming `what` when
+/// `limit` passes, or when one of `procs` exits first (with that process's log).
+pub fn wait_until<T>(
+    what: &str,
+    limit: Duration,
+    procs: &mut [&mut Proc],
+    check: impl FnMut() -> Option<T>,
+) -> T {
+    wait_until_every(Duration::from_millis(100), what, limit, procs, check)
+}
+
+/// [`wait_until`], polling every `period` (for checks that cost a process start).
+pub fn wait_until_every<T>(
+    period: Duration,
+    what: &str,
+    limit: Duration,
+    procs: &mut [&mut Proc],
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
         }
+        for proc in procs.iter_mut() {
+            assert!(
+                proc.child.try_wait().unwrap().is_none(),
+                "a process exited while waiting for {what}:\n{}",
+                proc.log()
+            );
+        }
+        if started.elapsed() >= limit {
+            let logs: String = procs.iter().map(|p| p.log()).collect();
+            panic!("no {what} after {limit:?}:\n{logs}");
+        }
+        std::thread::sleep(period);
     }
 }
 
@@ -130,7 +163,8 @@ pub fn set(table: &mut toml::Table, section: &str, key: &str, value: impl Into<t
 pub struct Proc {
     /// The process.
     pub child: Child,
-    log: PathBuf,
+    /// Where its output goes.
+    pub log: PathBuf,
 }
 
 impl Proc {
