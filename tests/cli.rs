@@ -253,3 +253,67 @@ fn bench_generate_runs_both_systems_and_prints_the_ratio() {
         assert!(ratio > 0.0, "{line}");
     }
 }
+
+#[test]
+fn bench_weights_delivers_through_a_star_and_a_tree_and_refuses_bad_flags() {
+    for fanout in ["0", "2"] {
+        let out = quill(&[
+            "bench",
+            "weights",
+            "--size-mb",
+            "8",
+            "--chunk-mb",
+            "1",
+            "--actors",
+            "1,3",
+            "--fanout",
+            fanout,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert!(text.starts_with("raw loopback TCP: "), "{text}");
+        assert!(text.contains(&format!("fan-out {fanout}")), "{text}");
+        for actors in ["1", "3"] {
+            let row: Vec<f64> = text
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(actors))
+                .unwrap_or_else(|| panic!("no row for {actors} actors: {text}"))
+                .split_whitespace()
+                .map(|f| f.trim_end_matches(['%', 'x']).parse().unwrap())
+                .collect();
+            assert!(row[1] > 0.0 && row[2] > 0.0, "{text}");
+            // A star sends every actor its own copy from the root; a tree of fan-out 2
+            // sends at most two, whatever the number of actors.
+            let from_root = row[5];
+            let want: f64 = if fanout == "0" {
+                actors.parse().unwrap()
+            } else {
+                1.0f64.max(actors.parse::<f64>().unwrap().min(2.0))
+            };
+            assert!(
+                (from_root - want).abs() < 0.05,
+                "{actors} actors, fan-out {fanout}: {text}"
+            );
+        }
+    }
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--size-mb", "0"],
+            "--size-mb and --chunk-mb must be at least 1",
+        ),
+        (
+            &["--chunk-mb", "0"],
+            "--size-mb and --chunk-mb must be at least 1",
+        ),
+        (&["--actors", "1,0"], "--actors must list positive counts"),
+    ];
+    for (flags, message) in cases {
+        let out = quill(&[&["bench", "weights"], flags].concat());
+        assert!(!out.status.success(), "{flags:?} was accepted");
+        assert!(
+            stderr(&out).contains(message),
+            "{flags:?}: {}",
+            stderr(&out)
+        );
+    }
+}

@@ -15,6 +15,9 @@ pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 const STREAM_WINDOW: u32 = 16 << 20;
 /// HTTP/2 per-connection window.
 const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest HTTP/2 frame a peer may send: 1 MiB instead of 16 KiB, so a 4 MiB weight chunk
+/// crosses in 4 frames rather than 256.
+const MAX_FRAME: u32 = 1 << 20;
 
 /// A learner client that sends the job token.
 pub type LearnerConn = LearnerClient<InterceptedService<Channel, AttachToken>>;
@@ -31,7 +34,8 @@ pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, String> {
         .connect_timeout(timeout)
         .timeout(timeout)
         .initial_stream_window_size(Some(STREAM_WINDOW))
-        .initial_connection_window_size(Some(CONNECTION_WINDOW)))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .max_frame_size(Some(MAX_FRAME)))
 }
 
 /// A server builder with the same windows.
@@ -39,6 +43,7 @@ pub fn server() -> Server {
     Server::builder()
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .max_frame_size(Some(MAX_FRAME))
 }
 
 /// A learner client over `channel` with the job token and the message limits.
