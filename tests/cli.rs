@@ -272,6 +272,7 @@ fn bench_weights_delivers_through_a_star_and_a_tree_and_refuses_bad_flags() {
         assert!(out.status.success(), "{}", stderr(&out));
         let text = stdout(&out);
         assert!(text.starts_with("raw loopback TCP: "), "{text}");
+        assert!(text.contains("into a fresh 8 MiB buffer"), "{text}");
         assert!(text.contains(&format!("fan-out {fanout}")), "{text}");
         for actors in ["1", "3"] {
             let row: Vec<f64> = text
@@ -284,7 +285,7 @@ fn bench_weights_delivers_through_a_star_and_a_tree_and_refuses_bad_flags() {
             assert!(row[1] > 0.0 && row[2] > 0.0, "{text}");
             // A star sends every actor its own copy from the root; a tree of fan-out 2
             // sends at most two, whatever the number of actors.
-            let from_root = row[5];
+            let from_root = row[6];
             let want: f64 = if fanout == "0" {
                 actors.parse().unwrap()
             } else {

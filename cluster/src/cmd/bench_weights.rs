@@ -65,11 +65,15 @@ pub fn run(args: WeightsArgs) -> anyhow::Result<()> {
         bail!("--actors must list positive counts, e.g. 1,2,4,8");
     }
     let size = args.size_mb << 20;
-    let raw = raw_tcp_bandwidth(size)?;
+    let raw = raw_tcp_bandwidth(size, false)?;
+    let held = raw_tcp_bandwidth(size, true)?;
     println!(
-        "raw loopback TCP: {:.2} GB/s ({} MiB in one stream)",
+        "raw loopback TCP: {:.2} GB/s ({} MiB in one stream); into a fresh {} MiB buffer \
+         (what holding the copy costs): {:.2} GB/s",
         raw / 1e9,
-        args.size_mb
+        args.size_mb,
+        args.size_mb,
+        held / 1e9
     );
     let blob = Arc::new(synthetic_blob(size));
     let token = format!("bench-{}", std::process::id());
@@ -81,8 +85,8 @@ pub fn run(args: WeightsArgs) -> anyhow::Result<()> {
         args.size_mb, args.chunk_mb, args.fanout
     );
     println!(
-        "{:>6} {:>9} {:>8} {:>10} {:>8} {:>10}",
-        "actors", "seconds", "GB/s", "of raw", "vs 1", "from root"
+        "{:>6} {:>9} {:>8} {:>10} {:>8} {:>8} {:>10}",
+        "actors", "seconds", "GB/s", "of raw", "of held", "vs 1", "from root"
     );
     let mut first = None;
     for &n in &args.actors {
@@ -93,25 +97,30 @@ pub fn run(args: WeightsArgs) -> anyhow::Result<()> {
         let rate = size as f64 / seconds;
         let base = *first.get_or_insert(seconds);
         println!(
-            "{n:>6} {seconds:>9.3} {:>8.2} {:>9.0}% {:>7.2}x {copies:>9.2}x",
+            "{n:>6} {seconds:>9.3} {:>8.2} {:>9.0}% {:>7.0}% {:>7.2}x {copies:>9.2}x",
             rate / 1e9,
             100.0 * rate / raw,
+            100.0 * rate / held,
             seconds / base
         );
     }
     Ok(())
 }
 
-/// Bytes per second of one plain TCP stream over loopback moving `size` bytes.
-fn raw_tcp_bandwidth(size: usize) -> anyhow::Result<f64> {
+/// Bytes per second of one plain TCP stream over loopback moving `size` bytes: read into
+/// one reused 4 MiB buffer, or (`hold`) into a fresh buffer of `size` bytes, as a receiver
+/// that keeps the model must (its pages are faulted in as the bytes arrive).
+fn raw_tcp_bandwidth(size: usize, hold: bool) -> anyhow::Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let receiver = std::thread::spawn(move || -> std::io::Result<usize> {
         let (mut stream, _) = listener.accept()?;
-        let mut buf = vec![0u8; 4 << 20];
+        let mut buf = vec![0u8; if hold { size } else { 4 << 20 }];
         let mut got = 0;
         loop {
-            match stream.read(&mut buf)? {
+            let at = if hold { got.min(size) } else { 0 };
+            let end = buf.len().min(at + (4 << 20));
+            match stream.read(&mut buf[at..end])? {
                 0 => return Ok(got),
                 n => got += n,
             }
