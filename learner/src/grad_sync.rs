@@ -235,6 +235,7 @@ mod tests {
             trainer.attach(GradSync::new(Box::new(ring), 600)).unwrap();
             let mut history = Vec::new();
             for global in batches() {
+                let global_tokens: usize = global.iter().map(|s| s.response.len()).sum();
                 let weights = token_weights(&global, aggregation);
                 let (shard, w): (Vec<_>, Vec<_>) = global
                     .into_iter()
@@ -243,7 +244,10 @@ mod tests {
                     .filter(|(i, _)| i % world == rank)
                     .map(|(_, pair)| pair)
                     .unzip();
+                let shard_tokens: usize = shard.iter().map(|s| s.response.len()).sum();
                 let stats = trainer.step_shard(&shard, &w).unwrap();
+                assert_eq!(stats.shard_tokens, shard_tokens, "rank {rank}");
+                assert_eq!(stats.tokens, global_tokens, "rank {rank}");
                 assert_eq!(trainer.check_ranks().unwrap(), 0.0);
                 history.push((flat_weights(&trainer), stats.loss, stats.grad_norm));
             }

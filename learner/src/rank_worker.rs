@@ -121,9 +121,8 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
         if every > 0 && trainer.progress().step % every == 0 {
             trainer.check_ranks()?;
         }
-        let local_tokens: usize = shard.iter().map(|s| s.response.len()).sum();
         metrics = meter
-            .metrics(stats.seconds, local_tokens, wait_seconds, 0.0)
+            .metrics(stats.seconds, stats.shard_tokens, wait_seconds, 0.0)
             .into_iter()
             .filter_map(|(k, v)| v.as_f64().map(|v| (k, v)))
             .collect::<HashMap<_, _>>();

@@ -267,7 +267,6 @@ fn train(
             break;
         };
         let samples = std::mem::take(&mut batch.samples);
-        let own_tokens: usize;
         let stats = if world > 1 {
             validate_batch(&samples, trainer.model().config())?;
             let mut shards = group::split(samples, job.grpo.loss_aggregation, world).into_iter();
@@ -283,10 +282,8 @@ fn train(
                 }))
                 .collect();
             hub.ranks.publish(trainer.progress().step + 1, wire);
-            own_tokens = own.iter().map(|s| s.response.len()).sum();
             trainer.step_shard(&own, &own_weights)?
         } else {
-            own_tokens = samples.iter().map(|s| s.response.len()).sum();
             trainer.step(&samples)?
         };
         let every = job.parallel.check_every_steps;
@@ -309,7 +306,7 @@ fn train(
         let publish_seconds = publish_started.elapsed().as_secs_f64();
         let ranked = meter.metrics(
             stats.seconds,
-            own_tokens,
+            stats.shard_tokens,
             batch.wait_seconds,
             publish_seconds,
         );

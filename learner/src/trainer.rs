@@ -89,8 +89,10 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// The learning rate of this update (of the next one when skipped).
     pub lr: f64,
-    /// Response tokens trained on.
+    /// Response tokens trained on (by all ranks of a data-parallel group).
     pub tokens: usize,
+    /// Response tokens of this rank's shard (`tokens` when alone).
+    pub shard_tokens: usize,
     /// Samples in the batch.
     pub sequences: usize,
     /// Forward/backward passes.
@@ -219,7 +221,7 @@ impl Trainer {
     pub fn step(&mut self, batch: &[TrainSample]) -> Result<StepStats> {
         validate_batch(batch, self.model.config())?;
         let weights = grpo::token_weights(batch, self.config.grpo.aggregation);
-        self.step_shard(batch, &weights)
+        self.train(batch, &weights)
     }
 
     /// One step on this rank's `shard` of a global batch, `weights[i]` being sample `i`'s
@@ -227,7 +229,6 @@ impl Trainer {
     /// In a data-parallel group every rank calls it for the same step (a shard may be
     /// empty); the ranks' gradients are summed, so all of them take the same update.
     pub fn step_shard(&mut self, shard: &[TrainSample], weights: &[f64]) -> Result<StepStats> {
-        let start = Instant::now();
         if weights.len() != shard.len() {
             return Err(LearnerError::config(
                 "weights",
@@ -237,7 +238,12 @@ impl Trainer {
         if self.sync.is_none() || !shard.is_empty() {
             validate_batch(shard, self.model.config())?;
         }
-        let batch = shard;
+        self.train(shard, weights)
+    }
+
+    /// The step itself on a checked `batch` with one loss weight per sample.
+    fn train(&mut self, batch: &[TrainSample], weights: &[f64]) -> Result<StepStats> {
+        let start = Instant::now();
         let groups = micro_batches(batch, self.config.micro_batch_tokens);
         self.optimizer.zero_grad();
         if self.sync.is_some() {
@@ -262,7 +268,8 @@ impl Trainer {
             }
             loss.f_backward()?;
         }
-        sums.tokens = batch.iter().map(|s| s.response.len()).sum();
+        let shard_tokens = batch.iter().map(|s| s.response.len()).sum();
+        sums.tokens = shard_tokens;
         let mut sequences = batch.len();
         if let Some(sync) = &mut self.sync {
             let device = self.model.device();
@@ -318,6 +325,7 @@ impl Trainer {
             grad_norm,
             lr,
             tokens: stats.tokens,
+            shard_tokens,
             sequences,
             micro_batches: groups.len(),
             seconds: start.elapsed().as_secs_f64(),
