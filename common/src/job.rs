@@ -453,6 +453,11 @@ impl Default for ParallelSection {
 }
 
 impl ParallelSection {
+    /// `bucket_mb` in bytes.
+    pub fn bucket_bytes(&self) -> usize {
+        (self.bucket_mb * 1024.0 * 1024.0) as usize
+    }
+
     fn check(&self) -> Check {
         positive("parallel.timeout_seconds", self.timeout_seconds)?;
         positive("parallel.bucket_mb", self.bucket_mb)

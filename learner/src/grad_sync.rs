@@ -10,9 +10,6 @@ use crate::grpo::LossSums;
 use quill_common::collective::{Collective, ReduceOp};
 use tch::{Device, Kind, Tensor};
 
-/// Default gradient bucket size (bytes of f32 gradient per all-reduce).
-pub const DEFAULT_BUCKET_BYTES: usize = 32 << 20;
-
 /// Relative spread of the ranks' weight checksums above which they count as diverged.
 const DIVERGENCE_TOLERANCE: f64 = 1e-6;
 
@@ -161,6 +158,7 @@ mod tests {
     use crate::testing::{batch, sample, tiny_model, trainer_config};
     use crate::Trainer;
     use quill_common::collective::RingCollective;
+    use quill_common::job::ParallelSection;
     use std::net::TcpListener;
     use std::time::Duration;
 
@@ -311,7 +309,10 @@ mod tests {
             )
             .unwrap();
             trainer
-                .attach(GradSync::new(Box::new(ring), DEFAULT_BUCKET_BYTES))
+                .attach(GradSync::new(
+                    Box::new(ring),
+                    ParallelSection::default().bucket_bytes(),
+                ))
                 .unwrap();
             if rank == 1 {
                 let _guard = tch::no_grad_guard();

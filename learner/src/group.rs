@@ -64,8 +64,7 @@ pub fn connect(
             )))
         }
     };
-    let bucket = (job.parallel.bucket_mb * 1024.0 * 1024.0) as usize;
-    Ok(GradSync::new(collective, bucket))
+    Ok(GradSync::new(collective, job.parallel.bucket_bytes()))
 }
 
 /// Splits a global batch into `world` shards of about equal token counts (longest samples
