@@ -111,24 +111,25 @@ impl RankTable {
     /// Waits until every rank has joined; returns rank 0's host as the others reach it
     /// and every other rank's address (by rank, rank 0's slot empty).
     pub fn wait_for_ranks(&self, timeout: Duration) -> Result<(IpAddr, Vec<String>), String> {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.state.lock().expect("poisoned");
-        while state.joined.len() + 1 < self.world {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+        self.wait(
+            timeout,
+            |state| {
+                (state.joined.len() + 1 >= self.world).then(|| {
+                    let mut addresses = vec![String::new()];
+                    addresses.extend(state.joined.values().map(|(a, _)| a.clone()));
+                    Ok((state.rank0_host.expect("set by the first join"), addresses))
+                })
+            },
+            |state| {
                 let missing: Vec<usize> = (1..self.world)
                     .filter(|r| !state.joined.contains_key(r))
                     .collect();
-                return Err(format!(
+                Err(format!(
                     "learner ranks {missing:?} did not join within {:.0} s (parallel.timeout_seconds)",
                     timeout.as_secs_f64()
-                ));
-            }
-            state = self.changed.wait_timeout(state, left).expect("poisoned").0;
-        }
-        let mut addresses = vec![String::new()];
-        addresses.extend(state.joined.values().map(|(a, _)| a.clone()));
-        Ok((state.rank0_host.expect("set by the first join"), addresses))
+                ))
+            },
+        )
     }
 
     /// Fixes the group; joined ranks get their answer.
@@ -150,28 +151,22 @@ impl RankTable {
         timeout: Duration,
         job_json: &str,
     ) -> Result<JoinRankReply, String> {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.state.lock().expect("poisoned");
-        loop {
-            if let Some(reason) = &state.failed {
-                return Err(reason.clone());
-            }
-            if let Some(setup) = &state.setup {
-                return Ok(JoinRankReply {
+        self.wait(
+            timeout,
+            |state| {
+                if let Some(reason) = &state.failed {
+                    return Some(Err(reason.clone()));
+                }
+                let setup = state.setup.as_ref()?;
+                Some(Ok(JoinRankReply {
                     ring_addresses: setup.addresses.clone(),
                     backend: setup.backend.clone(),
                     nccl_id: setup.nccl_id.clone(),
                     job_json: job_json.to_owned(),
-                });
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(
-                    "rank 0 did not form the group in time (parallel.timeout_seconds)".into(),
-                );
-            }
-            state = self.changed.wait_timeout(state, left).expect("poisoned").0;
-        }
+                }))
+            },
+            |_| Err("rank 0 did not form the group in time (parallel.timeout_seconds)".into()),
+        )
     }
 
     /// Hands out the shards of `step` (one per rank; rank 0's slot is not served).
@@ -194,25 +189,42 @@ impl RankTable {
                 self.world
             ));
         }
-        let deadline = Instant::now() + wait;
+        self.wait(
+            wait,
+            |state| {
+                if let Some((at, shards)) = &mut state.shards {
+                    if *at == step {
+                        return Some(Ok(ShardAnswer::Ready(std::mem::take(&mut shards[rank]))));
+                    }
+                    if *at > step {
+                        return Some(Err(format!(
+                            "rank {rank} asked for step {step}, rank 0 is at step {at}: the ranks are out of step"
+                        )));
+                    }
+                }
+                state.finished.then_some(Ok(ShardAnswer::Finished))
+            },
+            |_| Ok(ShardAnswer::NotYet),
+        )
+    }
+
+    /// Waits (blocking) until `decide` gives an answer from the table's state, each time it
+    /// changes, or `timeout` passes; then the answer is `expired`'s.
+    fn wait<R>(
+        &self,
+        timeout: Duration,
+        mut decide: impl FnMut(&mut State) -> Option<R>,
+        expired: impl FnOnce(&State) -> R,
+    ) -> R {
+        let deadline = Instant::now() + timeout;
         let mut state = self.state.lock().expect("poisoned");
         loop {
-            if let Some((at, shards)) = &mut state.shards {
-                if *at == step {
-                    return Ok(ShardAnswer::Ready(std::mem::take(&mut shards[rank])));
-                }
-                if *at > step {
-                    return Err(format!(
-                        "rank {rank} asked for step {step}, rank 0 is at step {at}: the ranks are out of step"
-                    ));
-                }
-            }
-            if state.finished {
-                return Ok(ShardAnswer::Finished);
+            if let Some(answer) = decide(&mut state) {
+                return answer;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(ShardAnswer::NotYet);
+                return expired(&state);
             }
             state = self.changed.wait_timeout(state, left).expect("poisoned").0;
         }
