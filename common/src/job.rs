@@ -453,6 +453,11 @@ impl Default for ParallelSection {
 }
 
 impl ParallelSection {
+    /// `timeout_seconds` as a duration.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.timeout_seconds)
+    }
+
     /// `bucket_mb` in bytes.
     pub fn bucket_bytes(&self) -> usize {
         (self.bucket_mb * 1024.0 * 1024.0) as usize

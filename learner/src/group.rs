@@ -8,7 +8,6 @@ use quill_common::collective::{NcclCollective, RingCollective};
 use quill_common::job::{CollectiveKind, JobConfig};
 use quill_common::proto::TrainSample as WireSample;
 use std::net::TcpListener;
-use std::time::Duration;
 use tch::Device;
 
 /// The backend a job's learner ranks use: `ring` or `nccl`.
@@ -19,11 +18,6 @@ pub fn backend(job: &JobConfig, device: Device) -> &'static str {
         CollectiveKind::Auto if device.is_cuda() => "nccl",
         CollectiveKind::Auto => "ring",
     }
-}
-
-/// The job's collective timeout.
-pub fn timeout(job: &JobConfig) -> Duration {
-    Duration::from_secs_f64(job.parallel.timeout_seconds)
 }
 
 /// A listener for this rank's ring connections (any interface, a free port).
@@ -41,7 +35,7 @@ pub fn connect(
     listener: TcpListener,
     device: Device,
 ) -> Result<GradSync, RunError> {
-    let timeout = timeout(job);
+    let timeout = job.parallel.timeout();
     let collective: Box<dyn quill_common::collective::Collective> = match backend {
         "ring" => Box::new(
             RingCollective::connect(rank, listener, addresses, timeout)

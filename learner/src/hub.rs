@@ -141,12 +141,36 @@ pub struct MemberView {
     pub name: String,
     /// The address it serves on (reward workers).
     pub address: String,
+    /// The address of its weight relay (actors).
+    pub relay_address: String,
+    /// The weights version it is receiving (0: none).
+    pub receiving_version: u64,
+    /// Where its last weights came from (`learner` or a member id).
+    pub weight_source: String,
     /// The weights version it last reported.
     pub version: u64,
     /// Seconds since its last call.
     pub seconds_since_heartbeat: f64,
     /// What its last heartbeat reported.
     pub metrics: BTreeMap<String, f64>,
+}
+
+impl MemberView {
+    /// The member as an entry of the status document's `members`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "role": self.role.as_str_name(),
+            "name": self.name,
+            "address": self.address,
+            "relay_address": self.relay_address,
+            "receiving_version": self.receiving_version,
+            "weight_source": self.weight_source,
+            "version": self.version,
+            "seconds_since_heartbeat": self.seconds_since_heartbeat,
+            "metrics": self.metrics,
+        })
+    }
 }
 
 /// Cluster-wide totals: live members, summed rates and the ingest queue.
@@ -329,6 +353,9 @@ impl Hub {
                 role: m.role,
                 name: m.name.clone(),
                 address: m.address.clone(),
+                relay_address: m.relay_address.clone(),
+                receiving_version: m.receiving,
+                weight_source: m.weight_source.clone(),
                 version: m.version,
                 seconds_since_heartbeat: m.last_seen.elapsed().as_secs_f64(),
                 metrics: m.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
@@ -831,18 +858,82 @@ impl Learner for LearnerService {
         Ok(Response::new(root.serve(req.offset, stall, served)))
     }
 
+    /// Records the rank, then waits for rank 0 to form the group.
     async fn join_rank(
         &self,
         request: Request<JoinRankRequest>,
     ) -> Result<Response<JoinRankReply>, Status> {
-        self.join_rank_inner(request).await
+        let hub = Arc::clone(&self.0);
+        let (peer, local) = match (request.remote_addr(), request.local_addr()) {
+            (Some(peer), Some(local)) => (peer.ip(), local.ip()),
+            _ => {
+                return Err(Status::internal(
+                    "join rank: the connection has no addresses",
+                ))
+            }
+        };
+        let req = request.into_inner();
+        let port = u16::try_from(req.ring_port).map_err(|_| {
+            Status::invalid_argument(format!("join rank: port {} is not a port", req.ring_port))
+        })?;
+        hub.ranks
+            .join(
+                req.rank as usize,
+                req.world_size as usize,
+                port,
+                req.name,
+                peer,
+                local,
+            )
+            .map_err(Status::invalid_argument)?;
+        tracing::info!(rank = req.rank, "learner rank joined");
+        let timeout = hub.job.parallel.timeout();
+        let reply = tokio::task::spawn_blocking(move || {
+            hub.ranks.wait_for_setup(timeout, &hub.info.job_json)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::failed_precondition)?;
+        Ok(Response::new(reply))
     }
 
+    /// The rank's shard of the step once rank 0 has formed the batch ("not yet" after
+    /// `SHARD_POLL`); the rank's metrics ride along.
     async fn get_shard(
         &self,
         request: Request<ShardRequest>,
     ) -> Result<Response<ShardReply>, Status> {
-        self.get_shard_inner(request).await
+        let hub = Arc::clone(&self.0);
+        let req = request.into_inner();
+        if !req.metrics.is_empty() && req.rank > 0 && (req.rank as usize) < hub.ranks.world_size() {
+            let mut metrics: Map<String, Value> = req
+                .metrics
+                .into_iter()
+                .filter(|(_, v)| v.is_finite())
+                .map(|(k, v)| (k, json!(v)))
+                .collect();
+            metrics.entry("mfu").or_insert(Value::Null);
+            metrics.insert("device".into(), json!(req.device));
+            hub.set_rank_metrics(req.rank, metrics);
+        }
+        let answer = tokio::task::spawn_blocking(move || {
+            hub.ranks.shard(req.rank as usize, req.step, SHARD_POLL)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::invalid_argument)?;
+        Ok(Response::new(match answer {
+            ShardAnswer::Ready(samples) => ShardReply {
+                ready: true,
+                samples,
+                ..ShardReply::default()
+            },
+            ShardAnswer::NotYet => ShardReply::default(),
+            ShardAnswer::Finished => ShardReply {
+                finished: true,
+                ..ShardReply::default()
+            },
+        }))
     }
 
     async fn status(
@@ -851,19 +942,7 @@ impl Learner for LearnerService {
     ) -> Result<Response<StatusReply>, Status> {
         let hub = &self.0;
         let mut doc = hub.status_snapshot();
-        let members: Vec<Value> = hub
-            .state
-            .lock()
-            .expect("poisoned")
-            .members
-            .iter()
-            .map(|(id, m)| {
-                json!({"id": id, "role": m.role.as_str_name(), "name": m.name, "address": m.address,
-                       "relay_address": m.relay_address, "receiving_version": m.receiving,
-                       "weight_source": m.weight_source, "version": m.version, "seconds_since_heartbeat": m.last_seen.elapsed().as_secs_f64(),
-                       "metrics": m.metrics})
-            })
-            .collect();
+        let members: Vec<Value> = hub.members().iter().map(MemberView::to_json).collect();
         doc.insert("members".into(), Value::from(members));
         doc.insert("ranks".into(), json!(hub.rank_metrics()));
         doc.insert("totals".into(), hub.cluster_totals().to_json());
@@ -929,85 +1008,6 @@ fn choose_transfer(
 
 /// How long a `GetShard` call waits for the batch before answering "not yet".
 const SHARD_POLL: Duration = Duration::from_secs(1);
-
-impl LearnerService {
-    /// `JoinRank`: records the rank, then waits for the group to form.
-    pub async fn join_rank_inner(
-        &self,
-        request: Request<JoinRankRequest>,
-    ) -> Result<Response<JoinRankReply>, Status> {
-        let hub = Arc::clone(&self.0);
-        let (peer, local) = match (request.remote_addr(), request.local_addr()) {
-            (Some(peer), Some(local)) => (peer.ip(), local.ip()),
-            _ => {
-                return Err(Status::internal(
-                    "join rank: the connection has no addresses",
-                ))
-            }
-        };
-        let req = request.into_inner();
-        let port = u16::try_from(req.ring_port).map_err(|_| {
-            Status::invalid_argument(format!("join rank: port {} is not a port", req.ring_port))
-        })?;
-        hub.ranks
-            .join(
-                req.rank as usize,
-                req.world_size as usize,
-                port,
-                req.name,
-                peer,
-                local,
-            )
-            .map_err(Status::invalid_argument)?;
-        tracing::info!(rank = req.rank, "learner rank joined");
-        let timeout = Duration::from_secs_f64(hub.job.parallel.timeout_seconds);
-        let reply = tokio::task::spawn_blocking(move || {
-            hub.ranks.wait_for_setup(timeout, &hub.info.job_json)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(Status::failed_precondition)?;
-        Ok(Response::new(reply))
-    }
-
-    /// `GetShard`: the rank's shard of the step, once rank 0 has formed the batch.
-    pub async fn get_shard_inner(
-        &self,
-        request: Request<ShardRequest>,
-    ) -> Result<Response<ShardReply>, Status> {
-        let hub = Arc::clone(&self.0);
-        let req = request.into_inner();
-        if !req.metrics.is_empty() && req.rank > 0 && (req.rank as usize) < hub.ranks.world_size() {
-            let mut metrics: Map<String, Value> = req
-                .metrics
-                .into_iter()
-                .filter(|(_, v)| v.is_finite())
-                .map(|(k, v)| (k, json!(v)))
-                .collect();
-            metrics.entry("mfu").or_insert(Value::Null);
-            metrics.insert("device".into(), json!(req.device));
-            hub.set_rank_metrics(req.rank, metrics);
-        }
-        let answer = tokio::task::spawn_blocking(move || {
-            hub.ranks.shard(req.rank as usize, req.step, SHARD_POLL)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(Status::invalid_argument)?;
-        Ok(Response::new(match answer {
-            ShardAnswer::Ready(samples) => ShardReply {
-                ready: true,
-                samples,
-                ..ShardReply::default()
-            },
-            ShardAnswer::NotYet => ShardReply::default(),
-            ShardAnswer::Finished => ShardReply {
-                finished: true,
-                ..ShardReply::default()
-            },
-        }))
-    }
-}
 
 #[cfg(test)]
 mod tests {

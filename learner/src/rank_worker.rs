@@ -89,7 +89,7 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
         "in the group; rank 0's state received"
     );
     let every = job.parallel.check_every_steps;
-    let timeout = group::timeout(&job);
+    let timeout = job.parallel.timeout();
     let meter = RankMeter::new(&job, &trainer);
     let mut metrics = HashMap::new();
     loop {

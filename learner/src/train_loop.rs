@@ -137,7 +137,7 @@ fn form_group(job: &JobConfig, hub: &Hub, trainer: &mut Trainer) -> Result<(), R
             .port();
         let (host, mut addresses) = hub
             .ranks
-            .wait_for_ranks(group::timeout(job))
+            .wait_for_ranks(job.parallel.timeout())
             .map_err(RunError::Startup)?;
         addresses[0] = std::net::SocketAddr::new(host, port).to_string();
         let device = trainer.model().device();

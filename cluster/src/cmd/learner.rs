@@ -87,7 +87,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             token,
             device: args.device,
             name: super::default_name(),
-            connect_timeout: std::time::Duration::from_secs_f64(job.parallel.timeout_seconds),
+            connect_timeout: job.parallel.timeout(),
         };
         return run_rank(options).with_context(|| format!("learner rank {}", args.rank));
     }
