@@ -102,12 +102,6 @@ struct Shared {
     reported: Mutex<HashMap<String, f64>>,
 }
 
-/// Why the actor's Prometheus endpoint could not start (the message names the flag or
-/// job field the address came from).
-fn metrics_error(source: &str, e: prometheus_http::ServeError) -> ActorError {
-    ActorError::Metrics(format!("{source}: {e}"))
-}
-
 /// Serves the actor's own gauges: what its last heartbeat reported, its weights version
 /// and its generated-token count.
 async fn serve_metrics(
@@ -117,16 +111,6 @@ async fn serve_metrics(
     engine: &Arc<EngineHandle>,
     shared: &Arc<Shared>,
 ) -> Result<(), ActorError> {
-    let (addr, source) = match &options.metrics_listen {
-        Some(addr) => (Some(addr.clone()), "--metrics-listen"),
-        None => (
-            job.metrics.member_prometheus_addr.clone(),
-            "metrics.member_prometheus_addr",
-        ),
-    };
-    let Some(addr) = addr else {
-        return Ok(());
-    };
     let (engine, shared, member) = (Arc::clone(engine), Arc::clone(shared), member.to_owned());
     let render: prometheus_http::Render = Arc::new(move || {
         let labels = [("role", "actor"), ("member", member.as_str())];
@@ -148,10 +132,14 @@ async fn serve_metrics(
         );
         telemetry::render_prometheus(&families)
     });
-    let bound = prometheus_http::start(&addr, render)
-        .await
-        .map_err(|e| metrics_error(source, e))?;
-    tracing::info!("Prometheus metrics at http://{bound}/metrics");
+    prometheus_http::start_configured(
+        options.metrics_listen.clone(),
+        "metrics.member_prometheus_addr",
+        job.metrics.member_prometheus_addr.clone(),
+        render,
+    )
+    .await
+    .map_err(|e| ActorError::Metrics(e.to_string()))?;
     Ok(())
 }
 

@@ -31,6 +31,40 @@ pub struct ServeError {
     pub source: std::io::Error,
 }
 
+/// The endpoint asked for by a flag or a job field could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {error}")]
+pub struct ConfiguredError {
+    /// The flag or job field the address came from.
+    pub setting: &'static str,
+    /// Why it could not start.
+    #[source]
+    pub error: ServeError,
+}
+
+/// Serves `render` where the process's `--metrics-listen` flag says, else where the job's
+/// `field` (whose value is `configured`) says, and logs the bound address; does nothing
+/// when neither names an address. The error names the flag or field.
+pub async fn start_configured(
+    flag: Option<String>,
+    field: &'static str,
+    configured: Option<String>,
+    render: Render,
+) -> Result<Option<SocketAddr>, ConfiguredError> {
+    let (addr, setting) = match flag {
+        Some(addr) => (addr, "--metrics-listen"),
+        None => match configured {
+            Some(addr) => (addr, field),
+            None => return Ok(None),
+        },
+    };
+    let bound = start(&addr, render)
+        .await
+        .map_err(|error| ConfiguredError { setting, error })?;
+    tracing::info!("Prometheus metrics at http://{bound}/metrics");
+    Ok(Some(bound))
+}
+
 /// Binds `addr` (`HOST:PORT`, port 0 picks a free port) and serves `render` on the current
 /// tokio runtime until the runtime stops; returns the bound address.
 pub async fn start(addr: &str, render: Render) -> Result<SocketAddr, ServeError> {
@@ -184,6 +218,34 @@ mod tests {
             let taken = start("127.0.0.1:0", Arc::clone(&render)).await.unwrap();
             let err = start(&taken.to_string(), render).await.unwrap_err();
             assert!(err.to_string().contains(&taken.to_string()), "{err}");
+        });
+    }
+
+    #[test]
+    fn the_flag_wins_over_the_job_field_and_errors_name_the_one_used() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let render: Render = Arc::new(String::new);
+            let field = "metrics.prometheus_addr";
+            let none = start_configured(None, field, None, Arc::clone(&render)).await;
+            assert!(none.unwrap().is_none());
+            let from_field =
+                start_configured(None, field, Some("127.0.0.1:0".into()), Arc::clone(&render))
+                    .await;
+            assert!(from_field.unwrap().is_some());
+            let bad_field = start_configured(None, field, Some("x".into()), Arc::clone(&render))
+                .await
+                .unwrap_err();
+            assert!(bad_field.to_string().starts_with(field), "{bad_field}");
+            let bad_flag =
+                start_configured(Some("y".into()), field, Some("127.0.0.1:0".into()), render)
+                    .await
+                    .unwrap_err();
+            assert!(
+                bad_flag.to_string().starts_with("--metrics-listen: ")
+                    && bad_flag.to_string().contains("on y"),
+                "{bad_flag}"
+            );
         });
     }
 }

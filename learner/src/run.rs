@@ -124,21 +124,16 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
     std::fs::write(&addr_file, bound.to_string())
         .map_err(|e| RunError::Io(addr_file.display().to_string(), e))?;
     tracing::info!(address = %bound, "learner listening");
-    let (metrics_addr, source) = match &options.metrics_listen {
-        Some(addr) => (Some(addr.clone()), "--metrics-listen"),
-        None => (
-            job.metrics.prometheus_addr.clone(),
+    let page_hub = Arc::clone(&hub);
+    let render: Render = Arc::new(move || crate::prometheus::render(&page_hub));
+    runtime
+        .block_on(prometheus_http::start_configured(
+            options.metrics_listen.clone(),
             "metrics.prometheus_addr",
-        ),
-    };
-    if let Some(addr) = metrics_addr {
-        let page_hub = Arc::clone(&hub);
-        let render: Render = Arc::new(move || crate::prometheus::render(&page_hub));
-        let bound = runtime
-            .block_on(prometheus_http::start(&addr, render))
-            .map_err(|e| RunError::Server(format!("{source}: {e}")))?;
-        tracing::info!("Prometheus metrics at http://{bound}/metrics");
-    }
+            job.metrics.prometheus_addr.clone(),
+            render,
+        ))
+        .map_err(|e| RunError::Server(e.to_string()))?;
     hub_tx
         .send(Arc::clone(&hub))
         .map_err(|_| RunError::Startup("the trainer thread stopped".into()))?;

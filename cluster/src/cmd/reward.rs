@@ -98,21 +98,15 @@ async fn serve(args: Args, token: String) -> anyhow::Result<()> {
         job,
     });
     tracing::info!(member = %reply.member_id, %address, "reward worker serving");
-    let (metrics_addr, source) = match args.metrics_listen {
-        Some(addr) => (Some(addr), "--metrics-listen"),
-        None => (
-            worker.job.metrics.member_prometheus_addr.clone(),
-            "metrics.member_prometheus_addr",
-        ),
-    };
-    if let Some(addr) = metrics_addr {
-        let page_worker = Arc::clone(&worker);
-        let render: Render = Arc::new(move || metrics_page(&page_worker));
-        let bound = prometheus_http::start(&addr, render)
-            .await
-            .with_context(|| source.to_owned())?;
-        tracing::info!("Prometheus metrics at http://{bound}/metrics");
-    }
+    let page_worker = Arc::clone(&worker);
+    let render: Render = Arc::new(move || metrics_page(&page_worker));
+    prometheus_http::start_configured(
+        args.metrics_listen,
+        "metrics.member_prometheus_addr",
+        worker.job.metrics.member_prometheus_addr.clone(),
+        render,
+    )
+    .await?;
     let service = InterceptedService::new(
         RewardServer::new(RewardService(Arc::clone(&worker)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
