@@ -31,7 +31,7 @@ mod imp {
     pub fn check_available() -> Result<()> {
         if !tch::Cuda::is_available() {
             return Err(unavailable(
-                "no CUDA device is visible to libtorch; on CPU use `cluster.collective = \"ring\"`",
+                "no CUDA device is visible to libtorch; on CPU use `parallel.collective = \"ring\"`",
             ));
         }
         // SAFETY: only probes whether the shared libraries can be opened.
@@ -320,6 +320,9 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("no CUDA device"), "{err}");
+        assert!(
+            err.contains("no CUDA device") && err.contains("parallel.collective = \"ring\""),
+            "{err}"
+        );
     }
 }

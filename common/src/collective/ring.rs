@@ -368,7 +368,7 @@ fn check_cpu(tensor: &Tensor) -> Result<()> {
         return Err(CollectiveError::Unavailable {
             backend: "ring",
             reason: format!(
-                "it reduces CPU tensors, got one on {:?}: use `cluster.collective = \"nccl\"` for CUDA",
+                "it reduces CPU tensors, got one on {:?}: use `parallel.collective = \"nccl\"` for CUDA",
                 tensor.device()
             ),
         });
