@@ -47,33 +47,23 @@ fn an_actor_joins_mid_run_and_a_killed_one_loses_no_prompt() {
     let mut learner = job.start_learner(&[]);
     let addr = job.learner_addr(&mut learner);
     let _reward = job.start("reward", &["reward", "--learner", &addr]);
-    let mut first = job.start(
-        "actor-a",
-        &[
+    let actor = |log: &str, name: &str| {
+        let args = [
             "actor",
             "--learner",
             &addr,
             "--threads",
             "1",
             "--name",
-            "first",
-        ],
-    );
+            name,
+        ];
+        job.start(log, &args)
+    };
+    let mut first = actor("actor-a", "first");
     job.wait_for_steps(1, Duration::from_secs(300), &mut [&mut learner]);
     let first_id = groups_by_actor(&job).into_keys().next().unwrap();
     // A second actor joins the running job and contributes.
-    let _second = job.start(
-        "actor-b",
-        &[
-            "actor",
-            "--learner",
-            &addr,
-            "--threads",
-            "1",
-            "--name",
-            "second",
-        ],
-    );
+    let _second = actor("actor-b", "second");
     wait_until(
         "groups from the second actor",
         Duration::from_secs(600),

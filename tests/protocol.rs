@@ -12,7 +12,7 @@ use quill_common::proto::{
 };
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use support::job::{set, TestJob};
+use support::job::{grpc_channel, set, TestJob};
 use tonic::Code;
 
 fn group(lease: &PromptLease, version: u64) -> ScoredGroup {
@@ -64,11 +64,7 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
     });
     let mut learner = job.start_learner(&[]);
     let addr = job.learner_addr(&mut learner);
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(&addr).await;
 
     let mut anonymous = LearnerClient::new(channel.clone());
     let refused = anonymous.status(StatusRequest {}).await.unwrap_err();

@@ -13,7 +13,7 @@ use quill_common::proto::{StatusRequest, WeightsRequest};
 use serde_json::Value;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::job::{quill_bin, set, Proc, TestJob};
+use support::job::{grpc_channel, quill_bin, set, Proc, TestJob};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -117,11 +117,7 @@ async fn the_learner_sends_one_copy_and_a_dead_relay_is_routed_around() {
     let mut learner = job.start_learner(&[]);
     LOG.set(job.dir.path().join("learner.log")).unwrap();
     let addr = job.learner_addr(&mut learner);
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = grpc_channel(&addr).await;
     let _reward = start(&job, "reward", &addr, "reward-0");
     let names = ["actor-a", "actor-b", "actor-c"];
     let mut procs = Vec::new();
@@ -187,11 +183,7 @@ async fn the_learner_sends_one_copy_and_a_dead_relay_is_routed_around() {
         .as_str()
         .unwrap()
         .to_owned();
-    let relay_channel = tonic::transport::Endpoint::from_shared(format!("http://{relay_addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let relay_channel = grpc_channel(&relay_addr).await;
     let mut anonymous = WeightRelayClient::new(relay_channel.clone());
     let err = anonymous
         .get_weights(WeightsRequest {

@@ -149,6 +149,15 @@ pub fn wait_until_every<T>(
     }
 }
 
+/// A gRPC channel to `HOST:PORT` on loopback.
+pub async fn grpc_channel(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// Sets `section.key = value` in a job table.
 pub fn set(table: &mut toml::Table, section: &str, key: &str, value: impl Into<toml::Value>) {
     table
