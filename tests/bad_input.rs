@@ -3,8 +3,8 @@
 mod support;
 
 use quill_actor::{Engine, EngineConfig, GenerationError, GenerationRequest, SamplingParams};
-use quill_common::model::checkpoint;
-use quill_common::{default_model, Qwen2, Tokenizer};
+use quill_model::checkpoint;
+use quill_model::{default_model, Qwen2, Tokenizer};
 use std::path::{Path, PathBuf};
 use support::fixtures;
 use tch::{Device, Kind};

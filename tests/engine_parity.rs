@@ -8,7 +8,7 @@ use quill_actor::{
     Engine, EngineConfig, EngineHandle, FinishReason, GenerationRequest, GroupOutput,
     SamplingParams,
 };
-use quill_common::{default_model, Qwen2, Tokenizer};
+use quill_model::{default_model, Qwen2, Tokenizer};
 use std::sync::atomic::Ordering;
 use support::{expected, fixtures, ids, VARIANTS};
 use tch::{Device, Kind, Tensor};

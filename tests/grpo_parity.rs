@@ -6,12 +6,12 @@
 
 mod support;
 
-use quill_common::Qwen2;
-use quill_learner::grpo::response_logprobs;
+use quill_learner::train::grpo::response_logprobs;
 use quill_learner::{
     AdamWConfig, GrpoConfig, KlEstimator, LossAggregation, StepStats, TrainSample, Trainer,
     TrainerConfig,
 };
+use quill_model::Qwen2;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;

@@ -183,7 +183,7 @@ fn the_configmap_holds_a_valid_job() {
     let objects = rendered();
     let map = of_kind(&objects, "ConfigMap")[0];
     let text = map["data"]["job.toml"].as_str().unwrap();
-    let job = quill_common::job::JobConfig::from_toml_str(text, "cluster/k8s/job.toml")
+    let job = quill_config::job::JobConfig::from_toml_str(text, "cluster/k8s/job.toml")
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(job.job.output_dir, Path::new("/data/out"));
     assert!(job.cluster.learner_addr.starts_with("0.0.0.0:"));

@@ -3,8 +3,8 @@
 
 mod support;
 
-use quill_common::model::{checkpoint, KvCache};
-use quill_common::{Qwen2, Tokenizer};
+use quill_model::{checkpoint, KvCache};
+use quill_model::{Qwen2, Tokenizer};
 use support::{expected, fixtures, ids, max_abs_diff, run_reference, VARIANTS};
 use tch::{Device, Kind, Tensor};
 
@@ -32,7 +32,7 @@ fn right_padded_rows_keep_their_logits() {
     let input = &want["logits_input"];
     let mut rows = vec![ids(&input.get(0)), ids(&input.get(1))];
     rows[1].truncate(15);
-    let (batch, _) = quill_common::model::pad_right(&rows, 7, Device::Cpu);
+    let (batch, _) = quill_model::pad_right(&rows, 7, Device::Cpu);
     let got = tch::no_grad(|| model.logits(&batch));
     let diff = max_abs_diff(
         &got.get(1).narrow(0, 0, 15),
@@ -107,7 +107,7 @@ fn saved_checkpoints_load_in_transformers() {
     let input_json = dir.path().join("input.json");
     std::fs::write(&input_json, serde_json::to_string(&rows).unwrap()).unwrap();
     let default_dir = dir.path().join("default");
-    quill_common::default_model::write_to(&default_dir, Kind::Float).unwrap();
+    quill_model::default_model::write_to(&default_dir, Kind::Float).unwrap();
     let default_vocab = Tokenizer::from_file(&default_dir.join("tokenizer.json"))
         .unwrap()
         .vocab_size();

@@ -4,9 +4,9 @@
 
 mod support;
 
-use quill_common::auth::attach_token;
-use quill_common::proto::learner_client::LearnerClient;
-use quill_common::proto::{
+use quill_proto::auth::attach_token;
+use quill_proto::learner_client::LearnerClient;
+use quill_proto::{
     LeaseRequest, PromptLease, RegisterRequest, Role, RolloutGroup, Sample, SampleScores,
     ScoredGroup, StatusRequest, WeightsRequest,
 };

@@ -314,7 +314,7 @@ fn a_job_trains_on_a_real_slurm_cluster() {
     assert!(log.contains("learner at 127.0.0.1:"), "{log}");
     assert!(log.contains("the learner finished (status 0)"), "{log}");
 
-    let records: Vec<_> = quill_common::telemetry::read_records(&job.out().join("metrics.jsonl"))
+    let records: Vec<_> = quill_telemetry::read_records(&job.out().join("metrics.jsonl"))
         .unwrap()
         .into_iter()
         .filter(|r| r.get("kind").and_then(Value::as_str) == Some("step"))

@@ -6,10 +6,10 @@
 
 mod support;
 
-use quill_common::auth::attach_token;
-use quill_common::proto::learner_client::LearnerClient;
-use quill_common::proto::weight_relay_client::WeightRelayClient;
-use quill_common::proto::{StatusRequest, WeightsRequest};
+use quill_proto::auth::attach_token;
+use quill_proto::learner_client::LearnerClient;
+use quill_proto::weight_relay_client::WeightRelayClient;
+use quill_proto::{StatusRequest, WeightsRequest};
 use serde_json::Value;
 use std::process::Command;
 use std::time::{Duration, Instant};

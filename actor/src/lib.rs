@@ -3,13 +3,9 @@
 //! stop strings) and its threaded front end.
 
 pub mod engine;
-pub mod handle;
-pub mod request;
-pub mod sampling;
-pub mod stop;
 pub mod worker;
 
+pub use engine::handle::EngineHandle;
+pub use engine::request::{FinishReason, GenerationError, GenerationRequest, GroupOutput, Sample};
+pub use engine::sampling::SamplingParams;
 pub use engine::{Engine, EngineConfig, EngineStats};
-pub use handle::EngineHandle;
-pub use request::{FinishReason, GenerationError, GenerationRequest, GroupOutput, Sample};
-pub use sampling::SamplingParams;

@@ -10,21 +10,22 @@
 //! thread, which builds its tensors itself.
 
 use crate::{EngineConfig, EngineHandle, GenerationRequest, GroupOutput, SamplingParams};
-use quill_common::auth::require_token;
-use quill_common::device::parse_dtype;
-use quill_common::job::JobConfig;
-use quill_common::prometheus_http;
-use quill_common::proto::weight_relay_server::WeightRelayServer;
-use quill_common::proto::{
+use quill_config::job::JobConfig;
+use quill_model::device::parse_dtype;
+use quill_model::{ModelConfig, Qwen2, Tokenizer};
+use quill_proto::auth::require_token;
+use quill_proto::rpc::{
+    self, endpoint, learner_client, reward_client, LearnerConn, RewardConn,
+    LEARNER_SILENCE_HEARTBEATS, MAX_MESSAGE_BYTES,
+};
+use quill_proto::weight_relay_server::WeightRelayServer;
+use quill_proto::{
     HeartbeatReply, HeartbeatRequest, LeaseRequest, PromptLease, RegisterRequest, Role,
     RolloutGroup, Sample, WeightSource,
 };
-use quill_common::relay::{Fetcher, RelayError, RelayNode, RelayService};
-use quill_common::rpc::{
-    self, endpoint, learner_client, reward_client, LearnerConn, RewardConn, MAX_MESSAGE_BYTES,
-};
-use quill_common::telemetry::{self, Family};
-use quill_common::{ModelConfig, Qwen2, Tokenizer};
+use quill_relay::{Fetcher, RelayError, RelayNode, RelayService};
+use quill_telemetry::http;
+use quill_telemetry::Family;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,9 +34,6 @@ use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Code;
-
-/// Heartbeat periods without an answer after which a member decides the learner is gone.
-pub const LEARNER_SILENCE_HEARTBEATS: u32 = 10;
 
 /// Why an actor stopped.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +51,7 @@ pub enum ActorError {
     Job(String),
     /// The model or engine failed.
     #[error(transparent)]
-    Model(#[from] quill_common::Error),
+    Model(#[from] quill_model::Error),
     /// The Prometheus endpoint could not start.
     #[error("{0}")]
     Metrics(String),
@@ -112,10 +110,10 @@ async fn serve_metrics(
     shared: &Arc<Shared>,
 ) -> Result<(), ActorError> {
     let (engine, shared, member) = (Arc::clone(engine), Arc::clone(shared), member.to_owned());
-    let render: prometheus_http::Render = Arc::new(move || {
+    let render: http::Render = Arc::new(move || {
         let labels = [("role", "actor"), ("member", member.as_str())];
         let reported = shared.reported.lock().expect("poisoned").clone();
-        let mut families = telemetry::heartbeat_gauges("quill_actor_", &reported, &labels);
+        let mut families = quill_telemetry::heartbeat_gauges("quill_actor_", &reported, &labels);
         families.push(
             Family::counter(
                 "quill_generated_tokens_total",
@@ -130,9 +128,9 @@ async fn serve_metrics(
             Family::gauge("quill_weights_version", "Weights version this actor runs.")
                 .with(&labels, shared.version.load(Ordering::SeqCst) as f64),
         );
-        telemetry::render_prometheus(&families)
+        quill_telemetry::render_prometheus(&families)
     });
-    prometheus_http::start_configured(
+    http::start_configured(
         options.metrics_listen.clone(),
         "metrics.member_prometheus_addr",
         job.metrics.member_prometheus_addr.clone(),
@@ -187,7 +185,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
     let kind = parse_dtype(&job.model.dtype)?;
     let engine = EngineHandle::spawn(
         move || {
-            let device = quill_common::device::parse_device(&device_name)?;
+            let device = quill_model::device::parse_device(&device_name)?;
             Ok((
                 Qwen2::new(config, device, kind)?,
                 Tokenizer::from_json(&tokenizer_json)?,

@@ -1,7 +1,9 @@
 //! `quill`: one binary for every role of a quill job, plus offline tools.
 
-mod cmd;
-mod roles;
+mod bench;
+mod cli;
+mod launch;
+mod plot;
 
 use clap::{Parser, Subcommand};
 
@@ -17,25 +19,25 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Sample long outputs from a model with the continuous-batching engine.
-    Generate(cmd::generate::Args),
+    Generate(cli::generate::Args),
     /// Benchmarks that compare quill with the peer systems in one run.
     #[command(subcommand)]
-    Bench(cmd::bench::Bench),
+    Bench(bench::Bench),
     /// Write the embedded default model as a Hugging Face directory.
-    InitModel(cmd::init_model::Args),
+    InitModel(cli::init_model::Args),
     /// Run rank 0 of a job: the hub (prompts, leases, weights) and the GRPO trainer.
-    Learner(cmd::learner::Args),
+    Learner(cli::learner::Args),
     /// Join a running job as an actor that generates rollouts.
-    Actor(cmd::actor::Args),
+    Actor(cli::actor::Args),
     /// Join a running job as a reward worker.
-    Reward(cmd::reward::Args),
+    Reward(cli::reward::Args),
     /// Start a whole job: learner, actors and reward workers.
     #[command(subcommand)]
-    Launch(cmd::launch::Launch),
+    Launch(launch::Launch),
     /// Show a running job: cluster totals, actors, reward workers and learner ranks.
-    Status(cmd::status::Args),
+    Status(cli::status::Args),
     /// Draw PNG charts (reward, length, throughput) from a metrics JSONL file.
-    Plot(cmd::plot::Args),
+    Plot(plot::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,14 +49,14 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Generate(args) => cmd::generate::run(args),
-        Command::Bench(bench) => cmd::bench::run(bench),
-        Command::InitModel(args) => cmd::init_model::run(args),
-        Command::Learner(args) => cmd::learner::run(args),
-        Command::Actor(args) => cmd::actor::run(args),
-        Command::Reward(args) => cmd::reward::run(args),
-        Command::Launch(launch) => cmd::launch::run(launch),
-        Command::Plot(args) => cmd::plot::run(args),
-        Command::Status(args) => cmd::status::run(args),
+        Command::Generate(args) => cli::generate::run(args),
+        Command::Bench(bench) => bench::run(bench),
+        Command::InitModel(args) => cli::init_model::run(args),
+        Command::Learner(args) => cli::learner::run(args),
+        Command::Actor(args) => cli::actor::run(args),
+        Command::Reward(args) => cli::reward::run(args),
+        Command::Launch(launch) => launch::run(launch),
+        Command::Plot(args) => plot::run(args),
+        Command::Status(args) => cli::status::run(args),
     }
 }

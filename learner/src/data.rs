@@ -2,7 +2,7 @@
 //! a plain `prompt` + `length_range`), or the embedded prompts of the default job, served
 //! in seeded shuffled epochs from a cursor that checkpoints can save and restore.
 
-use quill_common::job::DataSection;
+use quill_config::job::DataSection;
 use quill_reward::{parse_length_range, LengthRange};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;

@@ -74,13 +74,13 @@ pub enum LearnerError {
     },
     /// The model failed to load or save.
     #[error(transparent)]
-    Model(#[from] quill_common::Error),
+    Model(#[from] quill_model::Error),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     /// A collective over the learner ranks failed (a rank died, timed out, or diverged).
     #[error(transparent)]
-    Collective(#[from] quill_common::collective::CollectiveError),
+    Collective(#[from] crate::parallel::collective::CollectiveError),
     /// The learner ranks no longer hold the same weights.
     #[error("learner ranks diverged at step {step}: weight checksums {checksums:?}")]
     Diverged {

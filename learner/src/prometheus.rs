@@ -3,7 +3,7 @@
 //! step metrics (labels `rank`, `device`).
 
 use crate::hub::Hub;
-use quill_common::telemetry::{render_prometheus, Family};
+use quill_telemetry::{render_prometheus, Family};
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 
@@ -189,10 +189,10 @@ pub fn render(hub: &Hub) -> String {
 }
 
 /// The `role` label of a member.
-fn role_label(role: quill_common::proto::Role) -> &'static str {
+fn role_label(role: quill_proto::Role) -> &'static str {
     match role {
-        quill_common::proto::Role::Actor => "actor",
-        quill_common::proto::Role::Reward => "reward",
-        quill_common::proto::Role::Unspecified => "unspecified",
+        quill_proto::Role::Actor => "actor",
+        quill_proto::Role::Reward => "reward",
+        quill_proto::Role::Unspecified => "unspecified",
     }
 }

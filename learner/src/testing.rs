@@ -1,9 +1,9 @@
 //! A tiny random model and batches for the unit tests.
 
-use crate::grpo::{GrpoConfig, LossAggregation};
-use crate::sample::TrainSample;
+use crate::train::grpo::{GrpoConfig, LossAggregation};
+use crate::train::sample::TrainSample;
 use crate::{AdamWConfig, TrainerConfig};
-use quill_common::{default_model, ModelConfig, Qwen2};
+use quill_model::{default_model, ModelConfig, Qwen2};
 use serde_json::json;
 use tch::{Device, Kind};
 

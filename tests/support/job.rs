@@ -51,7 +51,7 @@ impl TestJob {
 
     /// The job's step records from its metrics file, in order (none before the first step).
     pub fn steps(&self) -> Vec<serde_json::Map<String, serde_json::Value>> {
-        quill_common::telemetry::read_records(&self.out().join("metrics.jsonl"))
+        quill_telemetry::read_records(&self.out().join("metrics.jsonl"))
             .unwrap_or_default()
             .into_iter()
             .filter(|r| r.get("kind").and_then(serde_json::Value::as_str) == Some("step"))

@@ -1,0 +1,144 @@
+//! The engine on its own OS thread, driven through channels (DESIGN invariant 1: tch
+//! tensors and grad mode never leave that thread).
+
+use crate::engine::request::{GenerationError, GenerationRequest, GroupOutput};
+use crate::engine::{Engine, EngineConfig, EngineStats, Reply};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use quill_model::{ModelConfig, Qwen2, Tokenizer};
+use quill_proto::blob::WeightBlob;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+enum Command {
+    Generate(GenerationRequest, Reply),
+    UpdateWeights(Arc<WeightBlob>, Sender<Result<(), quill_model::Error>>),
+    Shutdown,
+}
+
+/// A generation engine running on a dedicated thread.
+pub struct EngineHandle {
+    commands: Sender<Command>,
+    stats: Arc<EngineStats>,
+    tokenizer: Tokenizer,
+    config: ModelConfig,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread; `load` runs on that thread and builds the model there.
+    pub fn spawn<F>(load: F, config: EngineConfig) -> Result<Self, quill_model::Error>
+    where
+        F: FnOnce() -> Result<(Qwen2, Tokenizer), quill_model::Error> + Send + 'static,
+    {
+        let (commands, inbox) = unbounded::<Command>();
+        let (ready_tx, ready_rx) = bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("quill-engine".into())
+            .spawn(move || {
+                let engine = match load() {
+                    Ok((model, tokenizer)) => Engine::new(model, tokenizer, &config),
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                        return;
+                    }
+                };
+                let info = (
+                    engine.stats(),
+                    engine.tokenizer().clone(),
+                    engine.model().config().clone(),
+                );
+                let _ = ready_tx.send(Ok(info));
+                serve(engine, &inbox);
+            })
+            .map_err(|e| quill_model::Error::io("<engine thread>", e))?;
+        let (stats, tokenizer, config) = ready_rx.recv().map_err(|_| {
+            quill_model::Error::Device("the engine thread died while loading".into())
+        })??;
+        Ok(EngineHandle {
+            commands,
+            stats,
+            tokenizer,
+            config,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a request; its group (or error) arrives on the returned channel.
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Receiver<Result<GroupOutput, GenerationError>> {
+        let (reply, answer) = bounded(1);
+        if let Err(crossbeam_channel::SendError(Command::Generate(_, reply))) =
+            self.commands.send(Command::Generate(request, reply))
+        {
+            let _ = reply.send(Err(GenerationError::ShutDown));
+        }
+        answer
+    }
+
+    /// Swaps in new weights between two decoding steps; returns once they are in force.
+    pub fn update_weights(&self, blob: Arc<WeightBlob>) -> Result<(), quill_model::Error> {
+        let (done, wait) = bounded(1);
+        let stopped = || quill_model::Error::Device("the generation engine has stopped".into());
+        self.commands
+            .send(Command::UpdateWeights(blob, done))
+            .map_err(|_| stopped())?;
+        wait.recv().map_err(|_| stopped())?
+    }
+
+    /// A copy of the engine's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids that end a sample: the config's end-of-sequence ids and `<|endoftext|>`.
+    pub fn stop_token_ids(&self) -> Vec<i64> {
+        let mut ids = self.config.eos_token_ids.clone();
+        ids.extend(self.tokenizer.token_id("<|endoftext|>"));
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Counters updated by the engine while it runs.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(mut engine: Engine, inbox: &Receiver<Command>) {
+    loop {
+        let next = if engine.is_idle() {
+            inbox.recv().ok()
+        } else {
+            match inbox.try_recv() {
+                Ok(command) => Some(command),
+                Err(crossbeam_channel::TryRecvError::Empty) => {
+                    engine.step();
+                    continue;
+                }
+                Err(crossbeam_channel::TryRecvError::Disconnected) => None,
+            }
+        };
+        match next {
+            Some(Command::Generate(request, reply)) => engine.submit(request, reply),
+            Some(Command::UpdateWeights(blob, done)) => {
+                let _ = done.send(engine.update_weights(&blob));
+            }
+            Some(Command::Shutdown) | None => {
+                engine.abort_all();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The Qwen2-architecture transformer in tch: weights in one `VarStore`, full forward
+//! passes, prefill and decode over a slot-indexed KV cache, the sequence-classification
+//! head; Hugging Face checkpoints (`config.json`, safetensors, tokenizer) in and out; the
+//! embedded default model; tensors to and from weight blobs. Every tensor stays on the
+//! thread that made it.
+
+mod cache;
+pub mod checkpoint;
+pub mod config;
+pub mod default_model;
+pub mod device;
+pub mod error;
+pub mod params;
+pub mod pretrained;
+mod qwen2;
+mod rope;
+pub mod tokenizer;
+pub mod weights;
+
+pub use cache::{KvCache, Prefix};
+pub use config::{HeadKind, ModelConfig};
+pub use error::{Error, Result};
+pub use pretrained::load_pretrained;
+pub use qwen2::{pad_right, Qwen2, MAX_SHARD_BYTES};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,596 @@
+//! The CPU backend: a ring over TCP. Every rank holds one connection to the next rank and
+//! one from the previous; all-reduce is reduce-scatter then all-gather (each rank sends
+//! 2(K-1)/K of the buffer), broadcast is forwarded around the ring in chunks. Each message
+//! starts with a header (operation, sequence number, length) so ranks that fall out of
+//! step fail loudly. Socket timeouts bound every wait; a closed socket names the rank.
+
+use super::{Collective, CollectiveError, ReduceOp, Result};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+const MAGIC: u32 = 0x5155_494c; // "QUIL"
+const HEADER_BYTES: usize = 16;
+const BROADCAST_CHUNK: usize = 4 << 20;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u32)]
+enum Op {
+    ReduceScatter = 1,
+    AllGather = 2,
+    Broadcast = 3,
+}
+
+/// A ring of TCP connections between the learner ranks (CPU tensors).
+pub struct RingCollective {
+    rank: usize,
+    world: usize,
+    next: Option<TcpStream>,
+    prev: Option<TcpStream>,
+    timeout: Duration,
+    seq: u32,
+}
+
+fn io_error(
+    op: &'static str,
+    peer: usize,
+    timeout: Duration,
+    e: std::io::Error,
+) -> CollectiveError {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => CollectiveError::Timeout {
+            op,
+            peer,
+            seconds: timeout.as_secs_f64(),
+        },
+        _ => CollectiveError::PeerGone {
+            op,
+            peer,
+            detail: if e.kind() == ErrorKind::UnexpectedEof {
+                "connection closed".into()
+            } else {
+                e.to_string()
+            },
+        },
+    }
+}
+
+impl RingCollective {
+    /// Joins the ring: `listener` is this rank's bound socket and `addresses[r]` the address
+    /// every rank `r` listens on. Connects to the next rank and accepts the previous one,
+    /// both within `timeout`.
+    pub fn connect(
+        rank: usize,
+        listener: TcpListener,
+        addresses: &[String],
+        timeout: Duration,
+    ) -> Result<Self> {
+        let world = addresses.len();
+        if rank >= world {
+            return Err(CollectiveError::Setup(format!(
+                "rank {rank} is outside a world of {world}"
+            )));
+        }
+        let mut ring = RingCollective {
+            rank,
+            world,
+            next: None,
+            prev: None,
+            timeout,
+            seq: 0,
+        };
+        if world == 1 {
+            return Ok(ring);
+        }
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        let deadline = Instant::now() + timeout;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| CollectiveError::Setup(format!("listener: {e}")))?;
+        let next_addr = &addresses[next_rank];
+        while ring.next.is_none() || ring.prev.is_none() {
+            if Instant::now() > deadline {
+                let missing = if ring.next.is_none() {
+                    format!("could not connect to rank {next_rank} at {next_addr}")
+                } else {
+                    format!("rank {prev_rank} did not connect")
+                };
+                return Err(CollectiveError::Setup(format!(
+                    "rank {rank}: {missing} within {:.0} s",
+                    timeout.as_secs_f64()
+                )));
+            }
+            if ring.next.is_none() {
+                if let Some(stream) = try_connect(next_addr)? {
+                    ring.next = Some(ring.configure(stream)?);
+                    let mut hello = [0u8; 12];
+                    hello[..4].copy_from_slice(&MAGIC.to_le_bytes());
+                    hello[4..8].copy_from_slice(&(rank as u32).to_le_bytes());
+                    hello[8..].copy_from_slice(&(world as u32).to_le_bytes());
+                    ring.next_stream()
+                        .write_all(&hello)
+                        .map_err(|e| io_error("connect", next_rank, timeout, e))?;
+                }
+            }
+            if ring.prev.is_none() {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let mut stream = ring.configure(stream)?;
+                        let mut hello = [0u8; 12];
+                        stream
+                            .read_exact(&mut hello)
+                            .map_err(|e| io_error("connect", prev_rank, timeout, e))?;
+                        let word = |i: usize| {
+                            u32::from_le_bytes(hello[i..i + 4].try_into().expect("4 bytes"))
+                        };
+                        if word(0) != MAGIC
+                            || word(4) as usize != prev_rank
+                            || word(8) as usize != world
+                        {
+                            return Err(CollectiveError::Setup(format!(
+                                "rank {rank} expected rank {prev_rank} of {world}, got a connection claiming rank {} of {}",
+                                word(4),
+                                word(8)
+                            )));
+                        }
+                        ring.prev = Some(stream);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(CollectiveError::Setup(format!("accept: {e}"))),
+                }
+            }
+            if ring.next.is_none() || ring.prev.is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(ring)
+    }
+
+    fn configure(&self, stream: TcpStream) -> Result<TcpStream> {
+        let setup = |e: std::io::Error| CollectiveError::Setup(format!("socket: {e}"));
+        stream.set_nonblocking(false).map_err(setup)?;
+        stream.set_nodelay(true).map_err(setup)?;
+        stream.set_read_timeout(Some(self.timeout)).map_err(setup)?;
+        stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(setup)?;
+        Ok(stream)
+    }
+
+    fn next_stream(&mut self) -> &mut TcpStream {
+        self.next.as_mut().expect("connected")
+    }
+
+    fn next_rank(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+
+    fn prev_rank(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// Sends `payload` to the next rank while receiving `expect` bytes from the previous one
+    /// (both at once, so neither side blocks on a full socket buffer).
+    fn exchange(&mut self, op: Op, payload: &[u8], expect: usize) -> Result<Vec<u8>> {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let (next_rank, prev_rank, timeout) = (self.next_rank(), self.prev_rank(), self.timeout);
+        let name = op_name(op);
+        let next = self.next.as_mut().expect("connected");
+        let prev = self.prev.as_mut().expect("connected");
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(move || {
+                next.write_all(&header(op, seq, payload.len()))?;
+                next.write_all(payload)
+            });
+            let received =
+                receive(prev, op, seq, expect).map_err(|e| e.into_error(name, prev_rank, timeout));
+            let sent = sender
+                .join()
+                .expect("the sender thread does not panic")
+                .map_err(|e| io_error(name, next_rank, timeout, e));
+            let received = received?;
+            sent?;
+            Ok(received)
+        })
+    }
+
+    /// Ring all-reduce of a flat f32 buffer; every rank ends with identical values.
+    pub fn all_reduce_f32(&mut self, data: &mut [f32], op: ReduceOp) -> Result<()> {
+        let k = self.world;
+        if k > 1 {
+            let n = data.len();
+            let bounds = |i: usize| (i * n / k, (i + 1) * n / k);
+            for step in 0..k - 1 {
+                let send = (self.rank + k - step) % k;
+                let recv = (self.rank + k - step - 1) % k;
+                let (s0, s1) = bounds(send);
+                let (r0, r1) = bounds(recv);
+                let incoming =
+                    self.exchange(Op::ReduceScatter, &to_bytes(&data[s0..s1]), (r1 - r0) * 4)?;
+                for (x, b) in data[r0..r1].iter_mut().zip(incoming.chunks_exact(4)) {
+                    *x += f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                }
+            }
+            for step in 0..k - 1 {
+                let send = (self.rank + 1 + k - step) % k;
+                let recv = (self.rank + k - step) % k;
+                let (s0, s1) = bounds(send);
+                let (r0, r1) = bounds(recv);
+                let incoming =
+                    self.exchange(Op::AllGather, &to_bytes(&data[s0..s1]), (r1 - r0) * 4)?;
+                for (x, b) in data[r0..r1].iter_mut().zip(incoming.chunks_exact(4)) {
+                    *x = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                }
+            }
+        }
+        if op == ReduceOp::Average && k > 1 {
+            let scale = 1.0 / k as f32;
+            data.iter_mut().for_each(|x| *x *= scale);
+        }
+        Ok(())
+    }
+
+    /// Copies `root`'s bytes into every rank's `data` (same length everywhere), forwarded
+    /// around the ring in chunks.
+    pub fn broadcast_bytes(&mut self, data: &mut [u8], root: usize) -> Result<()> {
+        let k = self.world;
+        if root >= k {
+            return Err(CollectiveError::Setup(format!(
+                "broadcast root {root} is outside a world of {k}"
+            )));
+        }
+        if k == 1 {
+            return Ok(());
+        }
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let (next_rank, prev_rank, timeout) = (self.next_rank(), self.prev_rank(), self.timeout);
+        let forward = next_rank != root;
+        let name = op_name(Op::Broadcast);
+        let send_err = |e| io_error(name, next_rank, timeout, e);
+        if self.rank == root {
+            let next = self.next_stream();
+            next.write_all(&header(Op::Broadcast, seq, data.len()))
+                .map_err(send_err)?;
+            return next.write_all(data).map_err(send_err);
+        }
+        let prev = self.prev.as_mut().expect("connected");
+        read_header(prev, Op::Broadcast, seq, data.len())
+            .map_err(|e| e.into_error(name, prev_rank, timeout))?;
+        if forward {
+            self.next_stream()
+                .write_all(&header(Op::Broadcast, seq, data.len()))
+                .map_err(send_err)?;
+        }
+        for chunk in data.chunks_mut(BROADCAST_CHUNK) {
+            self.prev
+                .as_mut()
+                .expect("connected")
+                .read_exact(chunk)
+                .map_err(|e| io_error(name, prev_rank, timeout, e))?;
+            if forward {
+                self.next_stream().write_all(chunk).map_err(send_err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn try_connect(addr: &str) -> Result<Option<TcpStream>> {
+    let resolved: Vec<_> = match addr.to_socket_addrs() {
+        Ok(addrs) => addrs.collect(),
+        Err(e) => {
+            return Err(CollectiveError::Setup(format!(
+                "cannot resolve rank address `{addr}`: {e}"
+            )))
+        }
+    };
+    for a in resolved {
+        if let Ok(stream) = TcpStream::connect_timeout(&a, Duration::from_millis(500)) {
+            return Ok(Some(stream));
+        }
+    }
+    Ok(None)
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::ReduceScatter | Op::AllGather => "all_reduce",
+        Op::Broadcast => "broadcast",
+    }
+}
+
+fn header(op: Op, seq: u32, len: usize) -> [u8; HEADER_BYTES] {
+    let mut h = [0u8; HEADER_BYTES];
+    h[..4].copy_from_slice(&(op as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&seq.to_le_bytes());
+    h[8..].copy_from_slice(&(len as u64).to_le_bytes());
+    h
+}
+
+enum ReceiveError {
+    Io(std::io::Error),
+    Mismatch(String),
+}
+
+impl ReceiveError {
+    fn into_error(self, op: &'static str, peer: usize, timeout: Duration) -> CollectiveError {
+        match self {
+            ReceiveError::Io(e) => io_error(op, peer, timeout, e),
+            ReceiveError::Mismatch(detail) => CollectiveError::Mismatch {
+                op,
+                detail: format!("from rank {peer}: {detail}"),
+            },
+        }
+    }
+}
+
+fn read_header(
+    stream: &mut TcpStream,
+    op: Op,
+    seq: u32,
+    len: usize,
+) -> std::result::Result<(), ReceiveError> {
+    let mut h = [0u8; HEADER_BYTES];
+    stream.read_exact(&mut h).map_err(ReceiveError::Io)?;
+    if h != header(op, seq, len) {
+        let got_op = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
+        let got_seq = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+        let got_len = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
+        return Err(ReceiveError::Mismatch(format!(
+            "expected {op:?} #{seq} of {len} bytes, got operation {got_op} #{got_seq} of {got_len} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn receive(
+    stream: &mut TcpStream,
+    op: Op,
+    seq: u32,
+    len: usize,
+) -> std::result::Result<Vec<u8>, ReceiveError> {
+    read_header(stream, op, seq, len)?;
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).map_err(ReceiveError::Io)?;
+    Ok(buf)
+}
+
+fn to_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn check_cpu(tensor: &Tensor) -> Result<()> {
+    if tensor.device() != Device::Cpu {
+        return Err(CollectiveError::Unavailable {
+            backend: "ring",
+            reason: format!(
+                "it reduces CPU tensors, got one on {:?}: use `parallel.collective = \"nccl\"` for CUDA",
+                tensor.device()
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl Collective for RingCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
+        check_cpu(tensor)?;
+        if self.world == 1 {
+            return Ok(());
+        }
+        let flat = tensor.f_to_kind(Kind::Float)?.f_reshape([-1])?;
+        let mut values = Vec::<f32>::try_from(&flat)?;
+        self.all_reduce_f32(&mut values, op)?;
+        let reduced = Tensor::from_slice(&values)
+            .f_reshape(tensor.size())?
+            .f_to_kind(tensor.kind())?;
+        tensor.f_copy_(&reduced)?;
+        Ok(())
+    }
+
+    fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<()> {
+        check_cpu(tensor)?;
+        if self.world == 1 {
+            return Ok(());
+        }
+        let contiguous = tensor.contiguous();
+        let numel = contiguous.numel();
+        let mut bytes = vec![0u8; numel * contiguous.kind().elt_size_in_bytes()];
+        contiguous.f_copy_data_u8(&mut bytes, numel)?;
+        self.broadcast_bytes(&mut bytes, root)?;
+        if self.rank != root {
+            let received = Tensor::f_from_data_size(&bytes, &tensor.size(), tensor.kind())?;
+            tensor.f_copy_(&received)?;
+        }
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        let mut one = [1.0f32];
+        self.all_reduce_f32(&mut one, ReduceOp::Sum)?;
+        if one[0] as usize != self.world {
+            return Err(CollectiveError::Mismatch {
+                op: "barrier",
+                detail: format!("{} of {} ranks arrived", one[0], self.world),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::collective::CollectiveError;
+
+    /// Runs `body` on `world` ranks (threads), each with a ring over loopback.
+    fn on_ranks<T: Send>(
+        world: usize,
+        timeout: Duration,
+        body: impl Fn(RingCollective) -> T + Sync,
+    ) -> Vec<T> {
+        let listeners: Vec<TcpListener> = (0..world)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addresses: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let addresses = &addresses;
+                    let body = &body;
+                    scope.spawn(move || {
+                        body(RingCollective::connect(rank, listener, addresses, timeout).unwrap())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn values(rank: usize, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7 + rank * 13) % 23) as f32 * 0.37 - 3.0)
+            .collect()
+    }
+
+    #[test]
+    fn all_reduce_sums_and_averages_on_every_world_size() {
+        for world in 1..=4 {
+            for n in [1, 3, 10, 1001] {
+                let results = on_ranks(world, Duration::from_secs(10), |mut ring| {
+                    let mut sum = values(ring.rank(), n);
+                    ring.all_reduce_f32(&mut sum, ReduceOp::Sum).unwrap();
+                    let mut mean = values(ring.rank(), n);
+                    ring.all_reduce_f32(&mut mean, ReduceOp::Average).unwrap();
+                    (sum, mean)
+                });
+                let expected: Vec<f64> = (0..n)
+                    .map(|i| (0..world).map(|r| f64::from(values(r, n)[i])).sum())
+                    .collect();
+                for (sum, mean) in &results {
+                    for i in 0..n {
+                        assert!((f64::from(sum[i]) - expected[i]).abs() < 1e-4);
+                        assert!((f64::from(mean[i]) - expected[i] / world as f64).abs() < 1e-4);
+                    }
+                    assert_eq!(sum, &results[0].0, "every rank holds the same bits");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tensor_all_reduce_broadcast_and_barrier() {
+        let results = on_ranks(3, Duration::from_secs(10), |mut ring| {
+            let rank = ring.rank() as f64;
+            let mut t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).reshape([2, 2]) * (rank + 1.0);
+            ring.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+            let mut b = Tensor::from_slice(&[rank, rank * 2.0, 5.0]).to_kind(Kind::BFloat16);
+            ring.all_reduce(&mut b, ReduceOp::Average).unwrap();
+            let mut big = Tensor::full([3 << 20], rank, (Kind::Float, Device::Cpu));
+            ring.broadcast(&mut big, 1).unwrap();
+            ring.barrier().unwrap();
+            (
+                Vec::<f32>::try_from(t.reshape([-1])).unwrap(),
+                Vec::<f32>::try_from(b.to_kind(Kind::Float)).unwrap(),
+                big.min().double_value(&[]),
+                big.max().double_value(&[]),
+            )
+        });
+        for (sum, mean, lo, hi) in results {
+            assert_eq!(sum, vec![6.0, 12.0, 18.0, 24.0]);
+            assert_eq!(mean, vec![1.0, 2.0, 5.0]);
+            assert_eq!((lo, hi), (1.0, 1.0));
+        }
+    }
+
+    #[test]
+    fn a_rank_that_dies_is_named_and_a_silent_one_times_out() {
+        let results = on_ranks(3, Duration::from_millis(800), |mut ring| {
+            let mut data = vec![1.0f32; 100];
+            if ring.rank() == 2 {
+                drop(ring);
+                return None;
+            }
+            if ring.rank() == 1 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Some(ring.all_reduce_f32(&mut data, ReduceOp::Sum).unwrap_err())
+        });
+        for err in results.into_iter().flatten() {
+            let text = err.to_string();
+            assert!(
+                matches!(
+                    err,
+                    CollectiveError::PeerGone { .. } | CollectiveError::Timeout { .. }
+                ),
+                "{text}"
+            );
+            assert!(text.contains("learner rank"), "{text}");
+        }
+        let silent = on_ranks(2, Duration::from_millis(300), |mut ring| {
+            if ring.rank() == 1 {
+                std::thread::sleep(Duration::from_millis(900));
+                return None;
+            }
+            let started = Instant::now();
+            let err = ring.barrier().unwrap_err();
+            Some((err, started.elapsed()))
+        });
+        let (err, waited) = silent.into_iter().flatten().next().unwrap();
+        assert!(
+            matches!(err, CollectiveError::Timeout { peer: 1, .. }),
+            "{err}"
+        );
+        assert!(waited < Duration::from_millis(800), "{waited:?}");
+    }
+
+    #[test]
+    fn bad_set_up_is_refused_clearly() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = RingCollective::connect(3, listener, &["a:1".into()], Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("rank 3 is outside a world of 1"),
+            "{err}"
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let unreachable = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addresses = vec![
+            listener.local_addr().unwrap().to_string(),
+            unreachable.local_addr().unwrap().to_string(),
+        ];
+        drop(unreachable);
+        let err = RingCollective::connect(0, listener, &addresses, Duration::from_millis(300))
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("could not connect to rank 1"),
+            "{err}"
+        );
+        let mut ring = on_ranks(1, Duration::from_secs(1), |ring| ring)
+            .pop()
+            .unwrap();
+        let mut gpu_free = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+        ring.all_reduce(&mut gpu_free, ReduceOp::Sum).unwrap();
+        let err = ring.broadcast_bytes(&mut [0u8; 4], 5).unwrap_err();
+        assert!(err.to_string().contains("root 5"), "{err}");
+    }
+}

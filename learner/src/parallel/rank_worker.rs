@@ -1,0 +1,145 @@
+//! A learner rank > 0: joins rank 0 over gRPC, forms the collective group, receives rank
+//! 0's weights and optimizer state, then takes every step on the shard rank 0 hands it,
+//! summing gradients with the other ranks. It exits when rank 0 says training is over,
+//! and fails with a clear error when rank 0 or another rank goes away.
+
+use crate::parallel::rank_metrics::RankMeter;
+use crate::process::group;
+use crate::process::run::RunError;
+use crate::process::train_loop::{load_models, trainer_config};
+use crate::train::trainer::Trainer;
+use quill_config::job::JobConfig;
+use quill_proto::rpc::{self, LearnerConn};
+use quill_proto::{JoinRankRequest, ShardRequest};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How a learner rank > 0 was started.
+#[derive(Debug, Clone)]
+pub struct RankOptions {
+    /// This rank (1 ..= world_size - 1).
+    pub rank: usize,
+    /// The number of learner ranks.
+    pub world_size: usize,
+    /// Rank 0's gRPC address, `HOST:PORT`.
+    pub learner: String,
+    /// The job token.
+    pub token: String,
+    /// Overrides the job's `model.device` on this rank (e.g. `cuda:1`).
+    pub device: Option<String>,
+    /// A name for logs (host, pid).
+    pub name: String,
+    /// How long to keep trying to reach rank 0.
+    pub connect_timeout: Duration,
+}
+
+/// Runs rank `options.rank` until rank 0 finishes training.
+pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
+    let rank0 = options.learner.clone();
+    let gone = move |what: &str, detail: String| {
+        RunError::Server(format!("rank 0 at {rank0}: {what}: {detail}"))
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Io("<tokio runtime>".into(), e))?;
+    let listener = group::ring_listener()?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| RunError::Io("<collective listener>".into(), e))?
+        .port();
+    let mut client = runtime
+        .block_on(connect(
+            &options.learner,
+            &options.token,
+            options.connect_timeout,
+        ))
+        .map_err(|e| gone("cannot connect", e))?;
+    tracing::info!(rank = options.rank, learner = %options.learner, "joining the learner ranks");
+    let reply = runtime
+        .block_on(client.join_rank(JoinRankRequest {
+            rank: options.rank as u32,
+            world_size: options.world_size as u32,
+            ring_port: u32::from(port),
+            name: options.name.clone(),
+        }))
+        .map_err(|s| gone("join refused", s.message().to_owned()))?
+        .into_inner();
+    let mut job: JobConfig = serde_json::from_str(&reply.job_json)
+        .map_err(|e| RunError::Startup(format!("rank 0 sent an unreadable job: {e}")))?;
+    if let Some(device) = &options.device {
+        job.model.device = device.clone();
+    }
+    let (model, reference, _) = load_models(&job)?;
+    let device = model.device();
+    let mut trainer = Trainer::new(model, reference, trainer_config(&job))?;
+    let sync = group::connect(
+        &job,
+        options.rank,
+        &reply.backend,
+        &reply.ring_addresses,
+        &reply.nccl_id,
+        listener,
+        device,
+    )?;
+    trainer.attach(sync)?;
+    tracing::info!(
+        rank = options.rank,
+        step = trainer.progress().step,
+        "in the group; rank 0's state received"
+    );
+    let every = job.parallel.check_every_steps;
+    let timeout = job.parallel.timeout();
+    let meter = RankMeter::new(&job, &trainer);
+    let mut metrics = HashMap::new();
+    loop {
+        let waited = Instant::now();
+        let step = trainer.progress().step + 1;
+        let samples = loop {
+            let mut request = tonic::Request::new(ShardRequest {
+                rank: options.rank as u32,
+                step,
+                metrics: metrics.clone(),
+                device: meter.device().to_owned(),
+            });
+            request.set_timeout(timeout);
+            let reply = runtime
+                .block_on(client.get_shard(request))
+                .map_err(|s| gone("lost", s.message().to_owned()))?
+                .into_inner();
+            if reply.finished {
+                tracing::info!(rank = options.rank, "rank 0 finished training");
+                return Ok(());
+            }
+            if reply.ready {
+                break reply.samples;
+            }
+        };
+        let wait_seconds = waited.elapsed().as_secs_f64();
+        let (shard, weights) = group::from_wire(samples);
+        let stats = trainer.step_shard(&shard, &weights)?;
+        if every > 0 && trainer.progress().step % every == 0 {
+            trainer.check_ranks()?;
+        }
+        metrics = meter
+            .metrics(stats.seconds, stats.shard_tokens, wait_seconds, 0.0)
+            .into_iter()
+            .filter_map(|(k, v)| v.as_f64().map(|v| (k, v)))
+            .collect::<HashMap<_, _>>();
+        metrics.insert("step".to_owned(), stats.step as f64);
+    }
+}
+
+async fn connect(addr: &str, token: &str, timeout: Duration) -> Result<LearnerConn, String> {
+    // Calls wait for other ranks and for batches, so only connecting is bounded here.
+    let endpoint =
+        rpc::endpoint(addr, Duration::from_secs(30))?.timeout(Duration::from_secs(24 * 3600));
+    let started = Instant::now();
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(rpc::learner_client(channel, token)),
+            Err(e) if started.elapsed() > timeout => return Err(e.to_string()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}

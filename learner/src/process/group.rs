@@ -1,0 +1,161 @@
+//! Forming the learner ranks' collective group and splitting a global batch into shards.
+
+use crate::parallel::collective::{NcclCollective, RingCollective};
+use crate::parallel::grad_sync::GradSync;
+use crate::process::run::RunError;
+use crate::train::grpo::{self, LossAggregation};
+use crate::train::sample::TrainSample;
+use quill_config::job::{CollectiveKind, JobConfig};
+use quill_proto::TrainSample as WireSample;
+use std::net::TcpListener;
+use tch::Device;
+
+/// The backend a job's learner ranks use: `ring` or `nccl`.
+pub fn backend(job: &JobConfig, device: Device) -> &'static str {
+    match job.parallel.collective {
+        CollectiveKind::Ring => "ring",
+        CollectiveKind::Nccl => "nccl",
+        CollectiveKind::Auto if device.is_cuda() => "nccl",
+        CollectiveKind::Auto => "ring",
+    }
+}
+
+/// A listener for this rank's ring connections (any interface, a free port).
+pub fn ring_listener() -> Result<TcpListener, RunError> {
+    TcpListener::bind("0.0.0.0:0").map_err(|e| RunError::Io("<collective listener>".into(), e))
+}
+
+/// Joins the group as `rank`: a ring over `addresses` or NCCL with `nccl_id`.
+pub fn connect(
+    job: &JobConfig,
+    rank: usize,
+    backend: &str,
+    addresses: &[String],
+    nccl_id: &[u8],
+    listener: TcpListener,
+    device: Device,
+) -> Result<GradSync, RunError> {
+    let timeout = job.parallel.timeout();
+    let collective: Box<dyn crate::parallel::collective::Collective> = match backend {
+        "ring" => Box::new(
+            RingCollective::connect(rank, listener, addresses, timeout)
+                .map_err(crate::LearnerError::from)?,
+        ),
+        "nccl" => {
+            let Device::Cuda(index) = device else {
+                return Err(RunError::Startup(format!(
+                    "the nccl collective needs a CUDA device, rank {rank} trains on {device:?}"
+                )));
+            };
+            Box::new(
+                NcclCollective::new(rank, addresses.len(), nccl_id, index, timeout)
+                    .map_err(crate::LearnerError::from)?,
+            )
+        }
+        other => {
+            return Err(RunError::Startup(format!(
+                "unknown collective backend `{other}`"
+            )))
+        }
+    };
+    Ok(GradSync::new(collective, job.parallel.bucket_bytes()))
+}
+
+/// Splits a global batch into `world` shards of about equal token counts (longest samples
+/// first, each to the lightest shard), with each sample's weight in the global loss.
+pub fn split(
+    batch: Vec<TrainSample>,
+    aggregation: LossAggregation,
+    world: usize,
+) -> Vec<(Vec<TrainSample>, Vec<f64>)> {
+    let weights = grpo::token_weights(&batch, aggregation);
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(batch[i].total_tokens()));
+    let mut owner = vec![0; batch.len()];
+    let mut load = vec![0usize; world];
+    for i in order {
+        let lightest = (0..world)
+            .min_by_key(|&r| (load[r], r))
+            .expect("world >= 1");
+        owner[i] = lightest;
+        load[lightest] += batch[i].total_tokens();
+    }
+    let mut shards: Vec<(Vec<TrainSample>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); world];
+    for ((sample, weight), rank) in batch.into_iter().zip(weights).zip(owner) {
+        shards[rank].0.push(sample);
+        shards[rank].1.push(weight);
+    }
+    shards
+}
+
+/// A sample and its weight as they travel to a rank.
+pub fn to_wire(sample: TrainSample, weight: f64) -> WireSample {
+    WireSample {
+        prompt: sample.prompt,
+        response: sample.response,
+        behaviour_logprobs: sample.behaviour_logprobs,
+        advantage: sample.advantage,
+        weight,
+    }
+}
+
+/// A rank's shard back into samples and weights.
+pub fn from_wire(samples: Vec<WireSample>) -> (Vec<TrainSample>, Vec<f64>) {
+    samples
+        .into_iter()
+        .map(|s| {
+            (
+                TrainSample {
+                    prompt: s.prompt,
+                    response: s.response,
+                    behaviour_logprobs: s.behaviour_logprobs,
+                    advantage: s.advantage,
+                },
+                s.weight,
+            )
+        })
+        .unzip()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::batch;
+
+    #[test]
+    fn shards_balance_tokens_and_keep_global_weights() {
+        let global = batch();
+        let weights = grpo::token_weights(&global, LossAggregation::TokenMean);
+        let shards = split(global.clone(), LossAggregation::TokenMean, 3);
+        assert_eq!(shards.len(), 3);
+        let loads: Vec<usize> = shards
+            .iter()
+            .map(|(s, _)| s.iter().map(TrainSample::total_tokens).sum())
+            .collect();
+        assert_eq!(
+            loads.iter().sum::<usize>(),
+            global.iter().map(TrainSample::total_tokens).sum::<usize>()
+        );
+        assert!(
+            loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 11,
+            "{loads:?}"
+        );
+        for (samples, w) in &shards {
+            for (s, w) in samples.iter().zip(w) {
+                let i = global.iter().position(|g| g == s).unwrap();
+                assert_eq!(*w, weights[i]);
+            }
+        }
+        let (back, w) = from_wire(
+            shards[0]
+                .0
+                .iter()
+                .cloned()
+                .zip(&shards[0].1)
+                .map(|(s, &w)| to_wire(s, w))
+                .collect(),
+        );
+        assert_eq!((back, w), shards[0].clone());
+        assert_eq!(split(Vec::new(), LossAggregation::TokenMean, 2).len(), 2);
+    }
+}

@@ -1,0 +1,242 @@
+//! The learner process (rank 0): the trainer thread, the hub's gRPC server on the job's
+//! address, eviction of silent members, and the periodic throughput line.
+
+use crate::data::{self, Dataset};
+use crate::hub::leases::Ledger;
+use crate::hub::{Hub, LearnerService};
+use crate::process::train_loop::{trainer_main, Boot};
+use quill_config::job::JobConfig;
+use quill_proto::auth;
+use quill_proto::learner_server::LearnerServer;
+use quill_proto::rpc::{self, MAX_MESSAGE_BYTES};
+use quill_proto::Role;
+use quill_telemetry::http::{self, Render};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::service::interceptor::InterceptedService;
+
+/// Heartbeat periods of silence after which a member's leases go back in line.
+pub const EVICT_AFTER_HEARTBEATS: u32 = 5;
+
+/// Everything that can stop the learner.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The trainer failed.
+    #[error(transparent)]
+    Learner(#[from] crate::error::LearnerError),
+    /// The model or tokenizer failed.
+    #[error(transparent)]
+    Model(#[from] quill_model::Error),
+    /// The prompt data is unusable.
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    /// No usable job token.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    /// Metrics could not be written.
+    #[error(transparent)]
+    Telemetry(#[from] quill_telemetry::TelemetryError),
+    /// A file could not be read or written.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// The server could not start or failed.
+    #[error("learner server: {0}")]
+    Server(String),
+    /// Start-up failed.
+    #[error("learner start-up failed: {0}")]
+    Startup(String),
+}
+
+/// How this learner process was started.
+#[derive(Debug, Clone, Default)]
+pub struct LearnerOptions {
+    /// Continue from the latest checkpoint under the job's output directory.
+    pub resume: bool,
+    /// Overrides `cluster.learner_addr` (port 0 picks a free port).
+    pub listen: Option<String>,
+    /// Learner ranks in the job (data parallelism); 0 or 1 for a single learner.
+    pub world_size: usize,
+    /// Overrides `metrics.prometheus_addr`: where to serve Prometheus `GET /metrics`.
+    pub metrics_listen: Option<String>,
+}
+
+/// The file the learner writes its bound address into (for launchers and tests).
+pub fn address_file(job: &JobConfig) -> PathBuf {
+    job.job.output_dir.join("learner.addr")
+}
+
+/// Runs rank 0 until training ends; returns after members were told to stop.
+pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
+    let token = auth::load_token(job.job.token_file.as_deref())?;
+    let prompts = data::load_prompts(&job.data)?;
+    std::fs::create_dir_all(&job.job.output_dir)
+        .map_err(|e| RunError::Io(job.job.output_dir.display().to_string(), e))?;
+    if !options.resume {
+        prepare_fresh_start(&job)?;
+    }
+    let (ingest_tx, ingest_rx) = mpsc::channel(job.cluster.ingest_queue.max(1));
+    let (boot_tx, boot_rx) = std::sync::mpsc::channel();
+    let (hub_tx, hub_rx) = std::sync::mpsc::channel();
+    let trainer_job = job.clone();
+    let trainer = std::thread::Builder::new()
+        .name("quill-trainer".into())
+        .spawn(move || trainer_main(trainer_job, options.resume, boot_tx, hub_rx, ingest_rx))
+        .map_err(|e| RunError::Io("<trainer thread>".into(), e))?;
+    let boot: Boot = match boot_rx.recv() {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(join(trainer)
+                .err()
+                .unwrap_or(RunError::Startup("trainer thread exited".into())))
+        }
+    };
+    let mut dataset = Dataset::new(prompts, job.job.seed, job.data.shuffle, job.data.epochs);
+    dataset.restore(boot.data.cursor);
+    let mut ledger = Ledger::starting_at(boot.data.last_lease);
+    ledger.requeue(boot.data.outstanding.iter().copied());
+    let hub = Arc::new(
+        Hub::new(
+            job.clone(),
+            boot.info,
+            boot.tokenizer,
+            dataset,
+            ledger,
+            boot.weights,
+            ingest_tx,
+        )
+        .with_ranks(options.world_size.max(1)),
+    );
+    let runtime =
+        tokio::runtime::Runtime::new().map_err(|e| RunError::Io("<tokio runtime>".into(), e))?;
+    let listen = options
+        .listen
+        .unwrap_or_else(|| job.cluster.learner_addr.clone());
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&listen))
+        .map_err(|e| RunError::Server(format!("cannot listen on {listen}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| RunError::Server(e.to_string()))?;
+    let addr_file = address_file(&job);
+    std::fs::write(&addr_file, bound.to_string())
+        .map_err(|e| RunError::Io(addr_file.display().to_string(), e))?;
+    tracing::info!(address = %bound, "learner listening");
+    let page_hub = Arc::clone(&hub);
+    let render: Render = Arc::new(move || crate::prometheus::render(&page_hub));
+    runtime
+        .block_on(http::start_configured(
+            options.metrics_listen.clone(),
+            "metrics.prometheus_addr",
+            job.metrics.prometheus_addr.clone(),
+            render,
+        ))
+        .map_err(|e| RunError::Server(e.to_string()))?;
+    hub_tx
+        .send(Arc::clone(&hub))
+        .map_err(|_| RunError::Startup("the trainer thread stopped".into()))?;
+
+    let service = InterceptedService::new(
+        LearnerServer::new(LearnerService(Arc::clone(&hub)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        auth::require_token(token),
+    );
+    let heartbeat = Duration::from_secs_f64(job.cluster.heartbeat_seconds);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = runtime.spawn(
+        rpc::server()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    let ticker_hub = Arc::clone(&hub);
+    let log_every = Duration::from_secs_f64(job.metrics.log_every_seconds);
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(heartbeat);
+        let mut last_log = tokio::time::Instant::now();
+        loop {
+            ticks.tick().await;
+            for gone in ticker_hub.evict_silent(heartbeat * EVICT_AFTER_HEARTBEATS) {
+                tracing::warn!(member = %gone, "no heartbeat: removed, its leases go back in line");
+            }
+            if last_log.elapsed() >= log_every {
+                last_log = tokio::time::Instant::now();
+                if let Some(line) = throughput_line(&ticker_hub) {
+                    println!("{line}");
+                }
+            }
+        }
+    });
+    let trained = join(trainer);
+    hub.finish();
+    // Let members see `shutdown` in their next heartbeat before the server goes away.
+    runtime.block_on(async { tokio::time::sleep(heartbeat * 2).await });
+    let _ = stop_tx.send(());
+    let _ = runtime.block_on(server);
+    trained
+}
+
+/// A fresh (not resumed) job must not mix with an earlier one in the same directory: its
+/// checkpoints would be taken for this job's, so they are refused; old metrics are replaced.
+fn prepare_fresh_start(job: &JobConfig) -> Result<(), RunError> {
+    let root = job.job.output_dir.join("checkpoints");
+    if let Some(found) = crate::train::checkpoint::latest_checkpoint(&root) {
+        return Err(RunError::Startup(format!(
+            "{} already holds checkpoints ({}): pass --resume to continue that job, or use another job.output_dir",
+            job.job.output_dir.display(),
+            found.display()
+        )));
+    }
+    let metrics = job.job.output_dir.join(&job.metrics.jsonl);
+    match std::fs::remove_file(&metrics) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(RunError::Io(metrics.display().to_string(), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn join(handle: std::thread::JoinHandle<Result<(), RunError>>) -> Result<(), RunError> {
+    handle
+        .join()
+        .unwrap_or_else(|_| Err(RunError::Startup("the trainer thread panicked".into())))
+}
+
+/// The human-readable throughput line: cluster totals (live actors and reward workers,
+/// generated tokens/s summed over actors, trained tokens/s summed over learner ranks, the
+/// ingest queue) and live per-actor rates from heartbeats, the rest from the latest step.
+pub fn throughput_line(hub: &Hub) -> Option<String> {
+    let status = hub.status_snapshot();
+    let get = |k: &str| status.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    status.get("step")?;
+    let totals = hub.cluster_totals();
+    let actors = hub
+        .member_values(Role::Actor, "tokens_per_s")
+        .iter()
+        .map(|v| format!("{v:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (reward_ms, workers) = hub.member_metric(Role::Reward, "latency_ms");
+    let versions = hub.member_versions(Role::Actor);
+    let lag = versions
+        .iter()
+        .map(|v| hub.version().saturating_sub(*v))
+        .max()
+        .unwrap_or(0);
+    Some(format!(
+        "step {}/{} v{} | {:.2} groups/s | cluster: {} actors gen {:.0} tok/s, {} ranks train {:.0} tok/s, {} reward workers, queue {}/{} | per actor tok/s: {actors} (max lag {lag}) | reward {:.0} ms | step {:.2} s | staleness {:.2} | weights {:.2} s {:.0} MB/s | reward {:.3} in-range {:.0}% words {:.0}",
+        get("step"), get("steps_total"), get("version"), get("rollout_groups_per_s"),
+        totals.actors, totals.generated_tokens_per_s, totals.ranks, totals.trained_tokens_per_s,
+        totals.reward_workers, totals.queue_depth, totals.queue_capacity,
+        reward_ms / workers.max(1) as f64, get("step_seconds"), get("staleness_mean"),
+        get("weight_sync_seconds"), get("weight_sync_mb_per_s"),
+        get("reward_mean"), 100.0 * get("in_range_share"), get("response_words_mean"),
+    ))
+}

@@ -1,0 +1,546 @@
+//! The trainer thread of rank 0: loads the policy (every tensor stays on this thread),
+//! restores the latest checkpoint when resuming, then turns accepted groups into GRPO
+//! steps, publishing each new version's weights to the hub and checkpointing as asked.
+
+use crate::data::Cursor;
+use crate::hub::{Accepted, Hub, JobInfo};
+use crate::parallel::collective::nccl_unique_id;
+use crate::parallel::rank_metrics::RankMeter;
+use crate::parallel::ranks::GroupSetup;
+use crate::process::group;
+use crate::process::run::RunError;
+use crate::train::checkpoint;
+use crate::train::sample::{validate_batch, TrainSample};
+use crate::train::schedule::LrSchedule;
+use crate::train::trainer::{StepStats, Trainer, TrainerConfig};
+use crate::LearnerError;
+use crate::{AdamWConfig, GrpoConfig};
+use quill_config::job::{self, JobConfig};
+use quill_model::device::{parse_device, parse_dtype};
+use quill_model::{default_model, load_pretrained, Qwen2, Tokenizer};
+use quill_proto::blob::WeightBlob;
+use quill_telemetry::{MetricsWriter, Record};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What the trainer thread hands the hub once the model is loaded.
+pub struct Boot {
+    /// Registration data for members.
+    pub info: JobInfo,
+    /// The tokenizer (for leasing prompts).
+    pub tokenizer: Tokenizer,
+    /// The weights of the current version.
+    pub weights: Arc<WeightBlob>,
+    /// Data state restored from a checkpoint.
+    pub data: DataState,
+}
+
+/// The learner's own part of a checkpoint's trainer state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DataState {
+    /// Where the dataset stood.
+    pub cursor: Cursor,
+    /// Prompts leased or waiting at checkpoint time (trained after a resume).
+    pub outstanding: Vec<u64>,
+    /// The last lease id issued (new ids continue after it).
+    pub last_lease: u64,
+}
+
+/// The trainer config a job asks for.
+pub fn trainer_config(job: &JobConfig) -> TrainerConfig {
+    let grpo = &job.grpo;
+    let opt = &job.optimizer;
+    let schedule = match opt.schedule {
+        job::LrSchedule::Constant => LrSchedule::WarmupConstant {
+            warmup_steps: opt.warmup_steps,
+        },
+        job::LrSchedule::Cosine => LrSchedule::Cosine {
+            warmup_steps: opt.warmup_steps,
+            total_steps: grpo.steps,
+            min_lr: opt.min_lr,
+        },
+    };
+    TrainerConfig {
+        grpo: GrpoConfig {
+            eps_low: grpo.eps_low,
+            eps_high: grpo.eps_high,
+            aggregation: grpo.loss_aggregation,
+            kl_coef: grpo.kl_coef,
+            kl_estimator: grpo.kl_estimator,
+            tis_cap: grpo.tis_cap,
+            temperature: if job.sampling.temperature > 0.0 {
+                job.sampling.temperature
+            } else {
+                1.0
+            },
+        },
+        optimizer: AdamWConfig {
+            lr: opt.lr,
+            beta1: opt.betas[0],
+            beta2: opt.betas[1],
+            eps: opt.eps,
+            weight_decay: opt.weight_decay,
+            max_grad_norm: (opt.max_grad_norm > 0.0).then_some(opt.max_grad_norm),
+            schedule,
+        },
+        micro_batch_tokens: grpo.micro_batch_tokens,
+        max_consecutive_bad_steps: opt.max_consecutive_bad_steps,
+    }
+}
+
+fn tokenizer_json(job: &JobConfig) -> Result<String, RunError> {
+    if job.model.path == default_model::NAME {
+        return Ok(default_model::tokenizer_json());
+    }
+    let path = PathBuf::from(&job.model.path).join("tokenizer.json");
+    std::fs::read_to_string(&path).map_err(|e| RunError::Io(path.display().to_string(), e))
+}
+
+/// Loads the policy a job trains (f32 master weights), its frozen reference when the KL
+/// term needs one, and the tokenizer.
+pub(crate) fn load_models(job: &JobConfig) -> Result<(Qwen2, Option<Qwen2>, Tokenizer), RunError> {
+    let device = parse_device(&job.model.device)?;
+    let kind = parse_dtype(&job.model.dtype)?;
+    if kind != tch::Kind::Float {
+        tracing::info!(
+            "the learner trains an f32 master copy; {} applies to published weights",
+            job.model.dtype
+        );
+    }
+    let (model, tokenizer) = load_pretrained(&job.model.path, device, tch::Kind::Float)?;
+    let reference = if job.grpo.kl_coef > 0.0 {
+        let path = job
+            .model
+            .reference_path
+            .as_deref()
+            .unwrap_or(&job.model.path);
+        Some(load_pretrained(path, device, tch::Kind::Float)?.0)
+    } else {
+        None
+    };
+    Ok((model, reference, tokenizer))
+}
+
+/// Makes rank 0's trainer the root of the data-parallel group: waits for every other
+/// rank to join, fixes the group (addresses, backend, NCCL id), connects, and copies its
+/// state to the others. A failure is also reported to the ranks waiting to join.
+fn form_group(job: &JobConfig, hub: &Hub, trainer: &mut Trainer) -> Result<(), RunError> {
+    let formed = (|| {
+        let listener = group::ring_listener()?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| RunError::Io("<collective listener>".into(), e))?
+            .port();
+        let (host, mut addresses) = hub
+            .ranks
+            .wait_for_ranks(job.parallel.timeout())
+            .map_err(RunError::Startup)?;
+        addresses[0] = std::net::SocketAddr::new(host, port).to_string();
+        let device = trainer.model().device();
+        let backend = group::backend(job, device);
+        let nccl_id = if backend == "nccl" {
+            nccl_unique_id().map_err(LearnerError::from)?
+        } else {
+            Vec::new()
+        };
+        hub.ranks.set_setup(GroupSetup {
+            addresses: addresses.clone(),
+            backend: backend.to_owned(),
+            nccl_id: nccl_id.clone(),
+        });
+        let sync = group::connect(job, 0, backend, &addresses, &nccl_id, listener, device)?;
+        trainer.attach(sync)?;
+        tracing::info!(
+            ranks = addresses.len(),
+            backend,
+            "learner ranks formed a group"
+        );
+        Ok::<_, RunError>(())
+    })();
+    if let Err(e) = &formed {
+        hub.ranks
+            .fail(format!("rank 0 could not form the group: {e}"));
+    }
+    formed
+}
+
+/// Runs the trainer thread until the job's steps are done or the data runs out.
+pub fn trainer_main(
+    job: JobConfig,
+    resume: bool,
+    boot: std::sync::mpsc::Sender<Result<Boot, RunError>>,
+    hub: std::sync::mpsc::Receiver<Arc<Hub>>,
+    mut ingest: mpsc::Receiver<Accepted>,
+) -> Result<(), RunError> {
+    let (model, reference, tokenizer) = match load_models(&job) {
+        Ok(parts) => parts,
+        Err(e) => {
+            let message = e.to_string();
+            let _ = boot.send(Err(e));
+            return Err(RunError::Startup(message));
+        }
+    };
+    let tokenizer_text = tokenizer_json(&job)?;
+    let info = JobInfo {
+        job_json: serde_json::to_string(&job).expect("job configs serialise"),
+        model_config_json: model.config().to_json("float32").to_string(),
+        tokenizer_json: tokenizer_text.clone(),
+        vocab_size: model.config().vocab_size,
+        context: model.config().max_position_embeddings as usize,
+    };
+    let mut trainer = Trainer::new(model, reference, trainer_config(&job))?;
+    let root = job.job.output_dir.join("checkpoints");
+    let mut data = DataState::default();
+    if resume {
+        match checkpoint::latest_checkpoint(&root) {
+            Some(dir) => {
+                let state = checkpoint::load(&dir, &mut trainer)?;
+                data = serde_json::from_value(state.extra).unwrap_or_default();
+                tracing::info!(checkpoint = %dir.display(), step = state.progress.step, version = state.progress.version, "resumed");
+            }
+            None => tracing::info!(
+                "--resume: no checkpoint under {}, starting fresh",
+                root.display()
+            ),
+        }
+    }
+    let publish_kind = parse_dtype(&job.checkpoint.publish_dtype)?;
+    let weights = publish(&trainer, publish_kind)?;
+    boot.send(Ok(Boot {
+        info,
+        tokenizer,
+        weights,
+        data,
+    }))
+    .map_err(|_| RunError::Startup("the learner stopped during start-up".into()))?;
+    let Ok(hub) = hub.recv() else {
+        return Ok(());
+    };
+    let metrics = MetricsWriter::create(&job.job.output_dir.join(&job.metrics.jsonl))?;
+    let tokenizer_files = [("tokenizer.json", tokenizer_text.as_bytes())];
+    let save = |trainer: &Trainer| -> Result<(), RunError> {
+        let (cursor, outstanding, last_lease) = hub.data_state();
+        let extra = serde_json::to_value(DataState {
+            cursor,
+            outstanding,
+            last_lease,
+        })
+        .expect("serialises");
+        let dir = checkpoint::save(&root, trainer, &tokenizer_files, extra)?;
+        checkpoint::prune(&root, job.checkpoint.keep)?;
+        tracing::info!(checkpoint = %dir.display(), "checkpoint written");
+        Ok(())
+    };
+    let world = hub.ranks.world_size();
+    if world > 1 {
+        form_group(&job, &hub, &mut trainer)?;
+    }
+    let trained = train(&job, &hub, &mut ingest, &mut trainer, &metrics, &save);
+    hub.ranks.finish();
+    trained?;
+    save(&trainer)?;
+    hub.finish();
+    Ok(())
+}
+
+/// The training loop of rank 0: batches from the ingest queue, one step each (sharded over
+/// the learner ranks), weights published, records written, checkpoints saved.
+fn train(
+    job: &JobConfig,
+    hub: &Hub,
+    ingest: &mut mpsc::Receiver<Accepted>,
+    trainer: &mut Trainer,
+    metrics: &MetricsWriter,
+    save: &dyn Fn(&Trainer) -> Result<(), RunError>,
+) -> Result<(), RunError> {
+    let publish_kind = parse_dtype(&job.checkpoint.publish_dtype)?;
+    let world = hub.ranks.world_size();
+    let started = Instant::now();
+    let meter = RankMeter::new(job, trainer);
+    while trainer.progress().step < job.grpo.steps {
+        let Some(mut batch) = collect_batch(job, hub, ingest, trainer) else {
+            tracing::info!("no more prompts: training ends early");
+            break;
+        };
+        let samples = std::mem::take(&mut batch.samples);
+        let stats = if world > 1 {
+            validate_batch(&samples, trainer.model().config())?;
+            let mut shards = group::split(samples, job.grpo.loss_aggregation, world).into_iter();
+            let (own, own_weights) = shards.next().expect("one shard per rank");
+            // Rank 0 trains its own shard in place; its slot in the table stays empty.
+            let wire = std::iter::once(Vec::new())
+                .chain(shards.map(|(samples, weights)| {
+                    samples
+                        .into_iter()
+                        .zip(weights)
+                        .map(|(s, w)| group::to_wire(s, w))
+                        .collect()
+                }))
+                .collect();
+            hub.ranks.publish(trainer.progress().step + 1, wire);
+            trainer.step_shard(&own, &own_weights)?
+        } else {
+            trainer.step(&samples)?
+        };
+        let every = job.parallel.check_every_steps;
+        let spread = if world > 1 && every > 0 && trainer.progress().step % every == 0 {
+            Some(trainer.check_ranks()?)
+        } else {
+            None
+        };
+        if stats.skipped {
+            tracing::warn!(
+                step = stats.step,
+                in_a_row = stats.consecutive_bad_steps,
+                "non-finite loss or gradient: the update was skipped"
+            );
+        }
+        let publish_started = Instant::now();
+        if !stats.skipped {
+            hub.publish(publish(trainer, publish_kind)?);
+        }
+        let publish_seconds = publish_started.elapsed().as_secs_f64();
+        let ranked = meter.metrics(
+            stats.seconds,
+            stats.shard_tokens,
+            batch.wait_seconds,
+            publish_seconds,
+        );
+        hub.set_rank_metrics(0, ranked.clone());
+        let mut record = step_record(
+            job,
+            hub,
+            &stats,
+            &batch,
+            publish_seconds,
+            started.elapsed().as_secs_f64(),
+            ingest,
+        );
+        record.insert("learner_ranks".into(), json!(world));
+        if let Some(spread) = spread {
+            record.insert("rank_weight_spread".into(), json!(spread));
+        }
+        record.insert("idle_share".into(), ranked["idle_share"].clone());
+        record.insert("mfu".into(), ranked["mfu"].clone());
+        hub.set_status(record.clone());
+        let line = record
+            .into_iter()
+            .fold(Record::new("step"), |r, (k, v)| r.with(&k, v));
+        metrics.write(&line)?;
+        let step = trainer.progress().step;
+        if job.checkpoint.every_steps > 0 && step % job.checkpoint.every_steps == 0 {
+            save(trainer)?;
+        }
+    }
+    Ok(())
+}
+
+fn publish(trainer: &Trainer, kind: tch::Kind) -> Result<Arc<WeightBlob>, RunError> {
+    let version = trainer.progress().version;
+    Ok(Arc::new(quill_model::weights::to_blob(
+        version,
+        &trainer.model().hf_tensors(kind),
+    )?))
+}
+
+/// One optimiser step's worth of groups and what they said about the rollouts.
+struct Batch {
+    samples: Vec<TrainSample>,
+    groups: usize,
+    rewards: Vec<[f64; 4]>,
+    words: Vec<f64>,
+    in_range: Vec<bool>,
+    staleness: Vec<f64>,
+    generated_tokens: usize,
+    wait_seconds: f64,
+    prompt_ids: Vec<u64>,
+    groups_by_actor: std::collections::BTreeMap<String, u64>,
+}
+
+fn collect_batch(
+    job: &JobConfig,
+    hub: &Hub,
+    ingest: &mut mpsc::Receiver<Accepted>,
+    trainer: &Trainer,
+) -> Option<Batch> {
+    let waited = Instant::now();
+    let version = trainer.progress().version;
+    let mut batch = Batch {
+        samples: Vec::new(),
+        groups: 0,
+        rewards: Vec::new(),
+        words: Vec::new(),
+        in_range: Vec::new(),
+        staleness: Vec::new(),
+        generated_tokens: 0,
+        wait_seconds: 0.0,
+        prompt_ids: Vec::new(),
+        groups_by_actor: Default::default(),
+    };
+    while batch.groups < job.grpo.prompts_per_step {
+        let accepted = match ingest.try_recv() {
+            Ok(accepted) => accepted,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if hub.data_done() && batch.groups == 0 {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+        };
+        let group = accepted.group;
+        let rollout = group.rollout.expect("the hub checked it");
+        let oldest = rollout
+            .samples
+            .iter()
+            .map(|s| s.version_first)
+            .min()
+            .unwrap_or(version);
+        if version.saturating_sub(oldest) > job.grpo.max_staleness {
+            hub.rejections.count("too_stale_at_train");
+            continue;
+        }
+        for (score, sample) in group.scores.iter().zip(&rollout.samples) {
+            batch
+                .rewards
+                .push([score.total, score.length, score.format, score.quality]);
+            batch.words.push(f64::from(score.words));
+            batch.in_range.push(score.in_range);
+            batch
+                .staleness
+                .push(version.saturating_sub(sample.version_first) as f64);
+            batch.generated_tokens += sample.tokens.len();
+        }
+        if job.grpo.drop_zero_advantage_groups && group.advantages.iter().all(|a| a.abs() < 1e-8) {
+            hub.rejections.count("zero_advantage");
+            continue;
+        }
+        batch.prompt_ids.push(rollout.prompt_id);
+        *batch
+            .groups_by_actor
+            .entry(rollout.actor_id.clone())
+            .or_default() += 1;
+        for (sample, advantage) in rollout.samples.into_iter().zip(&group.advantages) {
+            batch.samples.push(TrainSample {
+                prompt: rollout.prompt_tokens.clone(),
+                response: sample.tokens,
+                behaviour_logprobs: sample.logprobs,
+                advantage: *advantage,
+            });
+        }
+        batch.groups += 1;
+    }
+    batch.wait_seconds = waited.elapsed().as_secs_f64();
+    Some(batch)
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        sum / n as f64
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn step_record(
+    job: &JobConfig,
+    hub: &Hub,
+    stats: &StepStats,
+    batch: &Batch,
+    publish_seconds: f64,
+    elapsed: f64,
+    ingest: &mpsc::Receiver<Accepted>,
+) -> Map<String, Value> {
+    let column = |i: usize| mean(batch.rewards.iter().map(|r| r[i]));
+    let (gen_tps, actors) = hub.member_metric(quill_proto::Role::Actor, "tokens_per_s");
+    let (reward_ms, rewards) = hub.member_metric(quill_proto::Role::Reward, "latency_ms");
+    let (sync_s, syncs) = hub.member_metric(quill_proto::Role::Actor, "weight_sync_seconds");
+    let (sync_mbps, _) = hub.member_metric(quill_proto::Role::Actor, "weight_sync_mb_per_s");
+    let mut record = Map::new();
+    let mut put = |k: &str, v: Value| {
+        record.insert(k.to_owned(), v);
+    };
+    put("step", json!(stats.step));
+    put("steps_total", json!(job.grpo.steps));
+    put("version", json!(stats.version));
+    put("elapsed_s", json!(elapsed));
+    put("skipped", json!(stats.skipped));
+    put("loss", json!(stats.loss));
+    put("grad_norm", json!(stats.grad_norm));
+    put("lr", json!(stats.lr));
+    put("clip_fraction", json!(stats.clip_fraction));
+    put("mean_ratio", json!(stats.mean_ratio));
+    put("kl", json!(stats.mean_kl));
+    put("groups", json!(batch.groups));
+    put("prompt_ids", json!(batch.prompt_ids));
+    put("groups_by_actor", json!(batch.groups_by_actor));
+    put("samples_scored", json!(batch.rewards.len()));
+    put("reward_mean", json!(column(0)));
+    put("reward_length", json!(column(1)));
+    put("reward_format", json!(column(2)));
+    if job.rewards.quality_model.is_some() {
+        put("reward_quality", json!(column(3)));
+    }
+    put(
+        "response_words_mean",
+        json!(mean(batch.words.iter().copied())),
+    );
+    put(
+        "in_range_share",
+        json!(mean(batch.in_range.iter().map(|&b| f64::from(u8::from(b))))),
+    );
+    put(
+        "staleness_mean",
+        json!(mean(batch.staleness.iter().copied())),
+    );
+    put("trained_tokens", json!(stats.tokens));
+    put("step_seconds", json!(stats.seconds));
+    put("wait_seconds", json!(batch.wait_seconds));
+    put(
+        "trained_tokens_per_s",
+        json!(stats.tokens as f64 / stats.seconds.max(1e-9)),
+    );
+    put("generated_tokens_per_s", json!(gen_tps));
+    put("actors", json!(actors));
+    put(
+        "rollout_groups_per_s",
+        json!(batch.groups as f64 / (batch.wait_seconds + stats.seconds).max(1e-9)),
+    );
+    put("generated_tokens", json!(batch.generated_tokens));
+    put(
+        "reward_latency_ms",
+        json!(if rewards > 0 {
+            reward_ms / rewards as f64
+        } else {
+            0.0
+        }),
+    );
+    put("ingest_queue", json!(ingest.len()));
+    put("ingest_capacity", json!(job.cluster.ingest_queue));
+    put("publish_seconds", json!(publish_seconds));
+    put(
+        "weight_sync_seconds",
+        json!(if syncs > 0 {
+            sync_s / syncs as f64
+        } else {
+            0.0
+        }),
+    );
+    put(
+        "weight_sync_mb_per_s",
+        json!(if syncs > 0 {
+            sync_mbps / syncs as f64
+        } else {
+            0.0
+        }),
+    );
+    put("rejected", json!(hub.rejections.snapshot()));
+    record
+}

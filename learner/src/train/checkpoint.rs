@@ -1,0 +1,341 @@
+//! Training checkpoints: a Hugging Face model directory plus optimizer and trainer state,
+//! written atomically.
+//!
+//! A checkpoint of step `N` is the directory `<root>/step-NNNNNNNN` holding the model
+//! (`config.json`, safetensors weights, the tokenizer files), [`OPTIMIZER_FILE`] and
+//! [`STATE_FILE`]. It is written into `<root>/step-NNNNNNNN.tmp-<pid>-<n>`, synced to disk,
+//! and renamed into place, so a crash never leaves a half checkpoint under a `step-` name.
+
+use crate::error::{LearnerError, Result};
+use crate::train::trainer::{Progress, Trainer};
+use quill_model::checkpoint::CheckpointReader;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The optimizer state inside a checkpoint.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The trainer state inside a checkpoint.
+pub const STATE_FILE: &str = "trainer_state.json";
+/// Prefix of checkpoint directory names.
+const PREFIX: &str = "step-";
+
+/// Names the scratch directories of this process.
+static SCRATCH: AtomicU64 = AtomicU64::new(0);
+
+/// The trainer state saved with a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// The step counters.
+    #[serde(flatten)]
+    pub progress: Progress,
+    /// The caller's own state (data cursor, RNG state …), stored as given.
+    pub extra: Value,
+}
+
+/// The directory of the checkpoint of `step` under `root`.
+pub fn checkpoint_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("{PREFIX}{step:08}"))
+}
+
+/// Saves `trainer` as the checkpoint of its current step under `root` (created if missing)
+/// and returns its directory. `tokenizer_files` are written next to the weights by name
+/// (plain file names only). An existing checkpoint of the same step is replaced.
+pub fn save(
+    root: &Path,
+    trainer: &Trainer,
+    tokenizer_files: &[(&str, &[u8])],
+    extra: Value,
+) -> Result<PathBuf> {
+    if let Some((name, _)) = tokenizer_files
+        .iter()
+        .find(|(name, _)| name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.'))
+    {
+        return Err(LearnerError::state(
+            root,
+            format!("tokenizer file name `{name}` is not a plain file name"),
+        ));
+    }
+    let progress = trainer.progress();
+    let dir = checkpoint_dir(root, progress.step);
+    let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
+    let scratch = sibling(&dir, &format!("tmp-{}-{n}", std::process::id()));
+    if scratch.exists() {
+        // Left by a crashed process that had our pid; nobody else writes this name.
+        remove_dir(&scratch)?;
+    }
+    let state = TrainerState { progress, extra };
+    if let Err(e) = write_into(&scratch, trainer, tokenizer_files, &state) {
+        let _ = std::fs::remove_dir_all(&scratch);
+        return Err(e);
+    }
+    if dir.exists() {
+        let old = sibling(&dir, &format!("old-{}-{n}", std::process::id()));
+        rename(&dir, &old)?;
+        rename(&scratch, &dir)?;
+        remove_dir(&old)?;
+    } else {
+        rename(&scratch, &dir)?;
+    }
+    sync(root)?;
+    tracing::info!(dir = %dir.display(), step = progress.step, "checkpoint written");
+    Ok(dir)
+}
+
+/// Writes every file of a checkpoint into `dir` (created) and syncs them to disk.
+fn write_into(
+    dir: &Path,
+    trainer: &Trainer,
+    tokenizer_files: &[(&str, &[u8])],
+    state: &TrainerState,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| LearnerError::io(dir, e))?;
+    let model = trainer.model();
+    model.save(dir, model.kind())?;
+    for (name, bytes) in tokenizer_files {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(|e| LearnerError::io(&path, e))?;
+    }
+    trainer.optimizer().save(&dir.join(OPTIMIZER_FILE))?;
+    let path = dir.join(STATE_FILE);
+    let text = serde_json::to_string_pretty(state).expect("JSON values always serialise");
+    std::fs::write(&path, text + "\n").map_err(|e| LearnerError::io(&path, e))?;
+    sync_tree(dir)
+}
+
+/// Restores the model weights, optimizer state and counters of `trainer` from the
+/// checkpoint `dir` and returns its saved state. Missing or mis-shaped tensors are errors
+/// naming the tensor; the optimizer and trainer state are checked before anything is
+/// changed, but a failure while copying the weights leaves the trainer unusable.
+pub fn load(dir: &Path, trainer: &mut Trainer) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| LearnerError::io(&path, e))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| LearnerError::state(&path, e.to_string()))?;
+    let reader = CheckpointReader::open(dir)?;
+    let (model, optimizer, progress) = trainer.parts_mut();
+    optimizer.load(&dir.join(OPTIMIZER_FILE))?;
+    model.load_weights(&reader)?;
+    *progress = state.progress;
+    Ok(state)
+}
+
+/// The checkpoint with the highest step under `root`, if any. Scratch directories of
+/// unfinished writes are ignored.
+pub fn latest_checkpoint(root: &Path) -> Option<PathBuf> {
+    checkpoints(root).ok()?.pop().map(|(_, dir)| dir)
+}
+
+/// Deletes all but the `keep` newest checkpoints under `root`, and scratch directories left
+/// by other (crashed) processes; returns what was deleted.
+pub fn prune(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    if keep == 0 {
+        return Err(LearnerError::config(
+            "keep",
+            "must keep at least one checkpoint",
+        ));
+    }
+    let all = checkpoints(root)?;
+    let mut removed: Vec<PathBuf> = all
+        .iter()
+        .take(all.len().saturating_sub(keep))
+        .map(|(_, dir)| dir.clone())
+        .collect();
+    for entry in read_dir(root)? {
+        let name = entry.file_name();
+        let owner = name.to_str().and_then(scratch_owner);
+        if owner.is_some_and(|pid| pid != std::process::id()) {
+            removed.push(entry.path());
+        }
+    }
+    for dir in &removed {
+        remove_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+/// Every finished checkpoint under `root` with its step, oldest first.
+fn checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found: Vec<(u64, PathBuf)> = read_dir(root)?
+        .into_iter()
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let digits = name.to_str()?.strip_prefix(PREFIX)?;
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let step = digits.parse().ok()?;
+            entry.path().is_dir().then(|| (step, entry.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn read_dir(root: &Path) -> Result<Vec<std::fs::DirEntry>> {
+    std::fs::read_dir(root)
+        .and_then(|entries| entries.collect())
+        .map_err(|e| LearnerError::io(root, e))
+}
+
+/// The pid in a scratch directory name (`step-N.tmp-<pid>-<n>` or `step-N.old-<pid>-<n>`).
+fn scratch_owner(name: &str) -> Option<u32> {
+    let (_, rest) = name.strip_prefix(PREFIX)?.split_once('.')?;
+    let rest = rest
+        .strip_prefix("tmp-")
+        .or_else(|| rest.strip_prefix("old-"))?;
+    rest.split_once('-')?.0.parse().ok()
+}
+
+/// `<dir>.<suffix>` next to `dir`.
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir
+        .file_name()
+        .expect("checkpoint dirs have names")
+        .to_owned();
+    name.push(format!(".{suffix}"));
+    dir.with_file_name(name)
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to).map_err(|e| LearnerError::io(to, e))
+}
+
+fn remove_dir(dir: &Path) -> Result<()> {
+    std::fs::remove_dir_all(dir).map_err(|e| LearnerError::io(dir, e))
+}
+
+/// Flushes a file or directory to disk.
+fn sync(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| LearnerError::io(path, e))
+}
+
+/// Flushes every file of `dir` and the directory itself.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in read_dir(dir)? {
+        sync(&entry.path())?;
+    }
+    sync(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{batch, tiny_model};
+    use crate::train::trainer::TrainerConfig;
+    use serde_json::json;
+    use tch::Kind;
+
+    fn trainer(seed: u64) -> Trainer {
+        let mut config = TrainerConfig::default();
+        config.optimizer.lr = 1e-2;
+        Trainer::new(tiny_model(seed), None, config).unwrap()
+    }
+
+    fn same_weights(a: &Trainer, b: &Trainer) -> bool {
+        a.model()
+            .hf_tensors(Kind::Float)
+            .iter()
+            .zip(b.model().hf_tensors(Kind::Float))
+            .all(|((n1, x), (n2, y))| *n1 == n2 && x.equal(&y))
+    }
+
+    #[test]
+    fn round_trip_restores_everything() {
+        let root = tempfile::tempdir().unwrap();
+        let mut original = trainer(1);
+        original.step(&batch()).unwrap();
+        original.step(&batch()).unwrap();
+        let extra = json!({"cursor": 17, "rng": [1, 2, 3]});
+        let tokenizer: &[(&str, &[u8])] = &[("tokenizer.json", b"{}")];
+        let dir = save(root.path(), &original, tokenizer, extra.clone()).unwrap();
+        assert_eq!(dir, root.path().join("step-00000002"));
+        assert_eq!(std::fs::read(dir.join("tokenizer.json")).unwrap(), b"{}");
+        assert!(dir.join("config.json").exists() && dir.join(OPTIMIZER_FILE).exists());
+
+        let mut restored = trainer(9);
+        assert!(!same_weights(&original, &restored));
+        let state = load(&dir, &mut restored).unwrap();
+        assert_eq!(state.extra, extra);
+        assert_eq!(state.progress, original.progress());
+        assert_eq!(restored.progress(), original.progress());
+        assert!(same_weights(&original, &restored));
+        assert_eq!(restored.optimizer().steps(), 2);
+        for ((n1, m1, v1), (n2, m2, v2)) in original
+            .optimizer()
+            .moments()
+            .zip(restored.optimizer().moments())
+        {
+            assert!(
+                n1 == n2 && m1.equal(m2) && v1.equal(v2),
+                "{n1} moments differ"
+            );
+        }
+        // Training on from the checkpoint is exactly training on without it.
+        original.step(&batch()).unwrap();
+        restored.step(&batch()).unwrap();
+        assert!(same_weights(&original, &restored));
+    }
+
+    #[test]
+    fn unfinished_writes_are_ignored_and_pruned() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(latest_checkpoint(root.path()), None);
+        let mut t = trainer(2);
+        for _ in 0..3 {
+            t.step(&batch()).unwrap();
+            save(root.path(), &t, &[], Value::Null).unwrap();
+        }
+        let stale = root.path().join("step-00000009.tmp-4000000-0");
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::write(stale.join("config.json"), "{").unwrap();
+        let own = root
+            .path()
+            .join(format!("step-00000008.tmp-{}-99", std::process::id()));
+        std::fs::create_dir(&own).unwrap();
+        assert_eq!(
+            latest_checkpoint(root.path()),
+            Some(root.path().join("step-00000003"))
+        );
+        let mut removed = prune(root.path(), 2).unwrap();
+        removed.sort();
+        assert_eq!(removed, [root.path().join("step-00000001"), stale]);
+        assert!(
+            own.exists(),
+            "a scratch dir of this process may still be in use"
+        );
+        assert!(root.path().join("step-00000002").exists());
+        assert!(prune(root.path(), 0).is_err());
+    }
+
+    #[test]
+    fn saving_the_same_step_again_replaces_it() {
+        let root = tempfile::tempdir().unwrap();
+        let t = trainer(3);
+        save(root.path(), &t, &[], json!(1)).unwrap();
+        let dir = save(root.path(), &t, &[], json!(2)).unwrap();
+        let text = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+        let state: TrainerState = serde_json::from_str(&text).unwrap();
+        assert_eq!(state.extra, json!(2));
+        let names: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no scratch directories are left behind");
+    }
+
+    #[test]
+    fn bad_tokenizer_names_and_missing_tensors_are_errors() {
+        let root = tempfile::tempdir().unwrap();
+        let t = trainer(4);
+        let err = save(root.path(), &t, &[("../x", b"")], Value::Null).unwrap_err();
+        assert!(err.to_string().contains("`../x`"), "{err}");
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+        let dir = save(root.path(), &t, &[], Value::Null).unwrap();
+        std::fs::remove_file(dir.join(OPTIMIZER_FILE)).unwrap();
+        let mut other = trainer(5);
+        let err = load(&dir, &mut other).unwrap_err().to_string();
+        assert!(err.contains(OPTIMIZER_FILE), "{err}");
+    }
+}

@@ -1,0 +1,12 @@
+//! Training on one rank: the GRPO loss, AdamW and learning-rate schedules, the step
+//! (micro-batches, gradient accumulation, clipping, skipping bad steps), checkpoints and
+//! the model-FLOPs accounting.
+
+pub mod checkpoint;
+pub mod grpo;
+pub mod mfu;
+pub mod optim;
+pub mod sample;
+pub mod schedule;
+mod state_file;
+pub mod trainer;

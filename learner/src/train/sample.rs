@@ -1,0 +1,211 @@
+//! Training samples: validation, grouping into micro-batches by a token budget, and packing
+//! into one right-padded forward pass.
+
+use crate::error::{LearnerError, Result};
+use quill_model::pad_right;
+use quill_model::ModelConfig;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+/// One scored response, as the learner trains on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSample {
+    /// Prompt token ids (at least one: the first response token is predicted from it).
+    pub prompt: Vec<i64>,
+    /// Response token ids (at least one).
+    pub response: Vec<i64>,
+    /// The behaviour policy's log-probability of each response token, as the actor
+    /// recorded it: `log_softmax(logits / T)[token]`.
+    pub behaviour_logprobs: Vec<f32>,
+    /// The sample's advantage (shared by all its tokens).
+    pub advantage: f32,
+}
+
+impl TrainSample {
+    /// Prompt plus response length in tokens.
+    pub fn total_tokens(&self) -> usize {
+        self.prompt.len() + self.response.len()
+    }
+
+    /// Checks the sample against the model it will train; the error names `index` (its
+    /// position in the batch) and the problem.
+    pub fn validate(&self, index: usize, config: &ModelConfig) -> Result<()> {
+        let fail = |reason: String| Err(LearnerError::InvalidSample { index, reason });
+        if self.prompt.is_empty() {
+            return fail("empty prompt".into());
+        }
+        if self.response.is_empty() {
+            return fail("empty response".into());
+        }
+        if self.behaviour_logprobs.len() != self.response.len() {
+            return fail(format!(
+                "{} behaviour log-probs for {} response tokens",
+                self.behaviour_logprobs.len(),
+                self.response.len()
+            ));
+        }
+        if let Some(i) = self.behaviour_logprobs.iter().position(|l| !l.is_finite()) {
+            return fail(format!(
+                "behaviour log-prob {i} is not finite ({})",
+                self.behaviour_logprobs[i]
+            ));
+        }
+        if !self.advantage.is_finite() {
+            return fail(format!("advantage is not finite ({})", self.advantage));
+        }
+        let vocab = config.vocab_size;
+        let tokens = self.prompt.iter().chain(&self.response);
+        if let Some(id) = tokens.copied().find(|&id| id < 0 || id >= vocab) {
+            return fail(format!(
+                "token id {id} is outside the vocabulary (size {vocab})"
+            ));
+        }
+        let max = config.max_position_embeddings as usize;
+        if self.total_tokens() > max {
+            return fail(format!(
+                "{} tokens exceed the model's context of {max}",
+                self.total_tokens()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Validates every sample of a non-empty batch.
+pub fn validate_batch(batch: &[TrainSample], config: &ModelConfig) -> Result<()> {
+    if batch.is_empty() {
+        return Err(LearnerError::EmptyBatch);
+    }
+    batch
+        .iter()
+        .enumerate()
+        .try_for_each(|(i, s)| s.validate(i, config))
+}
+
+/// Groups sample indices into micro-batches whose padded size (rows × longest row) stays
+/// within `budget` tokens. Samples are taken longest first so rows of a group have similar
+/// lengths; a sample longer than the budget forms a micro-batch of its own.
+pub fn micro_batches(batch: &[TrainSample], budget: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(batch[i].total_tokens()));
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut width = 0;
+    for i in order {
+        match groups.last_mut() {
+            Some(group) if (group.len() + 1) * width <= budget => group.push(i),
+            _ => {
+                width = batch[i].total_tokens();
+                groups.push(vec![i]);
+            }
+        }
+    }
+    groups
+}
+
+/// A micro-batch laid out for one forward pass: each row is prompt + response without its
+/// last token, and the response tokens are read back as a flat list of `N` positions.
+pub(crate) struct Packed {
+    /// Right-padded inputs `[B, T]`.
+    pub tokens: Tensor,
+    /// Row of each response token's predicting position, `[N]`.
+    pub rows: Tensor,
+    /// Column of each response token's predicting position, `[N]`.
+    pub cols: Tensor,
+    /// The response tokens, `[N]`.
+    pub targets: Tensor,
+    /// Response length of each sample.
+    pub response_lens: Vec<usize>,
+}
+
+impl Packed {
+    /// Lays out `samples` on `device`.
+    pub fn new(samples: &[&TrainSample], device: Device) -> Self {
+        let inputs: Vec<Vec<i64>> = samples
+            .iter()
+            .map(|s| {
+                let mut row = s.prompt.clone();
+                row.extend_from_slice(&s.response[..s.response.len() - 1]);
+                row
+            })
+            .collect();
+        let (tokens, _) = pad_right(&inputs, 0, device);
+        let (mut rows, mut cols, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+        for (b, s) in samples.iter().enumerate() {
+            let start = s.prompt.len() as i64 - 1;
+            for (j, &token) in s.response.iter().enumerate() {
+                rows.push(b as i64);
+                cols.push(start + j as i64);
+                targets.push(token);
+            }
+        }
+        let on_device = |v: &[i64]| Tensor::from_slice(v).to(device);
+        Packed {
+            tokens,
+            rows: on_device(&rows),
+            cols: on_device(&cols),
+            targets: on_device(&targets),
+            response_lens: samples.iter().map(|s| s.response.len()).collect(),
+        }
+    }
+
+    /// Number of response tokens.
+    pub fn len(&self) -> usize {
+        self.response_lens.iter().sum()
+    }
+
+    /// One value per response token: each sample's `value` repeated over its tokens, `[N]`.
+    pub fn per_token(&self, values: impl Iterator<Item = f32>, device: Device) -> Tensor {
+        let flat: Vec<f32> = values
+            .zip(&self.response_lens)
+            .flat_map(|(v, &n)| std::iter::repeat_n(v, n))
+            .collect();
+        Tensor::from_slice(&flat).to(device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(prompt: usize, response: usize) -> TrainSample {
+        TrainSample {
+            prompt: vec![1; prompt],
+            response: vec![2; response],
+            behaviour_logprobs: vec![-1.0; response],
+            advantage: 0.5,
+        }
+    }
+
+    #[test]
+    fn micro_batches_respect_the_budget() {
+        let batch = [sample(2, 3), sample(5, 5), sample(1, 1), sample(20, 20)];
+        let groups = micro_batches(&batch, 12);
+        assert_eq!(groups, vec![vec![3], vec![1], vec![0, 2]]);
+        let all = micro_batches(&batch, 1000);
+        assert_eq!(all, vec![vec![3, 1, 0, 2]]);
+    }
+
+    #[test]
+    fn packing_points_at_the_predicting_positions() {
+        let a = TrainSample {
+            prompt: vec![5, 6],
+            response: vec![7, 8, 9],
+            behaviour_logprobs: vec![-1.0; 3],
+            advantage: 1.0,
+        };
+        let b = TrainSample {
+            prompt: vec![3],
+            response: vec![4],
+            behaviour_logprobs: vec![-1.0],
+            advantage: 1.0,
+        };
+        let packed = Packed::new(&[&a, &b], Device::Cpu);
+        assert_eq!(packed.tokens.size(), [2, 4]);
+        assert_eq!(Vec::<i64>::try_from(&packed.rows).unwrap(), [0, 0, 0, 1]);
+        assert_eq!(Vec::<i64>::try_from(&packed.cols).unwrap(), [1, 2, 3, 0]);
+        assert_eq!(Vec::<i64>::try_from(&packed.targets).unwrap(), [7, 8, 9, 4]);
+        let adv = packed.per_token([1.0f32, 2.0].into_iter(), Device::Cpu);
+        assert_eq!(Vec::<f32>::try_from(&adv).unwrap(), [1.0, 1.0, 1.0, 2.0]);
+        assert_eq!(packed.len(), 4);
+    }
+}

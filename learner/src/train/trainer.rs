@@ -1,0 +1,514 @@
+//! One GRPO training step: micro-batches by token budget, gradient accumulation to the
+//! global aggregation, clipping, and skipping of steps whose loss or gradient norm is not
+//! finite. Everything here runs on the calling thread.
+
+use crate::error::{LearnerError, Result};
+use crate::parallel::grad_sync::GradSync;
+use crate::train::grpo::{self, GrpoConfig, LossSums};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::sample::{micro_batches, validate_batch, TrainSample};
+use quill_model::Qwen2;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// Settings of the training step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// The loss.
+    pub grpo: GrpoConfig,
+    /// The optimizer.
+    pub optimizer: AdamWConfig,
+    /// Padded tokens (rows × longest row) per forward/backward pass.
+    pub micro_batch_tokens: usize,
+    /// How many bad (skipped) steps in a row are tolerated before `step` fails.
+    pub max_consecutive_bad_steps: u32,
+}
+
+impl Default for TrainerConfig {
+    /// The recipe's loss and optimizer defaults, 16,384-token micro-batches, 3 bad steps.
+    fn default() -> Self {
+        TrainerConfig {
+            grpo: GrpoConfig::default(),
+            optimizer: AdamWConfig::default(),
+            micro_batch_tokens: 16_384,
+            max_consecutive_bad_steps: 3,
+        }
+    }
+}
+
+impl TrainerConfig {
+    /// Checks the values; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        self.grpo.validate()?;
+        self.optimizer.validate()?;
+        if self.micro_batch_tokens == 0 {
+            return Err(LearnerError::config(
+                "micro_batch_tokens",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where training stands: saved with every checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Batches consumed (applied and skipped steps).
+    pub step: u64,
+    /// Policy weight version: the number of applied updates.
+    pub version: u64,
+    /// Skipped steps since the last applied one.
+    pub consecutive_bad_steps: u32,
+    /// Skipped steps in total.
+    pub skipped_steps: u64,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// The step counter after this step.
+    pub step: u64,
+    /// The weight version after this step.
+    pub version: u64,
+    /// Whether the update was skipped (non-finite loss or gradient norm).
+    pub skipped: bool,
+    /// Skipped steps in a row, this one included (0 after an applied step).
+    pub consecutive_bad_steps: u32,
+    /// The batch loss.
+    pub loss: f64,
+    /// Fraction of tokens clipped (PPO) or truncated (TIS).
+    pub clip_fraction: f64,
+    /// Mean importance ratio against the behaviour policy.
+    pub mean_ratio: f64,
+    /// Mean KL estimate against the reference model (0 without one).
+    pub mean_kl: f64,
+    /// Total gradient L2 norm before clipping (NaN when the loss was not finite).
+    pub grad_norm: f64,
+    /// The learning rate of this update (of the next one when skipped).
+    pub lr: f64,
+    /// Response tokens trained on (by all ranks of a data-parallel group).
+    pub tokens: usize,
+    /// Response tokens of this rank's shard (`tokens` when alone).
+    pub shard_tokens: usize,
+    /// Samples in the batch.
+    pub sequences: usize,
+    /// Forward/backward passes.
+    pub micro_batches: usize,
+    /// Wall time of the step.
+    pub seconds: f64,
+}
+
+/// The policy, an optional frozen reference, their optimizer, the step counters and, in a
+/// data-parallel group, the link to the other learner ranks.
+pub struct Trainer {
+    model: Qwen2,
+    reference: Option<Qwen2>,
+    optimizer: AdamW,
+    config: TrainerConfig,
+    progress: Progress,
+    sync: Option<GradSync>,
+}
+
+impl Trainer {
+    /// A trainer for `model` (f32 weights: they are the master copy) with a fresh optimizer.
+    /// A `reference` model is required when `kl_coef > 0`, and otherwise only reported on.
+    pub fn new(model: Qwen2, reference: Option<Qwen2>, config: TrainerConfig) -> Result<Self> {
+        config.validate()?;
+        if model.kind() != Kind::Float {
+            return Err(LearnerError::config(
+                "dtype",
+                format!("the trained model must be float32, not {:?}", model.kind()),
+            ));
+        }
+        if config.grpo.kl_coef > 0.0 && reference.is_none() {
+            return Err(LearnerError::config(
+                "kl_coef",
+                "a KL penalty needs a reference model",
+            ));
+        }
+        if let Some(r) = &reference {
+            if r.config().vocab_size != model.config().vocab_size || r.device() != model.device() {
+                return Err(LearnerError::config(
+                    "reference",
+                    "the reference model must share the policy's vocabulary and device",
+                ));
+            }
+        }
+        let optimizer = AdamW::new(model.var_store(), config.optimizer.clone())?;
+        Ok(Trainer {
+            model,
+            reference,
+            optimizer,
+            config,
+            progress: Progress::default(),
+            sync: None,
+        })
+    }
+
+    /// Joins a data-parallel group: rank 0's weights, optimizer state and counters are
+    /// copied to every rank (all ranks call this together), and from now on every step
+    /// sums the ranks' gradients.
+    pub fn attach(&mut self, mut sync: GradSync) -> Result<()> {
+        let device = self.model.device();
+        let mut state = self.optimizer.state_tensors();
+        let p = self.progress;
+        let counters = [
+            p.step as f32,
+            p.version as f32,
+            p.consecutive_bad_steps as f32,
+            p.skipped_steps as f32,
+            self.optimizer.steps() as f32,
+        ];
+        state.push(Tensor::from_slice(&counters).to_device(device));
+        sync.broadcast_from_root(&mut state)?;
+        let counters =
+            Vec::<f32>::try_from(state.pop().expect("pushed").to_device(tch::Device::Cpu))?;
+        self.progress = Progress {
+            step: counters[0] as u64,
+            version: counters[1] as u64,
+            consecutive_bad_steps: counters[2] as u32,
+            skipped_steps: counters[3] as u64,
+        };
+        self.optimizer.set_steps(counters[4] as u64);
+        self.sync = Some(sync);
+        Ok(())
+    }
+
+    /// Checks that every rank holds the same weights (all ranks call it together); returns
+    /// the relative spread of their checksums (0 when alone).
+    pub fn check_ranks(&mut self) -> Result<f64> {
+        let params = self.optimizer.params();
+        let (step, device) = (self.progress.step, self.model.device());
+        match &mut self.sync {
+            Some(sync) => sync.check_same_weights(&params, step, device),
+            None => Ok(0.0),
+        }
+    }
+
+    /// The policy being trained.
+    pub fn model(&self) -> &Qwen2 {
+        &self.model
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &TrainerConfig {
+        &self.config
+    }
+
+    /// The step counters.
+    pub fn progress(&self) -> Progress {
+        self.progress
+    }
+
+    /// The policy, optimizer and counters, for restoring a checkpoint.
+    pub(crate) fn parts_mut(&mut self) -> (&mut Qwen2, &mut AdamW, &mut Progress) {
+        (&mut self.model, &mut self.optimizer, &mut self.progress)
+    }
+
+    /// Trains on one batch: validates it, accumulates the gradient of the batch loss over
+    /// micro-batches, clips, and applies one AdamW update, unless the loss or the gradient
+    /// norm is not finite; then the weights and optimizer state stay as they were and the
+    /// step is reported as skipped. More than `max_consecutive_bad_steps` skipped steps in a
+    /// row is an error.
+    pub fn step(&mut self, batch: &[TrainSample]) -> Result<StepStats> {
+        validate_batch(batch, self.model.config())?;
+        let weights = grpo::token_weights(batch, self.config.grpo.aggregation);
+        self.train(batch, &weights)
+    }
+
+    /// One step on this rank's `shard` of a global batch, `weights[i]` being sample `i`'s
+    /// per-token weight in the global loss ([`grpo::token_weights`] of the whole batch).
+    /// In a data-parallel group every rank calls it for the same step (a shard may be
+    /// empty); the ranks' gradients are summed, so all of them take the same update.
+    pub fn step_shard(&mut self, shard: &[TrainSample], weights: &[f64]) -> Result<StepStats> {
+        if weights.len() != shard.len() {
+            return Err(LearnerError::config(
+                "weights",
+                format!("{} weights for {} samples", weights.len(), shard.len()),
+            ));
+        }
+        if self.sync.is_none() || !shard.is_empty() {
+            validate_batch(shard, self.model.config())?;
+        }
+        self.train(shard, weights)
+    }
+
+    /// The step itself on a checked `batch` with one loss weight per sample.
+    fn train(&mut self, batch: &[TrainSample], weights: &[f64]) -> Result<StepStats> {
+        let start = Instant::now();
+        let groups = micro_batches(batch, self.config.micro_batch_tokens);
+        self.optimizer.zero_grad();
+        if self.sync.is_some() {
+            self.define_zero_grads()?;
+        }
+        let mut sums = LossSums::default();
+        let mut finite = true;
+        for group in &groups {
+            let samples: Vec<&TrainSample> = group.iter().map(|&i| &batch[i]).collect();
+            let group_weights: Vec<f64> = group.iter().map(|&i| weights[i]).collect();
+            let (loss, part) = grpo::micro_batch_loss(
+                &self.model,
+                self.reference.as_ref(),
+                &samples,
+                &group_weights,
+                &self.config.grpo,
+            )?;
+            sums.add(&part);
+            if !part.loss.is_finite() {
+                finite = false;
+                break;
+            }
+            loss.f_backward()?;
+        }
+        let shard_tokens = batch.iter().map(|s| s.response.len()).sum();
+        sums.tokens = shard_tokens;
+        let mut sequences = batch.len();
+        if let Some(sync) = &mut self.sync {
+            let device = self.model.device();
+            (sums, sequences, finite) = sync.reduce_sums(&sums, sequences, finite, device)?;
+            if finite {
+                sync.all_reduce_grads(&self.optimizer.params())?;
+            }
+        }
+        let grad_norm = if finite {
+            self.optimizer.clip_grad_norm()?
+        } else {
+            f64::NAN
+        };
+        let applied = grad_norm.is_finite();
+        let lr = if applied {
+            self.optimizer.step()?
+        } else {
+            self.optimizer.next_lr()
+        };
+        self.optimizer.zero_grad();
+        let p = &mut self.progress;
+        p.step += 1;
+        if applied {
+            p.version += 1;
+            p.consecutive_bad_steps = 0;
+        } else {
+            p.consecutive_bad_steps += 1;
+            p.skipped_steps += 1;
+            tracing::warn!(
+                step = p.step,
+                loss = sums.loss,
+                grad_norm,
+                consecutive = p.consecutive_bad_steps,
+                "skipping a step with a non-finite loss or gradient norm"
+            );
+            if p.consecutive_bad_steps > self.config.max_consecutive_bad_steps {
+                return Err(LearnerError::TooManyBadSteps {
+                    count: p.consecutive_bad_steps,
+                    max: self.config.max_consecutive_bad_steps,
+                });
+            }
+        }
+        let stats = sums.finish();
+        Ok(StepStats {
+            step: p.step,
+            version: p.version,
+            skipped: !applied,
+            consecutive_bad_steps: p.consecutive_bad_steps,
+            loss: stats.loss,
+            clip_fraction: stats.clip_fraction,
+            mean_ratio: stats.mean_ratio,
+            mean_kl: stats.mean_kl,
+            grad_norm,
+            lr,
+            tokens: stats.tokens,
+            shard_tokens,
+            sequences,
+            micro_batches: groups.len(),
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Gives every parameter a zero gradient, so that a rank with little or no data still
+    /// takes part in every gradient all-reduce.
+    fn define_zero_grads(&mut self) -> Result<()> {
+        let params = self.optimizer.params();
+        let Some(first) = params.first() else {
+            return Ok(());
+        };
+        let mut zero = first.f_sum(Kind::Float)?.f_mul_scalar(0.0)?;
+        for p in &params[1..] {
+            zero = zero.f_add(&p.f_sum(Kind::Float)?.f_mul_scalar(0.0)?)?;
+        }
+        zero.f_backward()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{batch, sample, tiny_model, trainer_config};
+    use crate::train::grpo::{response_logprobs, LossAggregation};
+
+    /// A snapshot (copies: `hf_tensors` may alias the live parameters).
+    fn weights(trainer: &Trainer) -> Vec<(String, Tensor)> {
+        let tensors = trainer.model().hf_tensors(Kind::Float);
+        tensors.into_iter().map(|(n, t)| (n, t.copy())).collect()
+    }
+
+    fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|((_, x), (_, y))| (x - y).abs().max().double_value(&[]))
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn micro_batching_does_not_change_the_update() {
+        for aggregation in [LossAggregation::TokenMean, LossAggregation::SequenceMean] {
+            let mut whole =
+                Trainer::new(tiny_model(1), None, trainer_config(1000, aggregation, 0.05)).unwrap();
+            let mut split =
+                Trainer::new(tiny_model(1), None, trainer_config(12, aggregation, 0.05)).unwrap();
+            let before = weights(&whole);
+            let a = whole.step(&batch()).unwrap();
+            let b = split.step(&batch()).unwrap();
+            assert_eq!((a.micro_batches, b.micro_batches), (1, 4));
+            assert!((a.loss - b.loss).abs() < 1e-6, "{a:?} vs {b:?}");
+            assert!((a.grad_norm - b.grad_norm).abs() < 1e-6 * a.grad_norm);
+            let moved = max_diff(&before, &weights(&whole));
+            let diff = max_diff(&weights(&whole), &weights(&split));
+            assert!(moved > 1e-3 && diff < 1e-6, "moved {moved}, differs {diff}");
+            assert_eq!((a.version, a.step, a.tokens, a.sequences), (1, 1, 21, 4));
+        }
+    }
+
+    #[test]
+    fn positive_advantages_raise_log_probs() {
+        let mut trainer = Trainer::new(
+            tiny_model(2),
+            None,
+            trainer_config(1000, LossAggregation::TokenMean, 0.05),
+        )
+        .unwrap();
+        let mut batch = vec![sample(5, 4, 5, 0.0, 1.0), sample(6, 4, 5, 0.0, -1.0)];
+        let logp = |t: &Trainer, batch: &[TrainSample]| {
+            let samples: Vec<&TrainSample> = batch.iter().collect();
+            response_logprobs(t.model(), &samples, 0.8).unwrap()
+        };
+        let current = logp(&trainer, &batch);
+        for (s, lp) in batch.iter_mut().zip(&current) {
+            s.behaviour_logprobs = lp.clone();
+        }
+        let stats = trainer.step(&batch).unwrap();
+        assert!((stats.mean_ratio - 1.0).abs() < 1e-6, "{stats:?}");
+        assert_eq!(stats.clip_fraction, 0.0);
+        let total = |lp: &[f32]| lp.iter().sum::<f32>();
+        let after = logp(&trainer, &batch);
+        assert!(
+            total(&after[0]) > total(&current[0]),
+            "{current:?} → {after:?}"
+        );
+        assert!(
+            total(&after[1]) < total(&current[1]),
+            "{current:?} → {after:?}"
+        );
+    }
+
+    #[test]
+    fn non_finite_steps_are_skipped_then_fail() {
+        let mut trainer = Trainer::new(
+            tiny_model(3),
+            None,
+            trainer_config(1000, LossAggregation::TokenMean, 0.05),
+        )
+        .unwrap();
+        let before = weights(&trainer);
+        // A behaviour log-prob far below the policy's makes the ratio overflow to +inf.
+        let poisoned = vec![sample(1, 3, 4, -1000.0, -1.0), sample(2, 3, 4, -3.9, 1.0)];
+        let stats = trainer.step(&poisoned).unwrap();
+        assert!(stats.skipped && !stats.loss.is_finite(), "{stats:?}");
+        assert_eq!(
+            (stats.step, stats.version, stats.consecutive_bad_steps),
+            (1, 0, 1)
+        );
+        assert_eq!(max_diff(&before, &weights(&trainer)), 0.0);
+        assert_eq!(trainer.optimizer().steps(), 0);
+        for (name, m, v) in trainer.optimizer().moments() {
+            let zero = |t: &Tensor| t.abs().max().double_value(&[]) == 0.0;
+            assert!(zero(m) && zero(v), "{name} moments changed");
+        }
+        let good = trainer.step(&batch()).unwrap();
+        assert!(!good.skipped && good.grad_norm.is_finite());
+        assert_eq!(
+            (good.step, good.version, good.consecutive_bad_steps),
+            (2, 1, 0)
+        );
+        trainer.step(&poisoned).unwrap();
+        let err = trainer.step(&poisoned).unwrap_err().to_string();
+        assert!(err.contains("max_consecutive_bad_steps = 1"), "{err}");
+        assert_eq!(trainer.progress().skipped_steps, 3);
+    }
+
+    #[test]
+    fn malformed_samples_are_rejected_by_index() {
+        let mut trainer = Trainer::new(
+            tiny_model(4),
+            None,
+            trainer_config(1000, LossAggregation::TokenMean, 0.05),
+        )
+        .unwrap();
+        let mut nan_advantage = batch();
+        nan_advantage[2].advantage = f32::NAN;
+        let err = trainer.step(&nan_advantage).unwrap_err().to_string();
+        assert!(
+            err.contains("sample 2") && err.contains("advantage"),
+            "{err}"
+        );
+        let mut inf_logprob = batch();
+        inf_logprob[1].behaviour_logprobs[0] = f32::INFINITY;
+        let err = trainer.step(&inf_logprob).unwrap_err().to_string();
+        assert!(
+            err.contains("sample 1") && err.contains("log-prob 0"),
+            "{err}"
+        );
+        let mut short = batch();
+        short[0].behaviour_logprobs.pop();
+        let err = trainer.step(&short).unwrap_err().to_string();
+        assert!(
+            err.contains("sample 0") && err.contains("5 behaviour log-probs"),
+            "{err}"
+        );
+        let mut out_of_vocab = batch();
+        out_of_vocab[3].response[1] = 48;
+        let err = trainer.step(&out_of_vocab).unwrap_err().to_string();
+        assert!(
+            err.contains("sample 3") && err.contains("token id 48"),
+            "{err}"
+        );
+        let mut empty = batch();
+        empty[0].response.clear();
+        empty[0].behaviour_logprobs.clear();
+        let err = trainer.step(&empty).unwrap_err().to_string();
+        assert!(err.contains("sample 0: empty response"), "{err}");
+        assert!(matches!(trainer.step(&[]), Err(LearnerError::EmptyBatch)));
+        assert_eq!(trainer.progress(), Progress::default());
+    }
+
+    #[test]
+    fn kl_needs_a_reference() {
+        let mut c = trainer_config(1000, LossAggregation::TokenMean, 0.05);
+        c.grpo.kl_coef = 0.1;
+        let err = Trainer::new(tiny_model(5), None, c.clone()).err().unwrap();
+        assert!(err.to_string().contains("kl_coef"), "{err}");
+        let mut trainer = Trainer::new(tiny_model(5), Some(tiny_model(5)), c).unwrap();
+        let first = trainer.step(&batch()).unwrap();
+        assert!(first.mean_kl.abs() < 1e-6, "identical models: {first:?}");
+        let second = trainer.step(&batch()).unwrap();
+        assert!(second.mean_kl > 0.0, "{second:?}");
+    }
+}

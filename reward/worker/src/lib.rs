@@ -1,0 +1,8 @@
+//! The reward worker role: the `Reward` gRPC service that scores rollout groups (length,
+//! format and, with a reward model, quality), turns them into advantages and forwards them
+//! to the learner (`service`); the reward-model scorer on its own thread (`quality`); and
+//! the worker process (`process`).
+
+pub mod process;
+pub mod quality;
+pub mod service;
