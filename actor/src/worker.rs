@@ -14,14 +14,15 @@ use quill_config::job::JobConfig;
 use quill_model::device::parse_dtype;
 use quill_model::{ModelConfig, Qwen2, Tokenizer};
 use quill_proto::auth::require_token;
+use quill_proto::metrics::MemberMetrics;
 use quill_proto::rpc::{
     self, endpoint, learner_client, reward_client, LearnerConn, RewardConn,
     LEARNER_SILENCE_HEARTBEATS, MAX_MESSAGE_BYTES,
 };
 use quill_proto::weight_relay_server::WeightRelayServer;
 use quill_proto::{
-    HeartbeatReply, HeartbeatRequest, LeaseRequest, PromptLease, RegisterRequest, Role,
-    RolloutGroup, Sample, WeightSource,
+    ActorMetrics, HeartbeatReply, HeartbeatRequest, LeaseRequest, PromptLease, RegisterRequest,
+    Role, RolloutGroup, Sample, WeightSource,
 };
 use quill_relay::{Fetcher, RelayError, RelayNode, RelayService};
 use quill_telemetry::http;
@@ -97,7 +98,7 @@ struct Shared {
     from_learner: AtomicU64,
     from_relays: AtomicU64,
     corrupt_chunks: AtomicU64,
-    reported: Mutex<HashMap<String, f64>>,
+    reported: Mutex<ActorMetrics>,
 }
 
 /// Serves the actor's own gauges: what its last heartbeat reported, its weights version
@@ -112,8 +113,14 @@ async fn serve_metrics(
     let (engine, shared, member) = (Arc::clone(engine), Arc::clone(shared), member.to_owned());
     let render: http::Render = Arc::new(move || {
         let labels = [("role", "actor"), ("member", member.as_str())];
-        let reported = shared.reported.lock().expect("poisoned").clone();
-        let mut families = quill_telemetry::heartbeat_gauges("quill_actor_", &reported, &labels);
+        let reported = *shared.reported.lock().expect("poisoned");
+        let mut families: Vec<Family> = reported
+            .gauges()
+            .iter()
+            .map(|g| {
+                Family::gauge(&format!("quill_actor_{}", g.name), g.help).with(&labels, g.value)
+            })
+            .collect();
         families.push(
             Family::counter(
                 "quill_generated_tokens_total",
@@ -218,7 +225,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         from_learner: AtomicU64::new(0),
         from_relays: AtomicU64::new(0),
         corrupt_chunks: AtomicU64::new(0),
-        reported: Mutex::new(HashMap::new()),
+        reported: Mutex::default(),
     });
     serve_metrics(&options, &job, &member, &engine, &shared).await?;
     let relay_server = tokio::spawn(
@@ -232,7 +239,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let first = learner
-        .heartbeat(heartbeat_request(&member, &shared, HashMap::new()))
+        .heartbeat(heartbeat_request(&member, &shared, ActorMetrics::default()))
         .await
         .map_err(|s| learner_err(format!("heartbeat: {}", s.message())))?
         .into_inner();
@@ -345,24 +352,11 @@ fn relay_address(
     Ok(bound.to_string())
 }
 
-fn heartbeat_request(
-    member: &str,
-    shared: &Shared,
-    mut metrics: HashMap<String, f64>,
-) -> HeartbeatRequest {
-    let counters = [
-        ("relay_bytes_served", &*shared.relay.bytes_served),
-        ("weight_bytes_from_learner", &shared.from_learner),
-        ("weight_bytes_from_relays", &shared.from_relays),
-        ("weight_corrupt_chunks", &shared.corrupt_chunks),
-    ];
-    for (key, counter) in counters {
-        metrics.insert(key.to_owned(), counter.load(Ordering::Relaxed) as f64);
-    }
+fn heartbeat_request(member: &str, shared: &Shared, metrics: ActorMetrics) -> HeartbeatRequest {
     HeartbeatRequest {
         member_id: member.to_owned(),
         version: shared.version.load(Ordering::SeqCst),
-        metrics,
+        metrics: Some(MemberMetrics::Actor(metrics)),
         receiving_version: shared.receiving.load(Ordering::SeqCst),
         weight_source: shared.source.lock().expect("poisoned").clone(),
     }
@@ -458,15 +452,16 @@ async fn heartbeats(
         let rate = (tokens - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-9);
         last = (Instant::now(), tokens);
         let (sync_s, sync_mbps) = *shared.sync_seconds.lock().expect("poisoned");
-        let metrics = HashMap::from([
-            ("tokens_per_s".to_owned(), rate),
-            (
-                "groups_in_flight".to_owned(),
-                shared.in_flight.load(Ordering::Relaxed) as f64,
-            ),
-            ("weight_sync_seconds".to_owned(), sync_s),
-            ("weight_sync_mb_per_s".to_owned(), sync_mbps),
-        ]);
+        let metrics = ActorMetrics {
+            tokens_per_s: rate,
+            groups_in_flight: shared.in_flight.load(Ordering::Relaxed) as u32,
+            weight_sync_seconds: sync_s,
+            weight_sync_mb_per_s: sync_mbps,
+            relay_bytes_served: shared.relay.bytes_served.load(Ordering::Relaxed),
+            weight_bytes_from_learner: shared.from_learner.load(Ordering::Relaxed),
+            weight_bytes_from_relays: shared.from_relays.load(Ordering::Relaxed),
+            weight_corrupt_chunks: shared.corrupt_chunks.load(Ordering::Relaxed),
+        };
         shared
             .reported
             .lock()

@@ -32,26 +32,6 @@ const STEP_FIELDS: &[(&str, &str)] = &[
     ("clip_fraction", "Share of clipped tokens, latest step."),
 ];
 
-/// Rank fields exported as `quill_rank_<field>` gauges.
-const RANK_FIELDS: &[(&str, &str)] = &[
-    (
-        "step_seconds",
-        "Seconds of the rank's latest optimiser step.",
-    ),
-    (
-        "tokens_per_s",
-        "Tokens/s the rank trained in its latest step.",
-    ),
-    (
-        "idle_share",
-        "Share of the rank's step wall time spent waiting for data.",
-    ),
-    (
-        "mfu",
-        "Model FLOPs utilisation of the rank's latest step (6 N D / peak).",
-    ),
-];
-
 /// Renders the learner's `/metrics` page.
 pub fn render(hub: &Hub) -> String {
     let own = [("role", "learner")];
@@ -158,33 +138,30 @@ pub fn render(hub: &Hub) -> String {
         age.push(&labels, m.seconds_since_heartbeat);
         member_version.push(&labels, m.version as f64);
         lag.push(&labels, version.saturating_sub(m.version) as f64);
-        for (key, value) in &m.metrics {
+        for gauge in m.metrics.iter().flat_map(|m| m.gauges()) {
             reported
-                .entry(key)
+                .entry(gauge.name)
                 .or_insert_with(|| {
-                    Family::gauge(
-                        &format!("quill_member_{key}"),
-                        &format!("`{key}` from the member's latest heartbeat."),
-                    )
+                    Family::gauge(&format!("quill_member_{}", gauge.name), gauge.help)
                 })
-                .push(&labels, *value);
+                .push(&labels, gauge.value);
         }
     }
     families.extend([age, member_version, lag]);
     families.extend(reported.into_values());
 
-    let ranks = hub.rank_metrics();
-    for (field, help) in RANK_FIELDS {
-        let mut family = Family::gauge(&format!("quill_rank_{field}"), help);
-        for rank in &ranks {
-            let id = rank.get("rank").map(Value::to_string).unwrap_or_default();
-            let device = rank.get("device").and_then(Value::as_str).unwrap_or("");
-            if let Some(value) = rank.get(*field).and_then(Value::as_f64) {
-                family.push(&[("rank", id.as_str()), ("device", device)], value);
-            }
+    let mut ranked: std::collections::BTreeMap<&str, Family> = Default::default();
+    for rank in hub.rank_metrics() {
+        let id = rank.rank.to_string();
+        let labels = [("rank", id.as_str()), ("device", rank.device.as_str())];
+        for gauge in rank.gauges() {
+            ranked
+                .entry(gauge.name)
+                .or_insert_with(|| Family::gauge(&format!("quill_rank_{}", gauge.name), gauge.help))
+                .push(&labels, gauge.value);
         }
-        families.push(family);
     }
+    families.extend(ranked.into_values());
     render_prometheus(&families)
 }
 

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod blob;
 mod generated;
+pub mod metrics;
 pub mod rpc;
 
 pub use generated::*;

@@ -16,10 +16,11 @@ use quill_config::job::JobConfig;
 use quill_model::Tokenizer;
 use quill_proto::blob::WeightBlob;
 use quill_proto::learner_server::Learner;
+use quill_proto::metrics::MemberMetrics;
 use quill_proto::{
-    HeartbeatReply, HeartbeatRequest, JoinRankReply, JoinRankRequest, LeaseReply, LeaseRequest,
-    PromptLease, RegisterReply, RegisterRequest, Role, ScoredGroup, ShardReply, ShardRequest,
-    StatusReply, StatusRequest, SubmitReply, WeightsRequest,
+    ActorMetrics, HeartbeatReply, HeartbeatRequest, JoinRankReply, JoinRankRequest, LeaseReply,
+    LeaseRequest, PromptLease, RankMetrics, RegisterReply, RegisterRequest, RewardMetrics, Role,
+    ScoredGroup, ShardReply, ShardRequest, StatusReply, StatusRequest, SubmitReply, WeightsRequest,
 };
 use quill_relay::{ChunkStream, Transfer};
 use serde_json::{json, Map, Value};
@@ -67,7 +68,7 @@ struct Member {
     weight_source: String,
     last_seen: Instant,
     version: u64,
-    metrics: HashMap<String, f64>,
+    metrics: Option<MemberMetrics>,
 }
 
 struct State {
@@ -128,7 +129,7 @@ pub struct Hub {
     status: Mutex<Map<String, Value>>,
     /// The learner ranks (data parallelism).
     pub ranks: RankTable,
-    rank_metrics: Mutex<BTreeMap<u32, Map<String, Value>>>,
+    rank_metrics: Mutex<BTreeMap<u32, RankMetrics>>,
     started: Instant,
 }
 
@@ -153,8 +154,8 @@ pub struct MemberView {
     pub version: u64,
     /// Seconds since its last call.
     pub seconds_since_heartbeat: f64,
-    /// What its last heartbeat reported.
-    pub metrics: BTreeMap<String, f64>,
+    /// What its last heartbeat reported (none before its first).
+    pub metrics: Option<MemberMetrics>,
 }
 
 impl MemberView {
@@ -170,7 +171,11 @@ impl MemberView {
             "weight_source": self.weight_source,
             "version": self.version,
             "seconds_since_heartbeat": self.seconds_since_heartbeat,
-            "metrics": self.metrics,
+            "metrics": match &self.metrics {
+                Some(MemberMetrics::Actor(m)) => json!(m),
+                Some(MemberMetrics::Reward(m)) => json!(m),
+                None => json!({}),
+            },
         })
     }
 }
@@ -318,19 +323,17 @@ impl Hub {
         self.status.lock().expect("poisoned").clone()
     }
 
-    /// Stores learner rank `rank`'s latest step metrics (`device`, `step_seconds`,
-    /// `tokens_per_s`, `idle_share`, `mfu` …); the status document lists every rank's
-    /// map, sorted by rank, under `ranks`, with `rank` set.
-    pub fn set_rank_metrics(&self, rank: u32, mut metrics: Map<String, Value>) {
-        metrics.insert("rank".into(), json!(rank));
+    /// Stores a learner rank's latest step metrics; the status document lists every
+    /// rank's, sorted by rank, under `ranks`.
+    pub fn set_rank_metrics(&self, metrics: RankMetrics) {
         self.rank_metrics
             .lock()
             .expect("poisoned")
-            .insert(rank, metrics);
+            .insert(metrics.rank, metrics);
     }
 
     /// Every rank's latest metrics, sorted by rank.
-    pub fn rank_metrics(&self) -> Vec<Map<String, Value>> {
+    pub fn rank_metrics(&self) -> Vec<RankMetrics> {
         self.rank_metrics
             .lock()
             .expect("poisoned")
@@ -360,7 +363,7 @@ impl Hub {
                 weight_source: m.weight_source.clone(),
                 version: m.version,
                 seconds_since_heartbeat: m.last_seen.elapsed().as_secs_f64(),
-                metrics: m.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                metrics: m.metrics,
             })
             .collect()
     }
@@ -369,24 +372,16 @@ impl Hub {
     pub fn cluster_totals(&self) -> ClusterTotals {
         let members = self.members();
         let count = |role| members.iter().filter(|m| m.role == role).count();
-        let sum = |role, key: &str| -> f64 {
-            members
-                .iter()
-                .filter(|m| m.role == role)
-                .filter_map(|m| m.metrics.get(key))
-                .sum()
-        };
+        let actors = self.actor_metrics();
+        let rewards = self.reward_metrics();
         let ranks = self.rank_metrics();
         ClusterTotals {
             actors: count(Role::Actor),
             reward_workers: count(Role::Reward),
             ranks: ranks.len(),
-            generated_tokens_per_s: sum(Role::Actor, "tokens_per_s"),
-            trained_tokens_per_s: ranks
-                .iter()
-                .filter_map(|r| r.get("tokens_per_s").and_then(Value::as_f64))
-                .sum(),
-            scored_groups_per_s: sum(Role::Reward, "scored_per_s"),
+            generated_tokens_per_s: actors.iter().map(|m| m.tokens_per_s).sum(),
+            trained_tokens_per_s: ranks.iter().map(|r| r.tokens_per_s).sum(),
+            scored_groups_per_s: rewards.iter().map(|m| m.scored_per_s).sum(),
             queue_depth: self.queue_depth(),
             queue_capacity: self.ingest.max_capacity(),
         }
@@ -397,20 +392,23 @@ impl Hub {
         self.ingest.max_capacity() - self.ingest.capacity()
     }
 
-    /// Sums a metric over live members of `role`, and how many reported it.
-    pub fn member_metric(&self, role: Role, key: &str) -> (f64, usize) {
-        let values = self.member_values(role, key);
-        (values.iter().sum(), values.len())
-    }
-
-    /// A metric of every live member of `role` that reported it, in member order.
-    pub fn member_values(&self, role: Role, key: &str) -> Vec<f64> {
+    /// The latest heartbeat metrics of every live actor that reported, in member order.
+    pub fn actor_metrics(&self) -> Vec<ActorMetrics> {
         let state = self.state.lock().expect("poisoned");
         state
             .members
             .values()
-            .filter(|m| m.role == role)
-            .filter_map(|m| m.metrics.get(key).copied())
+            .filter_map(|m| m.metrics.as_ref()?.actor().copied())
+            .collect()
+    }
+
+    /// The latest heartbeat metrics of every live reward worker that reported.
+    pub fn reward_metrics(&self) -> Vec<RewardMetrics> {
+        let state = self.state.lock().expect("poisoned");
+        state
+            .members
+            .values()
+            .filter_map(|m| m.metrics.as_ref()?.reward().copied())
             .collect()
     }
 
@@ -648,7 +646,7 @@ impl Learner for LearnerService {
                 weight_source: String::new(),
                 last_seen: Instant::now(),
                 version: 0,
-                metrics: HashMap::new(),
+                metrics: None,
             },
         );
         drop(state);
@@ -676,11 +674,13 @@ impl Learner for LearnerService {
         member.version = req.version;
         member.receiving = req.receiving_version;
         member.weight_source = req.weight_source;
-        member.metrics = req
-            .metrics
-            .into_iter()
-            .filter(|(_, v)| v.is_finite())
-            .collect();
+        let own_role = |m: &MemberMetrics| match m {
+            MemberMetrics::Actor(_) => member.role == Role::Actor,
+            MemberMetrics::Reward(_) => member.role == Role::Reward,
+        };
+        if let Some(metrics) = req.metrics.filter(|m| m.is_finite() && own_role(m)) {
+            member.metrics = Some(metrics);
+        }
         let now = Instant::now();
         let reward_addresses = state
             .members
@@ -907,16 +907,14 @@ impl Learner for LearnerService {
     ) -> Result<Response<ShardReply>, Status> {
         let hub = Arc::clone(&self.0);
         let req = request.into_inner();
-        if !req.metrics.is_empty() && req.rank > 0 && (req.rank as usize) < hub.ranks.world_size() {
-            let mut metrics: Map<String, Value> = req
-                .metrics
-                .into_iter()
-                .filter(|(_, v)| v.is_finite())
-                .map(|(k, v)| (k, json!(v)))
-                .collect();
-            metrics.entry("mfu").or_insert(Value::Null);
-            metrics.insert("device".into(), json!(req.device));
-            hub.set_rank_metrics(req.rank, metrics);
+        let reported = req.metrics.filter(|m| {
+            m.rank == req.rank
+                && req.rank > 0
+                && (req.rank as usize) < hub.ranks.world_size()
+                && m.gauges().iter().all(|g| g.value.is_finite())
+        });
+        if let Some(metrics) = reported {
+            hub.set_rank_metrics(metrics);
         }
         let answer = tokio::task::spawn_blocking(move || {
             hub.ranks.shard(req.rank as usize, req.step, SHARD_POLL)

@@ -4,7 +4,7 @@
 use crate::train::mfu;
 use crate::train::trainer::Trainer;
 use quill_config::job::JobConfig;
-use serde_json::{json, Map, Value};
+use quill_proto::RankMetrics;
 
 /// A rank's model size and device peak, the basis of its MFU.
 pub struct RankMeter {
@@ -29,37 +29,28 @@ impl RankMeter {
         meter
     }
 
-    /// The device's label (`cpu`, `cuda:0 (NVIDIA H100 …)`).
-    pub fn device(&self) -> &str {
-        &self.device.label
-    }
-
-    /// The rank's entry of the status document's `ranks`: step time, the rank's trained
-    /// tokens/s (`tokens` it trained itself), idle share (waiting for data / wall time) and
-    /// MFU (null when the peak is unknown).
+    /// Rank `rank`'s entry of the status document's `ranks`: step time, the rank's
+    /// trained tokens/s (`tokens` it trained itself), idle share (waiting for data / wall
+    /// time) and MFU (absent when the peak is unknown).
     pub fn metrics(
         &self,
+        rank: u32,
         step_seconds: f64,
         tokens: usize,
         wait_seconds: f64,
         other_seconds: f64,
-    ) -> Map<String, Value> {
+    ) -> RankMetrics {
         let wall = wait_seconds + step_seconds + other_seconds;
-        let mfu = self
-            .device
-            .peak_tflops
-            .map(|peak| mfu::mfu(self.params, tokens as u64, step_seconds, peak));
-        let mut map = Map::new();
-        map.insert("device".into(), json!(self.device.label));
-        map.insert("step_seconds".into(), json!(step_seconds));
-        map.insert(
-            "tokens_per_s".into(),
-            json!(tokens as f64 / step_seconds.max(1e-9)),
-        );
-        map.insert("idle_share".into(), json!(wait_seconds / wall.max(1e-9)));
-        map.insert("mfu".into(), json!(mfu));
-        map.insert("peak_tflops".into(), json!(self.device.peak_tflops));
-        map.insert("params".into(), json!(self.params));
-        map
+        RankMetrics {
+            rank,
+            device: self.device.label.clone(),
+            step_seconds,
+            tokens_per_s: tokens as f64 / step_seconds.max(1e-9),
+            idle_share: wait_seconds / wall.max(1e-9),
+            mfu: self
+                .device
+                .peak_tflops
+                .map(|peak| mfu::mfu(self.params, tokens as u64, step_seconds, peak)),
+        }
     }
 }

@@ -11,7 +11,6 @@ use crate::train::trainer::Trainer;
 use quill_config::job::JobConfig;
 use quill_proto::rpc::{self, LearnerConn};
 use quill_proto::{JoinRankRequest, ShardRequest};
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// How a learner rank > 0 was started.
@@ -91,7 +90,7 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
     let every = job.parallel.check_every_steps;
     let timeout = job.parallel.timeout();
     let meter = RankMeter::new(&job, &trainer);
-    let mut metrics = HashMap::new();
+    let mut metrics = None;
     loop {
         let waited = Instant::now();
         let step = trainer.progress().step + 1;
@@ -100,7 +99,6 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
                 rank: options.rank as u32,
                 step,
                 metrics: metrics.clone(),
-                device: meter.device().to_owned(),
             });
             request.set_timeout(timeout);
             let reply = runtime
@@ -121,12 +119,13 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
         if every > 0 && trainer.progress().step % every == 0 {
             trainer.check_ranks()?;
         }
-        metrics = meter
-            .metrics(stats.seconds, stats.shard_tokens, wait_seconds, 0.0)
-            .into_iter()
-            .filter_map(|(k, v)| v.as_f64().map(|v| (k, v)))
-            .collect::<HashMap<_, _>>();
-        metrics.insert("step".to_owned(), stats.step as f64);
+        metrics = Some(meter.metrics(
+            options.rank as u32,
+            stats.seconds,
+            stats.shard_tokens,
+            wait_seconds,
+            0.0,
+        ));
     }
 }
 

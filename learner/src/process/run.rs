@@ -218,12 +218,14 @@ pub fn throughput_line(hub: &Hub) -> Option<String> {
     status.get("step")?;
     let totals = hub.cluster_totals();
     let actors = hub
-        .member_values(Role::Actor, "tokens_per_s")
+        .actor_metrics()
         .iter()
-        .map(|v| format!("{v:.0}"))
+        .map(|m| format!("{:.0}", m.tokens_per_s))
         .collect::<Vec<_>>()
         .join(", ");
-    let (reward_ms, workers) = hub.member_metric(Role::Reward, "latency_ms");
+    let rewards = hub.reward_metrics();
+    let (reward_ms, workers): (f64, usize) =
+        (rewards.iter().map(|m| m.latency_ms).sum(), rewards.len());
     let versions = hub.member_versions(Role::Actor);
     let lag = versions
         .iter()

@@ -305,12 +305,13 @@ fn train(
         }
         let publish_seconds = publish_started.elapsed().as_secs_f64();
         let ranked = meter.metrics(
+            0,
             stats.seconds,
             stats.shard_tokens,
             batch.wait_seconds,
             publish_seconds,
         );
-        hub.set_rank_metrics(0, ranked.clone());
+        hub.set_rank_metrics(ranked.clone());
         let mut record = step_record(
             job,
             hub,
@@ -324,8 +325,8 @@ fn train(
         if let Some(spread) = spread {
             record.insert("rank_weight_spread".into(), json!(spread));
         }
-        record.insert("idle_share".into(), ranked["idle_share"].clone());
-        record.insert("mfu".into(), ranked["mfu"].clone());
+        record.insert("idle_share".into(), json!(ranked.idle_share));
+        record.insert("mfu".into(), json!(ranked.mfu));
         hub.set_status(record.clone());
         let line = record
             .into_iter()
@@ -459,10 +460,15 @@ fn step_record(
     ingest: &mpsc::Receiver<Accepted>,
 ) -> Map<String, Value> {
     let column = |i: usize| mean(batch.rewards.iter().map(|r| r[i]));
-    let (gen_tps, actors) = hub.member_metric(quill_proto::Role::Actor, "tokens_per_s");
-    let (reward_ms, rewards) = hub.member_metric(quill_proto::Role::Reward, "latency_ms");
-    let (sync_s, syncs) = hub.member_metric(quill_proto::Role::Actor, "weight_sync_seconds");
-    let (sync_mbps, _) = hub.member_metric(quill_proto::Role::Actor, "weight_sync_mb_per_s");
+    let actor_metrics = hub.actor_metrics();
+    let reward_metrics = hub.reward_metrics();
+    let actors = actor_metrics.len();
+    let gen_tps: f64 = actor_metrics.iter().map(|m| m.tokens_per_s).sum();
+    let rewards = reward_metrics.len();
+    let reward_ms: f64 = reward_metrics.iter().map(|m| m.latency_ms).sum();
+    let syncs = actors;
+    let sync_s: f64 = actor_metrics.iter().map(|m| m.weight_sync_seconds).sum();
+    let sync_mbps: f64 = actor_metrics.iter().map(|m| m.weight_sync_mb_per_s).sum();
     let mut record = Map::new();
     let mut put = |k: &str, v: Value| {
         record.insert(k.to_owned(), v);

@@ -7,12 +7,13 @@ use crate::service::{RewardService, RewardWorker};
 use anyhow::Context;
 use quill_config::job::JobConfig;
 use quill_proto::auth::require_token;
+use quill_proto::metrics::MemberMetrics;
 use quill_proto::reward_server::RewardServer;
 use quill_proto::rpc::{self, LEARNER_SILENCE_HEARTBEATS, MAX_MESSAGE_BYTES};
 use quill_proto::{HeartbeatRequest, RegisterRequest, Role};
 use quill_telemetry::http::{self, Render};
 use quill_telemetry::{render_prometheus, Family};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -116,25 +117,12 @@ pub async fn serve(args: RewardOptions, token: String) -> anyhow::Result<()> {
             let (since, before) = window[0];
             let scored_per_s =
                 (scored - before) as f64 / now.duration_since(since).as_secs_f64().max(1e-9);
-            let metrics = HashMap::from([
-                ("scored_per_s".to_owned(), scored_per_s),
-                (
-                    "queue_depth".to_owned(),
-                    beat_worker.waiting.load(Ordering::Relaxed) as f64,
-                ),
-                (
-                    "latency_ms".to_owned(),
-                    *beat_worker.latency_ms.lock().expect("poisoned"),
-                ),
-                (
-                    "in_flight".to_owned(),
-                    beat_worker.in_flight.load(Ordering::Relaxed) as f64,
-                ),
-            ]);
+            let mut metrics = beat_worker.metrics();
+            metrics.scored_per_s = scored_per_s;
             let request = HeartbeatRequest {
                 member_id: beat_worker.member.clone(),
                 version: 0,
-                metrics,
+                metrics: Some(MemberMetrics::Reward(metrics)),
                 ..HeartbeatRequest::default()
             };
             match learner.heartbeat(request).await {
@@ -169,28 +157,19 @@ pub async fn serve(args: RewardOptions, token: String) -> anyhow::Result<()> {
 /// The worker's own `/metrics` page: latency, queue, groups in progress and scored.
 fn metrics_page(worker: &RewardWorker) -> String {
     let labels = [("role", "reward"), ("member", worker.member.as_str())];
-    let latency = *worker.latency_ms.lock().expect("poisoned");
-    let families = [
-        Family::gauge(
-            "quill_reward_latency_ms",
-            "Moving average of receipt-to-verdict time per group, ms.",
-        )
-        .with(&labels, latency),
-        Family::gauge(
-            "quill_reward_queue_depth",
-            "Groups waiting for a scoring slot.",
-        )
-        .with(&labels, worker.waiting.load(Ordering::Relaxed) as f64),
-        Family::gauge(
-            "quill_reward_in_flight",
-            "Groups being scored or forwarded.",
-        )
-        .with(&labels, worker.in_flight.load(Ordering::Relaxed) as f64),
+    let mut families: Vec<Family> = worker
+        .metrics()
+        .gauges()
+        .iter()
+        .filter(|g| g.name != "scored_per_s")
+        .map(|g| Family::gauge(&format!("quill_reward_{}", g.name), g.help).with(&labels, g.value))
+        .collect();
+    families.push(
         Family::counter(
             "quill_reward_scored_groups_total",
             "Groups scored and answered.",
         )
         .with(&labels, worker.scored.load(Ordering::Relaxed) as f64),
-    ];
+    );
     render_prometheus(&families)
 }

@@ -7,7 +7,7 @@ use crate::quality::QualityScorer;
 use quill_config::job::JobConfig;
 use quill_proto::reward_server::Reward;
 use quill_proto::rpc::LearnerConn;
-use quill_proto::{RolloutGroup, SampleScores, ScoreReply, ScoredGroup};
+use quill_proto::{RewardMetrics, RolloutGroup, SampleScores, ScoreReply, ScoredGroup};
 use quill_reward::{
     combine_advantages, effective_word_count, format_reward, response_length_reward,
     split_response, LengthRange,
@@ -38,6 +38,18 @@ pub struct RewardWorker {
     pub latency_ms: Mutex<f64>,
     /// Bounds the groups in progress.
     pub limit: Semaphore,
+}
+
+impl RewardWorker {
+    /// The worker's gauges now (`scored_per_s` is the heartbeat loop's to fill in).
+    pub fn metrics(&self) -> RewardMetrics {
+        RewardMetrics {
+            scored_per_s: 0.0,
+            queue_depth: self.waiting.load(Ordering::Relaxed) as u32,
+            latency_ms: *self.latency_ms.lock().expect("poisoned"),
+            in_flight: self.in_flight.load(Ordering::Relaxed) as u32,
+        }
+    }
 }
 
 /// Scores of one group and its advantages.
