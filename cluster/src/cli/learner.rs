@@ -4,7 +4,7 @@
 use anyhow::bail;
 use anyhow::Context;
 use quill_config::job::JobConfig;
-use quill_learner::parallel::rank_worker::{run_rank, RankOptions};
+use quill_learner::process::rank::{run_rank, RankOptions};
 use quill_learner::process::run::{run as run_learner, LearnerOptions};
 use std::path::PathBuf;
 

@@ -1,8 +1,6 @@
-//! Data parallelism across learner ranks: the collectives (TCP ring, NCCL), gradient
-//! synchronisation, rank 0's table of ranks and the process of a rank > 0.
+//! Data parallelism across learner ranks: the collectives (TCP ring, NCCL) and rank 0's
+//! table of ranks. Nothing here knows about training; `train::grad_sync` uses the
+//! collectives, `process::rank` runs a rank > 0.
 
 pub mod collective;
-pub mod grad_sync;
-pub mod rank_metrics;
-pub mod rank_worker;
 pub mod ranks;

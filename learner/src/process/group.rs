@@ -1,8 +1,8 @@
 //! Forming the learner ranks' collective group and splitting a global batch into shards.
 
 use crate::parallel::collective::{NcclCollective, RingCollective};
-use crate::parallel::grad_sync::GradSync;
-use crate::process::run::RunError;
+use crate::process::error::RunError;
+use crate::train::grad_sync::GradSync;
 use crate::train::grpo::{self, LossAggregation};
 use crate::train::sample::TrainSample;
 use quill_config::job::{CollectiveKind, JobConfig};

@@ -4,6 +4,7 @@
 use crate::data::{self, Dataset};
 use crate::hub::leases::Ledger;
 use crate::hub::{Hub, LearnerService};
+use crate::process::error::RunError;
 use crate::process::train_loop::{trainer_main, Boot};
 use quill_config::job::JobConfig;
 use quill_proto::auth;
@@ -20,35 +21,6 @@ use tonic::service::interceptor::InterceptedService;
 
 /// Heartbeat periods of silence after which a member's leases go back in line.
 pub const EVICT_AFTER_HEARTBEATS: u32 = 5;
-
-/// Everything that can stop the learner.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// The trainer failed.
-    #[error(transparent)]
-    Learner(#[from] crate::error::LearnerError),
-    /// The model or tokenizer failed.
-    #[error(transparent)]
-    Model(#[from] quill_model::Error),
-    /// The prompt data is unusable.
-    #[error(transparent)]
-    Data(#[from] data::DataError),
-    /// No usable job token.
-    #[error(transparent)]
-    Auth(#[from] auth::AuthError),
-    /// Metrics could not be written.
-    #[error(transparent)]
-    Telemetry(#[from] quill_telemetry::TelemetryError),
-    /// A file could not be read or written.
-    #[error("{0}: {1}")]
-    Io(String, std::io::Error),
-    /// The server could not start or failed.
-    #[error("learner server: {0}")]
-    Server(String),
-    /// Start-up failed.
-    #[error("learner start-up failed: {0}")]
-    Startup(String),
-}
 
 /// How this learner process was started.
 #[derive(Debug, Clone, Default)]

@@ -5,10 +5,10 @@
 use crate::data::Cursor;
 use crate::hub::{Accepted, Hub, JobInfo};
 use crate::parallel::collective::nccl_unique_id;
-use crate::parallel::rank_metrics::RankMeter;
 use crate::parallel::ranks::GroupSetup;
+use crate::process::error::RunError;
 use crate::process::group;
-use crate::process::run::RunError;
+use crate::process::rank_metrics::RankMeter;
 use crate::train::checkpoint;
 use crate::train::sample::{validate_batch, TrainSample};
 use crate::train::schedule::LrSchedule;

@@ -3,6 +3,7 @@
 //! the model-FLOPs accounting.
 
 pub mod checkpoint;
+pub mod grad_sync;
 pub mod grpo;
 pub mod mfu;
 pub mod optim;

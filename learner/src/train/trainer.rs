@@ -3,7 +3,7 @@
 //! finite. Everything here runs on the calling thread.
 
 use crate::error::{LearnerError, Result};
-use crate::parallel::grad_sync::GradSync;
+use crate::train::grad_sync::GradSync;
 use crate::train::grpo::{self, GrpoConfig, LossSums};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::sample::{micro_batches, validate_batch, TrainSample};

@@ -3,9 +3,9 @@
 //! summing gradients with the other ranks. It exits when rank 0 says training is over,
 //! and fails with a clear error when rank 0 or another rank goes away.
 
-use crate::parallel::rank_metrics::RankMeter;
+use crate::process::error::RunError;
 use crate::process::group;
-use crate::process::run::RunError;
+use crate::process::rank_metrics::RankMeter;
 use crate::process::train_loop::{load_models, trainer_config};
 use crate::train::trainer::Trainer;
 use quill_config::job::JobConfig;
