@@ -154,12 +154,11 @@ impl GradSync {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parallel::collective::RingCollective;
+    use crate::parallel::collective::{on_loopback_ranks, RingCollective};
     use crate::testing::{batch, sample, tiny_model, trainer_config};
     use crate::train::grpo::{token_weights, LossAggregation};
     use crate::Trainer;
     use quill_config::job::ParallelSection;
-    use std::net::TcpListener;
     use std::time::Duration;
 
     /// Three global batches, the last smaller than three ranks' worth.
@@ -190,32 +189,10 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
-    /// Runs `body(rank, ring)` for `world` ranks on threads over a loopback ring and
-    /// returns what each rank returned, by rank.
+    /// Runs `body(rank, ring)` for `world` ranks on threads over a loopback ring.
     fn on_ranks<T: Send>(world: usize, body: impl Fn(usize, RingCollective) -> T + Sync) -> Vec<T> {
-        let listeners: Vec<TcpListener> = (0..world)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addresses: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().to_string())
-            .collect();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    let (addresses, body) = (&addresses, &body);
-                    scope.spawn(move || {
-                        let timeout = Duration::from_secs(20);
-                        body(
-                            rank,
-                            RingCollective::connect(rank, listener, addresses, timeout).unwrap(),
-                        )
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        on_loopback_ranks(world, Duration::from_secs(20), |ring| {
+            body(ring.rank(), ring)
         })
     }
 

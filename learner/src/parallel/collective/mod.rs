@@ -10,6 +10,8 @@ mod nccl;
 mod ring;
 
 pub use nccl::{nccl_unique_id, NcclCollective, NCCL_ID_BYTES};
+#[cfg(test)]
+pub(crate) use ring::on_loopback_ranks;
 pub use ring::RingCollective;
 
 use std::time::Duration;

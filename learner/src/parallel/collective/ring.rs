@@ -430,38 +430,47 @@ impl Collective for RingCollective {
     }
 }
 
+/// Runs `body` on `world` ranks (threads), each with a ring over loopback, and returns
+/// what each rank returned, by rank.
+#[cfg(test)]
+pub(crate) fn on_loopback_ranks<T: Send>(
+    world: usize,
+    timeout: Duration,
+    body: impl Fn(RingCollective) -> T + Sync,
+) -> Vec<T> {
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addresses: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let (addresses, body) = (&addresses, &body);
+                scope.spawn(move || {
+                    body(RingCollective::connect(rank, listener, addresses, timeout).unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::parallel::collective::CollectiveError;
 
-    /// Runs `body` on `world` ranks (threads), each with a ring over loopback.
     fn on_ranks<T: Send>(
         world: usize,
         timeout: Duration,
         body: impl Fn(RingCollective) -> T + Sync,
     ) -> Vec<T> {
-        let listeners: Vec<TcpListener> = (0..world)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addresses: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().unwrap().to_string())
-            .collect();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    let addresses = &addresses;
-                    let body = &body;
-                    scope.spawn(move || {
-                        body(RingCollective::connect(rank, listener, addresses, timeout).unwrap())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        })
+        on_loopback_ranks(world, timeout, body)
     }
 
     fn values(rank: usize, n: usize) -> Vec<f32> {
