@@ -218,6 +218,7 @@ fn bad_flags_fail_with_clear_messages() {
 }
 
 #[test]
+#[ignore = "slow tier: runs transformers' generate() for the comparison"]
 fn bench_generate_runs_both_systems_and_prints_the_ratio() {
     let python = support::python();
     let out = quill(&[

@@ -29,6 +29,7 @@ fn field(record: &Map<String, Value>, key: &str) -> f64 {
 }
 
 #[test]
+#[ignore = "slow tier: trains the default job to the end (minutes)"]
 fn the_default_job_learns() {
     let job = TestJob::new(|_| {});
     let mut launcher = launch(&job, &[]);
@@ -83,6 +84,7 @@ fn state(job: &TestJob, step: u64) -> Value {
 }
 
 #[test]
+#[ignore = "slow tier: trains a job and resumes it (two launches)"]
 fn resume_continues_version_data_cursor_and_optimizer() {
     let job = TestJob::new(|t| {
         set(t, "grpo", "steps", 3);
@@ -150,6 +152,7 @@ fn resume_continues_version_data_cursor_and_optimizer() {
 }
 
 #[test]
+#[ignore = "slow tier: waits for a training step of a launched job (~1 min)"]
 fn interrupting_the_launcher_stops_every_process() {
     let job = TestJob::new(|t| set(t, "grpo", "steps", 1000));
     let mut launcher = launch(&job, &[]);

@@ -62,6 +62,7 @@ fn prompts_and_greedy(variant: &str) -> Vec<(Vec<i64>, Vec<i64>)> {
 }
 
 #[test]
+#[ignore = "slow tier: parity with transformers"]
 fn greedy_matches_transformers_one_sequence_at_a_time() {
     for variant in VARIANTS {
         let mut engine = engine(variant, 1);
@@ -81,6 +82,7 @@ fn greedy_matches_transformers_one_sequence_at_a_time() {
 }
 
 #[test]
+#[ignore = "slow tier: parity with transformers"]
 fn greedy_matches_transformers_in_one_padded_batch() {
     for variant in VARIANTS {
         let cases = prompts_and_greedy(variant);
@@ -106,6 +108,7 @@ fn greedy_matches_transformers_in_one_padded_batch() {
 }
 
 #[test]
+#[ignore = "slow tier: parity with transformers"]
 fn greedy_matches_transformers_under_continuous_batching() {
     let variant = "tied_gqa_single";
     let cases = prompts_and_greedy(variant);
@@ -151,6 +154,7 @@ fn greedy_matches_transformers_under_continuous_batching() {
 }
 
 #[test]
+#[ignore = "slow tier: parity with transformers"]
 fn logprobs_equal_a_full_forward_recomputation() {
     let mut engine = engine("tied_gqa_single", 4);
     let prompt = ids(&expected("tied_gqa_single")["prompt_1"]);
@@ -193,6 +197,7 @@ fn logprobs_equal_a_full_forward_recomputation() {
 }
 
 #[test]
+#[ignore = "slow tier: parity with transformers"]
 fn results_do_not_depend_on_batch_composition() {
     let want = expected("untied_mha_sharded");
     let prompt = ids(&want["prompt_0"]);
@@ -224,6 +229,7 @@ fn results_do_not_depend_on_batch_composition() {
 }
 
 #[test]
+#[ignore = "slow tier: parity with transformers"]
 fn stop_tokens_and_stop_strings_end_samples() {
     // A fixture model: its greedy continuations have no near-ties, so reruns agree.
     let mut engine = engine("tied_gqa_single", 4);
@@ -296,6 +302,7 @@ fn stop_tokens_and_stop_strings_end_samples() {
 }
 
 #[test]
+#[ignore = "slow tier: parity with transformers"]
 fn generation_stops_at_the_end_of_the_context() {
     let mut engine = engine("tied_gqa_single", 2);
     let context = engine.model().config().max_position_embeddings as usize;
@@ -315,6 +322,7 @@ fn generation_stops_at_the_end_of_the_context() {
 }
 
 #[test]
+#[ignore = "slow tier: parity with transformers"]
 fn the_threaded_engine_answers_every_request() {
     let dir = fixtures().join("untied_mha_sharded");
     let handle = EngineHandle::spawn(

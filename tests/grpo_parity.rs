@@ -310,6 +310,7 @@ impl std::fmt::Display for Deviation {
 }
 
 #[test]
+#[ignore = "slow tier: parity with transformers"]
 fn grpo_steps_match_pytorch() {
     for variant in variants() {
         run(&variant);

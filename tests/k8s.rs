@@ -73,6 +73,7 @@ fn help_flags(sub: &str) -> HashSet<String> {
 }
 
 #[test]
+#[ignore = "slow tier: needs kubectl (and PyYAML from the venv)"]
 fn every_container_runs_real_quill_flags() {
     let objects = rendered();
     let workloads: Vec<&Value> = ["StatefulSet", "Deployment"]
@@ -179,6 +180,7 @@ fn every_container_runs_real_quill_flags() {
 }
 
 #[test]
+#[ignore = "slow tier: needs kubectl (and PyYAML from the venv)"]
 fn the_configmap_holds_a_valid_job() {
     let objects = rendered();
     let map = of_kind(&objects, "ConfigMap")[0];

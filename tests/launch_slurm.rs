@@ -228,6 +228,7 @@ fn missing_or_invalid_job_files_are_refused() {
 }
 
 #[test]
+#[ignore = "slow tier: needs SLURM's sbatch"]
 fn a_refusing_sbatch_reports_its_stderr() {
     let job = TestJob::new(|_| {});
     // The real sbatch with an empty SLURM configuration refuses at once.

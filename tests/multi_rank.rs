@@ -89,6 +89,7 @@ fn wait_for_step(job: &TestJob, step: u64, procs: &mut [Proc]) {
 }
 
 #[test]
+#[ignore = "slow tier: trains a job with two learner ranks (minutes)"]
 fn two_learner_ranks_train_in_lockstep() {
     let job = ranks_job(4, 60.0);
     let mut command = std::process::Command::new(support::job::quill_bin());
@@ -148,6 +149,7 @@ fn two_learner_ranks_train_in_lockstep() {
 }
 
 #[test]
+#[ignore = "slow tier: trains a job with two learner ranks (minutes)"]
 fn a_dead_learner_rank_stops_the_others_and_the_job_resumes() {
     let timeout = 8.0;
     let job = ranks_job(8, timeout);

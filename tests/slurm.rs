@@ -246,6 +246,7 @@ fn submitted_id(out: &Output) -> String {
 }
 
 #[test]
+#[ignore = "slow tier: starts a SLURM cluster and trains a job through it"]
 fn a_job_trains_on_a_real_slurm_cluster() {
     let cluster = Cluster::start();
     let job = TestJob::new(|t| {
