@@ -22,6 +22,7 @@ fn engine(variant: &str, max_batch: usize) -> Engine {
         &EngineConfig {
             max_batch,
             initial_cache_len: 64,
+            ..EngineConfig::default()
         },
     )
 }
@@ -336,6 +337,7 @@ fn the_threaded_engine_answers_every_request() {
         EngineConfig {
             max_batch: 4,
             initial_cache_len: 32,
+            ..EngineConfig::default()
         },
     )
     .unwrap();

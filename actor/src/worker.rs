@@ -13,12 +13,9 @@ use crate::{EngineConfig, EngineHandle, GenerationRequest, GroupOutput, Sampling
 use quill_config::job::JobConfig;
 use quill_model::device::parse_dtype;
 use quill_model::{ModelConfig, Qwen2, Tokenizer};
-use quill_proto::auth::require_token;
+use quill_proto::member::{Member, MemberError};
 use quill_proto::metrics::MemberMetrics;
-use quill_proto::rpc::{
-    self, endpoint, learner_client, reward_client, LearnerConn, RewardConn,
-    LEARNER_SILENCE_HEARTBEATS, MAX_MESSAGE_BYTES,
-};
+use quill_proto::rpc::{self, endpoint, reward_client, RewardConn};
 use quill_proto::weight_relay_server::WeightRelayServer;
 use quill_proto::{
     ActorMetrics, HeartbeatReply, HeartbeatRequest, LeaseRequest, PromptLease, RegisterRequest,
@@ -32,14 +29,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::task::JoinSet;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// Why an actor stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ActorError {
-    /// The learner could not be reached or refused a call.
+    /// The learner could not be reached or refused the registration.
+    #[error(transparent)]
+    Member(#[from] MemberError),
+    /// The learner refused or failed a call after the registration.
     #[error("learner {addr}: {reason}")]
     Learner {
         /// The learner's address.
@@ -80,7 +78,6 @@ pub struct ActorOptions {
     pub relay_advertise: Option<String>,
 }
 
-type Learner = LearnerConn;
 type Reward = RewardConn;
 
 struct Shared {
@@ -154,11 +151,6 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         addr: options.learner.clone(),
         reason,
     };
-    let timeout = Duration::from_secs(30);
-    let channel = connect_with_retry(&options.learner, timeout)
-        .await
-        .map_err(learner_err)?;
-    let mut learner: Learner = learner_client(channel, &options.token);
     let listener = tokio::net::TcpListener::bind(&options.relay_listen)
         .await
         .map_err(|e| {
@@ -168,17 +160,17 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
             ))
         })?;
     let relay_address = relay_address(&listener, options.relay_advertise.as_deref())?;
-    let reply = learner
-        .register(RegisterRequest {
+    let (mut member, reply) = Member::join(
+        &options.learner,
+        &options.token,
+        RegisterRequest {
             role: Role::Actor as i32,
             name: options.name.clone(),
             address: String::new(),
             relay_address: relay_address.clone(),
-        })
-        .await
-        .map_err(|s| learner_err(format!("register: {}", s.message())))?
-        .into_inner();
-    let member = reply.member_id.clone();
+        },
+    )
+    .await?;
     let job: JobConfig =
         serde_json::from_str(&reply.job_json).map_err(|e| ActorError::Job(e.to_string()))?;
     let config_json = serde_json::from_str(&reply.model_config_json)
@@ -201,6 +193,9 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         EngineConfig {
             max_batch: job.cluster.actor_batch,
             initial_cache_len: 512,
+            // The actor asks for at most `leases_per_actor` groups at a time, plus one
+            // weight update and the shutdown: its requests never wait for room.
+            request_queue: job.cluster.leases_per_actor.max(1) + 2,
         },
     )?;
     let engine = Arc::new(engine);
@@ -214,7 +209,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         sync_seconds: Mutex::new((0.0, 0.0)),
         relay: Arc::clone(&relay),
         fetcher: Fetcher {
-            learner: Some(learner.clone()),
+            learner: Some(member.learner.clone()),
             token: options.token.clone(),
             stall,
         },
@@ -227,46 +222,41 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         corrupt_chunks: AtomicU64::new(0),
         reported: Mutex::default(),
     });
-    serve_metrics(&options, &job, &member, &engine, &shared).await?;
-    let relay_server = tokio::spawn(
-        rpc::server()
-            .add_service(InterceptedService::new(
-                WeightRelayServer::new(RelayService(relay))
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                require_token(options.token.clone()),
-            ))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let first = learner
-        .heartbeat(heartbeat_request(&member, &shared, ActorMetrics::default()))
+    serve_metrics(&options, &job, &member.id, &engine, &shared).await?;
+    let relay_server = tokio::spawn(rpc::serve(
+        listener,
+        options.token.clone(),
+        WeightRelayServer::new(RelayService(relay)),
+        std::future::pending(),
+    ));
+    let first = member
+        .heartbeat(heartbeat_request(&shared, ActorMetrics::default()))
         .await
-        .map_err(|s| learner_err(format!("heartbeat: {}", s.message())))?
-        .into_inner();
+        .map_err(|s| learner_err(format!("heartbeat: {}", s.message())))?;
     take_reply(&shared, &first);
     sync_weights(first.latest_version, &engine, &shared)
         .await
         .map_err(learner_err)?;
-    tracing::info!(member = %member, version = shared.version.load(Ordering::SeqCst), relay = %relay_address, "actor joined");
+    tracing::info!(member = %member.id, version = shared.version.load(Ordering::SeqCst), relay = %relay_address, "actor joined");
 
+    let hb = Duration::from_secs_f64(job.cluster.heartbeat_seconds);
     let heartbeat = tokio::spawn(heartbeats(
-        learner.clone(),
         member.clone(),
         Arc::clone(&engine),
         Arc::clone(&shared),
-        job.clone(),
+        hb,
     ));
     let stop_ids = engine.stop_token_ids();
     let mut groups: JoinSet<()> = JoinSet::new();
     let want = job.cluster.leases_per_actor.max(1);
-    let hb = Duration::from_secs_f64(job.cluster.heartbeat_seconds);
     let channels = Arc::new(tokio::sync::Mutex::new(HashMap::<String, Reward>::new()));
     while !shared.shutdown.load(Ordering::SeqCst) {
         let free = want.saturating_sub(groups.len());
         if free > 0 {
-            let reply = learner
+            let reply = member
+                .learner
                 .lease(LeaseRequest {
-                    member_id: member.clone(),
+                    member_id: member.id.clone(),
                     max_groups: free as u32,
                     version: shared.version.load(Ordering::SeqCst),
                 })
@@ -281,7 +271,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
                         shared.in_flight.fetch_add(1, Ordering::Relaxed);
                         groups.spawn(generate_and_deliver(
                             lease,
-                            member.clone(),
+                            member.id.clone(),
                             Arc::clone(&engine),
                             Arc::clone(&shared),
                             job.clone(),
@@ -306,20 +296,8 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
     groups.abort_all();
     heartbeat.abort();
     relay_server.abort();
-    tracing::info!(member = %member, "actor finished");
+    tracing::info!(member = %member.id, "actor finished");
     Ok(())
-}
-
-async fn connect_with_retry(addr: &str, timeout: Duration) -> Result<Channel, String> {
-    let endpoint = endpoint(addr, timeout)?;
-    let started = Instant::now();
-    loop {
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(channel),
-            Err(e) if started.elapsed() > timeout => return Err(format!("cannot connect: {e}")),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
 }
 
 /// How long a relay child waits for the next bytes before it tries another source.
@@ -352,9 +330,11 @@ fn relay_address(
     Ok(bound.to_string())
 }
 
-fn heartbeat_request(member: &str, shared: &Shared, metrics: ActorMetrics) -> HeartbeatRequest {
+/// A heartbeat with the actor's weights state and `metrics` (the member id is filled in
+/// when it is sent).
+fn heartbeat_request(shared: &Shared, metrics: ActorMetrics) -> HeartbeatRequest {
     HeartbeatRequest {
-        member_id: member.to_owned(),
+        member_id: String::new(),
         version: shared.version.load(Ordering::SeqCst),
         metrics: Some(MemberMetrics::Actor(metrics)),
         receiving_version: shared.receiving.load(Ordering::SeqCst),
@@ -433,21 +413,19 @@ fn spawn_sync(version: u64, engine: &Arc<EngineHandle>, shared: &Arc<Shared>) {
     });
 }
 
+/// Heart-beats with the actor's rates (a reply naming a newer version starts a background
+/// sync) until the learner says the job is over or falls silent; then stops the actor.
 async fn heartbeats(
-    mut learner: Learner,
-    member: String,
+    member: Member,
     engine: Arc<EngineHandle>,
     shared: Arc<Shared>,
-    job: JobConfig,
+    every: Duration,
 ) {
-    let every = Duration::from_secs_f64(job.cluster.heartbeat_seconds);
     let mut last = (
         Instant::now(),
         engine.stats().generated_tokens.load(Ordering::Relaxed),
     );
-    let mut silent_since: Option<Instant> = None;
-    loop {
-        tokio::time::sleep(every).await;
+    let build = || {
         let tokens = engine.stats().generated_tokens.load(Ordering::Relaxed);
         let rate = (tokens - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-9);
         last = (Instant::now(), tokens);
@@ -467,32 +445,16 @@ async fn heartbeats(
             .lock()
             .expect("poisoned")
             .clone_from(&metrics);
-        let request = heartbeat_request(&member, &shared, metrics);
-        let version = request.version;
-        match learner.heartbeat(request).await {
-            Ok(reply) => {
-                silent_since = None;
-                let reply = reply.into_inner();
-                take_reply(&shared, &reply);
-                if reply.shutdown {
-                    shared.shutdown.store(true, Ordering::SeqCst);
-                    return;
-                }
-                if reply.latest_version > version {
-                    spawn_sync(reply.latest_version, &engine, &shared);
-                }
-            }
-            Err(status) => {
-                tracing::warn!("heartbeat failed: {}", status.message());
-                let since = *silent_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > every * LEARNER_SILENCE_HEARTBEATS {
-                    tracing::warn!("the learner is gone: stopping");
-                    shared.shutdown.store(true, Ordering::SeqCst);
-                    return;
-                }
-            }
+        heartbeat_request(&shared, metrics)
+    };
+    let take = |sent: &HeartbeatRequest, reply: HeartbeatReply| {
+        take_reply(&shared, &reply);
+        if reply.latest_version > sent.version {
+            spawn_sync(reply.latest_version, &engine, &shared);
         }
-    }
+    };
+    member.heartbeats(every, build, take).await;
+    shared.shutdown.store(true, Ordering::SeqCst);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -521,8 +483,7 @@ async fn generate_and_deliver(
             stop_strings: job.sampling.stop.clone(),
         },
     };
-    let answer = engine.submit(request);
-    let group = tokio::task::spawn_blocking(move || answer.recv()).await;
+    let group = tokio::task::spawn_blocking(move || engine.submit(request).recv()).await;
     let group: GroupOutput = match group {
         Ok(Ok(Ok(group))) => group,
         Ok(Ok(Err(e))) => {

@@ -1,9 +1,11 @@
 //! The engine on its own OS thread, driven through channels (DESIGN invariant 1: tch
-//! tensors and grad mode never leave that thread).
+//! tensors and grad mode never leave that thread). Its inbox is bounded
+//! (`EngineConfig::request_queue`): a caller that finds it full blocks until the engine
+//! takes a command, so call [`EngineHandle::submit`] from a thread that may block.
 
 use crate::engine::request::{GenerationError, GenerationRequest, GroupOutput};
 use crate::engine::{Engine, EngineConfig, EngineStats, Reply};
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use quill_model::{ModelConfig, Qwen2, Tokenizer};
 use quill_proto::blob::WeightBlob;
 use std::sync::Arc;
@@ -30,7 +32,7 @@ impl EngineHandle {
     where
         F: FnOnce() -> Result<(Qwen2, Tokenizer), quill_model::Error> + Send + 'static,
     {
-        let (commands, inbox) = unbounded::<Command>();
+        let (commands, inbox) = bounded::<Command>(config.request_queue.max(1));
         let (ready_tx, ready_rx) = bounded(1);
         let thread = std::thread::Builder::new()
             .name("quill-engine".into())
@@ -63,7 +65,8 @@ impl EngineHandle {
         })
     }
 
-    /// Queues a request; its group (or error) arrives on the returned channel.
+    /// Queues a request, waiting while the engine's inbox is full; its group (or error)
+    /// arrives on the returned channel.
     pub fn submit(
         &self,
         request: GenerationRequest,
@@ -139,6 +142,55 @@ fn serve(mut engine: Engine, inbox: &Receiver<Command>) {
                 engine.abort_all();
                 return;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SamplingParams;
+
+    fn request(id: u64) -> GenerationRequest {
+        GenerationRequest {
+            id,
+            prompt: vec![1, 2, 3],
+            n: 2,
+            params: SamplingParams {
+                max_new_tokens: 4,
+                seed: id,
+                ..SamplingParams::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_full_inbox_holds_callers_back_and_loses_no_request() {
+        let config = EngineConfig {
+            max_batch: 2,
+            initial_cache_len: 16,
+            request_queue: 1,
+        };
+        let engine = EngineHandle::spawn(
+            || quill_model::load_pretrained("default", tch::Device::Cpu, tch::Kind::Float),
+            config,
+        )
+        .unwrap();
+        assert_eq!(engine.commands.capacity(), Some(1));
+        let answers: Vec<_> = std::thread::scope(|scope| {
+            let callers: Vec<_> = (0..8)
+                .map(|id| {
+                    let engine = &engine;
+                    scope.spawn(move || engine.submit(request(id)).recv().unwrap())
+                })
+                .collect();
+            callers.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        for (id, answer) in answers.into_iter().enumerate() {
+            let group = answer.unwrap();
+            assert_eq!(group.id, id as u64);
+            assert_eq!(group.samples.len(), 2);
+            assert!(group.samples.iter().all(|s| s.tokens.len() == 4));
         }
     }
 }

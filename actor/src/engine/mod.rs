@@ -35,6 +35,10 @@ use tch::{Kind, Tensor};
 /// Where a finished group (or a failure) is delivered.
 pub type Reply = Sender<Result<GroupOutput, GenerationError>>;
 
+/// Commands an [`EngineHandle`](handle::EngineHandle) queues by default before a caller
+/// waits (generation requests plus a weight update and the shutdown).
+pub const DEFAULT_REQUEST_QUEUE: usize = 64;
+
 /// Engine sizing.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -42,6 +46,9 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Positions per slot allocated up front; the cache doubles when it needs more.
     pub initial_cache_len: i64,
+    /// Commands the engine thread's inbox holds (at least 1); a caller that finds it full
+    /// waits until the engine takes one (backpressure, nothing is dropped).
+    pub request_queue: usize,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +56,7 @@ impl Default for EngineConfig {
         EngineConfig {
             max_batch: 32,
             initial_cache_len: 512,
+            request_queue: DEFAULT_REQUEST_QUEUE,
         }
     }
 }

@@ -116,6 +116,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         &EngineConfig {
             max_batch: args.batch,
             initial_cache_len: (args.prompt_len + args.new_tokens) as i64,
+            ..EngineConfig::default()
         },
     );
     let vocab = engine.model().config().vocab_size;

@@ -6,9 +6,9 @@
 //! column is how many copies of the model the root (the learner's place) sent.
 
 use anyhow::{bail, Context};
-use quill_proto::auth::{require_token, TOKEN_ENV};
+use quill_proto::auth::TOKEN_ENV;
 use quill_proto::blob::{ManifestEntry, WeightBlob};
-use quill_proto::rpc::{self, MAX_MESSAGE_BYTES};
+use quill_proto::rpc;
 use quill_proto::weight_relay_server::WeightRelayServer;
 use quill_proto::WeightSource;
 use quill_relay::tree;
@@ -20,7 +20,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::service::interceptor::InterceptedService;
 
 /// Flags of `quill bench weights`.
 #[derive(clap::Args, Debug)]
@@ -186,20 +185,18 @@ async fn serve_root(
     node.set_latest(version);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
-    tokio::spawn(
-        relay_server(Arc::clone(&node), token)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    spawn_relay(listener, Arc::clone(&node), token);
     Ok((addr, node))
 }
 
-fn relay_server(node: Arc<RelayNode>, token: &str) -> tonic::transport::server::Router {
-    rpc::server().add_service(InterceptedService::new(
-        WeightRelayServer::new(RelayService(node))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        require_token(token.to_owned()),
-    ))
+/// Serves `node` as a weight relay on `listener` in the background, as an actor does.
+fn spawn_relay(listener: tokio::net::TcpListener, node: Arc<RelayNode>, token: &str) {
+    tokio::spawn(rpc::serve(
+        listener,
+        token.to_owned(),
+        WeightRelayServer::new(RelayService(node)),
+        std::future::pending(),
+    ));
 }
 
 struct NodeProc {
@@ -328,10 +325,7 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
         let node = RelayNode::new(stall);
         node.set_latest(plan.version);
         let transfer = node.begin(plan.version);
-        tokio::spawn(
-            relay_server(Arc::clone(&node), &token)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
+        spawn_relay(listener, Arc::clone(&node), &token);
         let sources: Vec<WeightSource> = plan
             .sources
             .into_iter()

@@ -1,29 +1,17 @@
 //! `quill actor`: join a running job and generate rollouts for it.
 
+use super::member_args::MemberArgs;
 use anyhow::Context;
 use quill_actor::worker::{run as run_actor, ActorOptions};
-use quill_proto::auth::load_token;
-use std::path::PathBuf;
 
 /// Flags of `quill actor`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The learner's HOST:PORT.
-    #[arg(long)]
-    pub learner: String,
-    /// File holding the job token (else $QUILL_TOKEN).
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub member: MemberArgs,
     /// Device for this actor's engine (default: the job's model.device).
     #[arg(long)]
     pub device: Option<String>,
-    /// A name shown in status and logs (default: host and pid).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Serve this actor's Prometheus `GET /metrics` on this HOST:PORT instead of the job's
-    /// `metrics.member_prometheus_addr` (port 0 picks a free port; the bound address is logged).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_listen: Option<String>,
     /// Where to serve the weight relay other actors fetch from (IP:PORT; port 0 picks a
     /// free port). A wildcard IP (0.0.0.0) needs --relay-advertise.
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -38,16 +26,16 @@ pub struct Args {
 
 /// Runs an actor until the job ends.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let token = load_token(args.token_file.as_deref())?;
+    let token = args.member.token()?;
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }
     let options = ActorOptions {
-        learner: args.learner,
+        name: args.member.name(),
+        learner: args.member.learner,
         token,
-        name: args.name.unwrap_or_else(super::default_name),
         device: args.device,
-        metrics_listen: args.metrics_listen,
+        metrics_listen: args.member.metrics_listen,
         relay_listen: args.relay_listen,
         relay_advertise: args.relay_advertise,
     };

@@ -61,6 +61,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let load_args = args.model.clone();
     let engine_config = EngineConfig {
         max_batch: args.batch_size.max(1),
+        // Every prompt is queued up front (they are all in memory already).
+        request_queue: prompts.len() + 1,
         ..EngineConfig::default()
     };
     let engine = EngineHandle::spawn(move || load_args.load_quill(), engine_config)

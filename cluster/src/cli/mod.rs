@@ -5,6 +5,7 @@ pub mod actor;
 pub mod generate;
 pub mod init_model;
 pub mod learner;
+pub mod member_args;
 pub mod model_args;
 pub mod reward;
 pub mod status;

@@ -1,13 +1,33 @@
 //! gRPC plumbing shared by every role: message limits, HTTP/2 windows sized for weight
-//! streams, client endpoints, servers, and clients that carry the job token.
+//! streams, client endpoints, the one authenticated server every role runs ([`serve`]),
+//! and clients that carry the job token.
+//!
+//! [`serve`] checks the job token on every call, applies the message limits and windows,
+//! and turns a panic in a handler into a gRPC `INTERNAL` answer ("handler panicked: …")
+//! instead of a dropped connection; the server keeps serving.
 
-use crate::auth::{attach_token, AttachToken};
+use crate::auth::{attach_token, require_token, AttachToken};
 use crate::learner_client::LearnerClient;
+use crate::learner_server::{Learner, LearnerServer};
 use crate::reward_client::RewardClient;
+use crate::reward_server::{Reward, RewardServer};
 use crate::weight_relay_client::WeightRelayClient;
+use crate::weight_relay_server::{WeightRelay, WeightRelayServer};
+use std::any::Any;
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::body::Body;
+use tonic::codegen::{http, Service};
+use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
+use tonic::Status;
 
 /// Heartbeat periods without an answer after which a member decides the learner is gone.
 pub const LEARNER_SILENCE_HEARTBEATS: u32 = 10;
@@ -41,12 +61,123 @@ pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, String> {
         .max_frame_size(Some(MAX_FRAME)))
 }
 
-/// A server builder with the same windows.
-pub fn server() -> Server {
+/// A generated gRPC server (`LearnerServer`, `RewardServer`, `WeightRelayServer`): what
+/// [`serve`] runs, with message limits it sets.
+pub trait GrpcServer:
+    Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    /// The server with both the decoding and the encoding limit set to `bytes`.
+    fn limit_messages(self, bytes: usize) -> Self;
+}
+
+macro_rules! grpc_servers {
+    ($($server:ident<$handler:ident>),*) => {$(
+        impl<T: $handler> GrpcServer for $server<T> {
+            fn limit_messages(self, bytes: usize) -> Self {
+                self.max_decoding_message_size(bytes)
+                    .max_encoding_message_size(bytes)
+            }
+        }
+    )*};
+}
+
+grpc_servers!(
+    LearnerServer<Learner>,
+    RewardServer<Reward>,
+    WeightRelayServer<WeightRelay>
+);
+
+/// Serves `service` on `listener` until `shutdown` resolves: every call must carry the
+/// job `token` (else `UNAUTHENTICATED`), messages up to [`MAX_MESSAGE_BYTES`], wide HTTP/2
+/// windows and frames, and a handler that panics answers `INTERNAL` ("handler panicked:
+/// …") while the server goes on serving. (A panic while a server stream is being sent,
+/// after the handler returned, still ends that stream's connection.)
+pub async fn serve(
+    listener: TcpListener,
+    token: String,
+    service: impl GrpcServer,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let service = InterceptedService::new(
+        CatchPanic(service.limit_messages(MAX_MESSAGE_BYTES)),
+        require_token(token),
+    );
     Server::builder()
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .max_frame_size(Some(MAX_FRAME))
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// A service whose calls answer `INTERNAL` when the handler panics.
+#[derive(Debug, Clone)]
+struct CatchPanic<S>(S);
+
+impl<S: NamedService> NamedService for CatchPanic<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, Request, B> Service<Request> for CatchPanic<S>
+where
+    S: Service<Request, Response = http::Response<B>>,
+    B: Default,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future = CaughtPanic<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        CaughtPanic(Box::pin(self.0.call(request)))
+    }
+}
+
+/// A handler's future; a panic while it runs becomes an `INTERNAL` response.
+struct CaughtPanic<F>(Pin<Box<F>>);
+
+impl<F, B, E> Future for CaughtPanic<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    B: Default,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let handler = self.0.as_mut();
+        match catch_unwind(AssertUnwindSafe(|| handler.poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => Poll::Ready(Ok(Status::internal(format!(
+                "handler panicked: {}",
+                panic_message(panic.as_ref())
+            ))
+            .into_http())),
+        }
+    }
+}
+
+/// The message a panic was raised with.
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        text
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text
+    } else {
+        "(no message)"
+    }
 }
 
 /// A learner client over `channel` with the job token and the message limits.
@@ -68,4 +199,81 @@ pub fn relay_client(channel: Channel, token: &str) -> RelayConn {
     WeightRelayClient::with_interceptor(channel, attach_token(token))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::reward_server::Reward;
+    use crate::{RolloutGroup, ScoreReply};
+    use tonic::{Code, Request, Response};
+
+    /// Accepts every group except lease 13, on which it panics.
+    struct Fragile;
+
+    #[tonic::async_trait]
+    impl Reward for Fragile {
+        async fn score(
+            &self,
+            request: Request<RolloutGroup>,
+        ) -> Result<Response<ScoreReply>, Status> {
+            assert_ne!(request.get_ref().lease_id, 13, "unlucky lease");
+            Ok(Response::new(ScoreReply {
+                accepted: true,
+                duplicate: false,
+            }))
+        }
+    }
+
+    /// Serves `service` with the token `right` on a free loopback port in the background;
+    /// returns its address.
+    pub(crate) async fn loopback(service: impl GrpcServer) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(serve(
+            listener,
+            "right".into(),
+            service,
+            std::future::pending(),
+        ));
+        addr
+    }
+
+    async fn client(token: &str) -> RewardConn {
+        let addr = loopback(RewardServer::new(Fragile)).await;
+        let channel = endpoint(&addr, Duration::from_secs(10))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        reward_client(channel, token)
+    }
+
+    fn lease(lease_id: u64) -> RolloutGroup {
+        RolloutGroup {
+            lease_id,
+            ..RolloutGroup::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wrong_token_is_refused() {
+        let refused = client("wrong").await.score(lease(1)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_internal_and_the_server_goes_on() {
+        let mut reward = client("right").await;
+        let failed = reward.score(lease(13)).await.unwrap_err();
+        assert_eq!(failed.code(), Code::Internal, "{failed:?}");
+        assert!(
+            failed.message().starts_with("handler panicked:")
+                && failed.message().contains("unlucky lease"),
+            "{}",
+            failed.message()
+        );
+        let next = reward.score(lease(2)).await.unwrap().into_inner();
+        assert!(next.accepted);
+    }
 }

@@ -9,7 +9,7 @@ use crate::process::train_loop::{trainer_main, Boot};
 use quill_config::job::JobConfig;
 use quill_proto::auth;
 use quill_proto::learner_server::LearnerServer;
-use quill_proto::rpc::{self, MAX_MESSAGE_BYTES};
+use quill_proto::rpc;
 use quill_proto::Role;
 use quill_telemetry::http::{self, Render};
 use serde_json::Value;
@@ -17,7 +17,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tonic::service::interceptor::InterceptedService;
 
 /// Heartbeat periods of silence after which a member's leases go back in line.
 pub const EVICT_AFTER_HEARTBEATS: u32 = 5;
@@ -110,24 +109,16 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
         .send(Arc::clone(&hub))
         .map_err(|_| RunError::Startup("the trainer thread stopped".into()))?;
 
-    let service = InterceptedService::new(
-        LearnerServer::new(LearnerService(Arc::clone(&hub)))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        auth::require_token(token),
-    );
     let heartbeat = Duration::from_secs_f64(job.cluster.heartbeat_seconds);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = runtime.spawn(
-        rpc::server()
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
-    );
+    let server = runtime.spawn(rpc::serve(
+        listener,
+        token,
+        LearnerServer::new(LearnerService(Arc::clone(&hub))),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     let ticker_hub = Arc::clone(&hub);
     let log_every = Duration::from_secs_f64(job.metrics.log_every_seconds);
     runtime.spawn(async move {

@@ -1,7 +1,7 @@
 //! The quality reward: a sequence-classification reward model on its own thread (its
 //! tensors never leave it), scoring `question + "\n\n" + answer` in batches.
 
-use anyhow::Context;
+use crate::RewardWorkerError;
 use crossbeam_channel::{bounded, Sender};
 use quill_model::device::parse_device;
 use quill_model::{Qwen2, Tokenizer};
@@ -17,7 +17,7 @@ pub struct QualityScorer {
 
 impl QualityScorer {
     /// Loads the reward model in `dir` on `device` and starts its thread.
-    pub fn start(dir: &Path, device: &str, batch: usize) -> anyhow::Result<Self> {
+    pub fn start(dir: &Path, device: &str, batch: usize) -> Result<Self, RewardWorkerError> {
         let (jobs, inbox) = bounded::<Job>(64);
         let (ready_tx, ready_rx) = bounded(1);
         let dir = dir.to_owned();
@@ -46,12 +46,12 @@ impl QualityScorer {
                     let _ = reply.send(score(&model, &tokenizer, &texts, batch.max(1)));
                 }
             })
-            .context("starting the reward-model thread")?;
+            .map_err(RewardWorkerError::QualityThread)?;
         ready_rx
             .recv()
-            .context("the reward-model thread died")?
-            .map_err(anyhow::Error::msg)
-            .context("loading the quality reward model")?;
+            .map_err(|_| "the reward-model thread died".to_owned())
+            .and_then(|loaded| loaded)
+            .map_err(RewardWorkerError::QualityModel)?;
         Ok(QualityScorer { jobs })
     }
 
@@ -143,7 +143,7 @@ mod tests {
         let err = QualityScorer::start(Path::new("/no/such/rm"), "cpu", 2)
             .err()
             .unwrap();
-        let text = format!("{err:#}");
+        let text = err.to_string();
         assert!(
             text.contains("loading the quality reward model") && text.contains("/no/such/rm"),
             "{text}"

@@ -2,6 +2,7 @@
 //! quality rewards, turns them into group-normalised advantages, and forwards the scored
 //! group to the learner, answering the actor only once the learner has decided. A bounded
 //! number of groups is scored at a time, so a learner that is full slows actors down.
+//! Scoring runs on tokio's blocking threads, never on the async runtime's workers.
 
 use crate::quality::QualityScorer;
 use quill_config::job::JobConfig;
@@ -148,7 +149,7 @@ impl Reward for RewardService {
         let _permit = permit.map_err(|_| Status::unavailable("shutting down"))?;
         worker.in_flight.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let result = score_and_forward(worker, request.into_inner()).await;
+        let result = score_and_forward(Arc::clone(worker), request.into_inner()).await;
         worker.in_flight.fetch_sub(1, Ordering::Relaxed);
         if result.is_ok() {
             worker.scored.fetch_add(1, Ordering::Relaxed);
@@ -164,36 +165,47 @@ impl Reward for RewardService {
     }
 }
 
+/// The reward model's input for each sample: the question, a blank line, the answer.
+fn quality_texts(job: &JobConfig, rollout: &RolloutGroup) -> Vec<String> {
+    rollout
+        .samples
+        .iter()
+        .map(|s| {
+            let response = format!("{}{}", job.template.response_prefix, s.text);
+            let answer = split_response(&response).answer.unwrap_or_default();
+            format!("{}\n\n{answer}", rollout.question)
+        })
+        .collect()
+}
+
+/// Scores a group on a blocking thread (the reward model first, when the job has one).
+async fn score_blocking(
+    worker: Arc<RewardWorker>,
+    rollout: RolloutGroup,
+) -> Result<(RolloutGroup, Scored), Status> {
+    tokio::task::spawn_blocking(move || {
+        let quality = match &worker.quality {
+            Some(scorer) => Some(
+                scorer
+                    .score(quality_texts(&worker.job, &rollout))
+                    .map_err(Status::internal)?,
+            ),
+            None => None,
+        };
+        let scored = score_group(&worker.job, &rollout, quality.as_deref())
+            .map_err(Status::invalid_argument)?;
+        Ok((rollout, scored))
+    })
+    .await
+    .map_err(|e| Status::internal(format!("scoring: {e}")))?
+}
+
 async fn score_and_forward(
-    worker: &RewardWorker,
+    worker: Arc<RewardWorker>,
     rollout: RolloutGroup,
 ) -> Result<Response<ScoreReply>, Status> {
     let started = Instant::now();
-    let quality = match &worker.quality {
-        Some(scorer) => {
-            let texts: Vec<String> = rollout
-                .samples
-                .iter()
-                .map(|s| {
-                    let response = format!("{}{}", worker.job.template.response_prefix, s.text);
-                    let answer = split_response(&response)
-                        .answer
-                        .unwrap_or_default()
-                        .to_owned();
-                    format!("{}\n\n{answer}", rollout.question)
-                })
-                .collect();
-            let scorer = scorer.clone();
-            let scores = tokio::task::spawn_blocking(move || scorer.score(texts))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(Status::internal)?;
-            Some(scores)
-        }
-        None => None,
-    };
-    let scored =
-        score_group(&worker.job, &rollout, quality.as_deref()).map_err(Status::invalid_argument)?;
+    let (rollout, scored) = score_blocking(Arc::clone(&worker), rollout).await?;
     let group = ScoredGroup {
         rollout: Some(rollout),
         scores: scored.scores,
