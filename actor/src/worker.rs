@@ -23,7 +23,7 @@ use quill_proto::{
 };
 use quill_relay::{Fetcher, RelayError, RelayNode, RelayService};
 use quill_telemetry::http;
-use quill_telemetry::Family;
+use quill_telemetry::{gauge_families, Family};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -111,13 +111,12 @@ async fn serve_metrics(
     let render: http::Render = Arc::new(move || {
         let labels = [("role", "actor"), ("member", member.as_str())];
         let reported = *shared.reported.lock().expect("poisoned");
-        let mut families: Vec<Family> = reported
-            .gauges()
-            .iter()
-            .map(|g| {
-                Family::gauge(&format!("quill_actor_{}", g.name), g.help).with(&labels, g.value)
-            })
-            .collect();
+        let gauges = reported.gauges();
+        let mut families = gauge_families(
+            "quill_actor_",
+            gauges.iter().map(|g| (g.name, g.help, g.value)),
+            &labels,
+        );
         families.push(
             Family::counter(
                 "quill_generated_tokens_total",

@@ -10,4 +10,4 @@ mod jsonl;
 mod prometheus;
 
 pub use jsonl::{read_records, MetricsWriter, Record, TelemetryError};
-pub use prometheus::{heartbeat_gauges, render_prometheus, Family, MetricKind};
+pub use prometheus::{gauge_families, render_prometheus, Family, MetricKind};

@@ -96,21 +96,17 @@ pub fn render_prometheus(families: &[Family]) -> String {
     out
 }
 
-/// One gauge family per `(key, value)`, named `{prefix}{key}`, all with `labels`: how a
-/// member exports what its heartbeats report.
-pub fn heartbeat_gauges<'a>(
+/// One gauge family per `(name, help, value)`, named `{prefix}{name}`, all with `labels`:
+/// how a member exports what its heartbeats report.
+pub fn gauge_families<'a>(
     prefix: &str,
-    values: impl IntoIterator<Item = (&'a String, &'a f64)>,
+    gauges: impl IntoIterator<Item = (&'a str, &'a str, f64)>,
     labels: &[(&str, &str)],
 ) -> Vec<Family> {
-    values
+    gauges
         .into_iter()
-        .map(|(key, value)| {
-            Family::gauge(
-                &format!("{prefix}{key}"),
-                &format!("`{key}` as this process last reported it in its heartbeat."),
-            )
-            .with(labels, *value)
+        .map(|(name, help, value)| {
+            Family::gauge(&format!("{prefix}{name}"), help).with(labels, value)
         })
         .collect()
 }
@@ -196,13 +192,13 @@ mod tests {
 
     #[test]
     fn heartbeat_values_become_labelled_gauges() {
-        let values = std::collections::BTreeMap::from([
-            ("latency_ms".to_owned(), 12.5),
-            ("in_flight".to_owned(), 2.0),
-        ]);
-        let text = render_prometheus(&heartbeat_gauges(
+        let values = [
+            ("latency_ms", "Latency.", 12.5),
+            ("in_flight", "Groups in flight.", 2.0),
+        ];
+        let text = render_prometheus(&gauge_families(
             "quill_reward_",
-            &values,
+            values,
             &[("role", "reward"), ("member", "reward-2")],
         ));
         assert!(

@@ -12,7 +12,7 @@ use quill_proto::reward_server::RewardServer;
 use quill_proto::rpc;
 use quill_proto::{HeartbeatRequest, RegisterRequest, Role};
 use quill_telemetry::http::{self, Render};
-use quill_telemetry::{render_prometheus, Family};
+use quill_telemetry::{gauge_families, render_prometheus, Family};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -78,6 +78,7 @@ pub async fn serve(args: RewardOptions, token: String) -> Result<(), RewardWorke
         waiting: Default::default(),
         scored: Default::default(),
         latency_ms: Mutex::new(0.0),
+        scored_per_s: Mutex::new(0.0),
         limit: tokio::sync::Semaphore::new(job.cluster.ingest_queue),
         job,
     });
@@ -121,11 +122,10 @@ async fn heartbeats(member: Member, worker: Arc<RewardWorker>, stop: oneshot::Se
             window.pop_front();
         }
         let (since, before) = window[0];
-        let mut metrics = worker.metrics();
-        metrics.scored_per_s =
+        *worker.scored_per_s.lock().expect("poisoned") =
             (scored - before) as f64 / now.duration_since(since).as_secs_f64().max(1e-9);
         HeartbeatRequest {
-            metrics: Some(MemberMetrics::Reward(metrics)),
+            metrics: Some(MemberMetrics::Reward(worker.metrics())),
             ..HeartbeatRequest::default()
         }
     };
@@ -136,13 +136,12 @@ async fn heartbeats(member: Member, worker: Arc<RewardWorker>, stop: oneshot::Se
 /// The worker's own `/metrics` page: latency, queue, groups in progress and scored.
 fn metrics_page(worker: &RewardWorker) -> String {
     let labels = [("role", "reward"), ("member", worker.member.as_str())];
-    let mut families: Vec<Family> = worker
-        .metrics()
-        .gauges()
-        .iter()
-        .filter(|g| g.name != "scored_per_s")
-        .map(|g| Family::gauge(&format!("quill_reward_{}", g.name), g.help).with(&labels, g.value))
-        .collect();
+    let gauges = worker.metrics().gauges();
+    let mut families = gauge_families(
+        "quill_reward_",
+        gauges.iter().map(|g| (g.name, g.help, g.value)),
+        &labels,
+    );
     families.push(
         Family::counter(
             "quill_reward_scored_groups_total",

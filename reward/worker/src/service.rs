@@ -37,15 +37,17 @@ pub struct RewardWorker {
     pub scored: AtomicU64,
     /// Exponential moving average of the time from receipt to the learner's answer.
     pub latency_ms: Mutex<f64>,
+    /// Groups scored per second, as the last heartbeat measured it.
+    pub scored_per_s: Mutex<f64>,
     /// Bounds the groups in progress.
     pub limit: Semaphore,
 }
 
 impl RewardWorker {
-    /// The worker's gauges now (`scored_per_s` is the heartbeat loop's to fill in).
+    /// The worker's gauges now (`scored_per_s` as the last heartbeat measured it).
     pub fn metrics(&self) -> RewardMetrics {
         RewardMetrics {
-            scored_per_s: 0.0,
+            scored_per_s: *self.scored_per_s.lock().expect("poisoned"),
             queue_depth: self.waiting.load(Ordering::Relaxed) as u32,
             latency_ms: *self.latency_ms.lock().expect("poisoned"),
             in_flight: self.in_flight.load(Ordering::Relaxed) as u32,
