@@ -1,12 +1,13 @@
 //! The contracts between quill's processes: the gRPC protocol (`proto/quill/v1/quill.proto`,
 //! compiled at build time), the job token and the authenticated channels and servers that
-//! carry it, and the wire form of a weight version. No tch: every role and tool can depend
-//! on it.
+//! carry it, the wire form of a weight version, and the typed metrics, status document and
+//! step record the learner reports. No tch: every role and tool can depend on it.
 
 pub mod auth;
 pub mod blob;
 mod generated;
 pub mod metrics;
 pub mod rpc;
+pub mod status;
 
 pub use generated::*;
