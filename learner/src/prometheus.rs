@@ -3,80 +3,95 @@
 //! step metrics (labels `rank`, `device`).
 
 use crate::hub::Hub;
+use quill_proto::status::StepMetrics;
 use quill_telemetry::{render_prometheus, Family};
-use serde_json::Value;
-use std::sync::atomic::Ordering;
 
-/// Step-record fields exported as `quill_step_<field>` gauges.
-const STEP_FIELDS: &[(&str, &str)] = &[
-    ("loss", "GRPO loss of the latest step."),
+/// A step gauge: its name after `quill_step_`, its help, and how to read it.
+type StepGauge = (&'static str, &'static str, fn(&StepMetrics) -> f64);
+
+/// Step metrics exported as `quill_step_<name>` gauges.
+const STEP_GAUGES: &[StepGauge] = &[
+    ("loss", "GRPO loss of the latest step.", |s| s.loss),
     (
         "reward_mean",
         "Mean total reward of the latest step's samples.",
+        |s| s.reward_mean,
     ),
     (
         "in_range_share",
         "Share of the latest step's answers inside their length range.",
+        |s| s.in_range_share,
     ),
     (
         "response_words_mean",
         "Mean answer length in words, latest step.",
+        |s| s.response_words_mean,
     ),
-    ("grad_norm", "Gradient norm of the latest step."),
-    ("lr", "Learning rate of the latest step."),
+    ("grad_norm", "Gradient norm of the latest step.", |s| {
+        s.grad_norm
+    }),
+    ("lr", "Learning rate of the latest step.", |s| s.lr),
     (
         "staleness_mean",
         "Mean policy lag (versions) of the latest step's samples.",
+        |s| s.staleness_mean,
     ),
-    ("kl", "Mean KL to the reference, latest step."),
-    ("clip_fraction", "Share of clipped tokens, latest step."),
+    ("kl", "Mean KL to the reference, latest step.", |s| s.kl),
+    (
+        "clip_fraction",
+        "Share of clipped tokens, latest step.",
+        |s| s.clip_fraction,
+    ),
 ];
 
-/// Renders the learner's `/metrics` page.
+/// Renders the learner's `/metrics` page from the hub's status document.
 pub fn render(hub: &Hub) -> String {
+    let doc = hub.status_document();
     let own = [("role", "learner")];
-    let status = hub.status_snapshot();
-    let number = |key: &str| status.get(key).and_then(Value::as_f64);
     let mut families = vec![
         Family::gauge(
             "quill_weights_version",
             "Version of the weights being served.",
         )
-        .with(&own, hub.version() as f64),
+        .with(&own, doc.version as f64),
         Family::gauge("quill_uptime_seconds", "Seconds since the learner started.")
-            .with(&own, hub.uptime_seconds()),
+            .with(&own, doc.uptime_s),
         Family::counter("quill_accepted_groups_total", "Scored groups accepted.")
-            .with(&own, hub.accepted.load(Ordering::Relaxed) as f64),
+            .with(&own, doc.accepted_groups as f64),
         Family::counter(
             "quill_duplicate_groups_total",
             "Scored groups delivered again (no-ops).",
         )
-        .with(&own, hub.duplicates.load(Ordering::Relaxed) as f64),
+        .with(&own, doc.duplicate_groups as f64),
     ];
     let mut rejected = Family::counter(
         "quill_rejected_groups_total",
         "Scored groups refused or dropped, by reason.",
     );
-    for (reason, count) in hub.rejections.snapshot() {
-        rejected.push(&[("role", "learner"), ("reason", reason)], count as f64);
+    for (reason, count) in &doc.rejected {
+        rejected.push(
+            &[("role", "learner"), ("reason", reason.as_str())],
+            *count as f64,
+        );
     }
     families.push(rejected);
     let mut step = Family::gauge("quill_step", "Optimiser steps done.");
     let mut planned = Family::gauge("quill_steps_planned", "Optimiser steps the job runs.");
-    if let (Some(done), Some(total)) = (number("step"), number("steps_total")) {
-        step.push(&own, done);
-        planned.push(&own, total);
+    if let Some(latest) = &doc.step {
+        step.push(&own, latest.step as f64);
+        planned.push(&own, latest.steps_total as f64);
     }
     families.extend([step, planned]);
-    for (field, help) in STEP_FIELDS {
-        let mut family = Family::gauge(&format!("quill_step_{field}"), help);
-        if let Some(value) = number(field) {
-            family.push(&own, value);
+    for (name, help, value) in STEP_GAUGES {
+        let mut family = Family::gauge(&format!("quill_step_{name}"), help);
+        // A non-finite value (a skipped step) is left out, as the step record leaves it.
+        if let Some(v) = doc.step.as_ref().map(value).filter(|v| v.is_finite()) {
+            family.push(&own, v);
         }
         families.push(family);
     }
 
-    let totals = hub.cluster_totals();
+    let totals = doc.totals;
     for (name, help, value) in [
         ("actors", "Live actors.", totals.actors as f64),
         (
@@ -114,8 +129,6 @@ pub fn render(hub: &Hub) -> String {
         families.push(Family::gauge(&format!("quill_cluster_{name}"), help).with(&own, value));
     }
 
-    let members = hub.members();
-    let version = hub.version();
     let mut age = Family::gauge(
         "quill_member_heartbeat_age_seconds",
         "Seconds since the member's last call.",
@@ -129,16 +142,16 @@ pub fn render(hub: &Hub) -> String {
         "Versions the member is behind the learner.",
     );
     let mut reported: std::collections::BTreeMap<&str, Family> = Default::default();
-    for m in &members {
+    for m in &doc.members {
         let labels = [
-            ("role", role_label(m.role)),
+            ("role", role_label(m.reported.role())),
             ("member", m.id.as_str()),
             ("name", m.name.as_str()),
         ];
         age.push(&labels, m.seconds_since_heartbeat);
         member_version.push(&labels, m.version as f64);
-        lag.push(&labels, version.saturating_sub(m.version) as f64);
-        for gauge in m.metrics.iter().flat_map(|m| m.gauges()) {
+        lag.push(&labels, doc.version.saturating_sub(m.version) as f64);
+        for gauge in m.reported.gauges() {
             reported
                 .entry(gauge.name)
                 .or_insert_with(|| {
@@ -151,7 +164,7 @@ pub fn render(hub: &Hub) -> String {
     families.extend(reported.into_values());
 
     let mut ranked: std::collections::BTreeMap<&str, Family> = Default::default();
-    for rank in hub.rank_metrics() {
+    for rank in &doc.ranks {
         let id = rank.rank.to_string();
         let labels = [("rank", id.as_str()), ("device", rank.device.as_str())];
         for gauge in rank.gauges() {

@@ -1,11 +1,22 @@
-//! A tiny random model and batches for the unit tests.
+//! Builders for the unit tests: a tiny random model and batches, and a hub over the
+//! default prompts with members, weight blobs and scored groups.
 
+use crate::data::{default_prompts, Dataset};
+use crate::hub::leases::Ledger;
+use crate::hub::{Accepted, Hub, JobInfo};
 use crate::train::grpo::{GrpoConfig, LossAggregation};
 use crate::train::sample::TrainSample;
 use crate::{AdamWConfig, TrainerConfig};
-use quill_model::{default_model, ModelConfig, Qwen2};
+use quill_config::job::JobConfig;
+use quill_model::{default_model, ModelConfig, Qwen2, Tokenizer};
+use quill_proto::blob::{ManifestEntry, WeightBlob};
+use quill_proto::{
+    PromptLease, RegisterRequest, Role, RolloutGroup, Sample, SampleScores, ScoredGroup,
+};
 use serde_json::json;
+use std::sync::Arc;
 use tch::{Device, Kind};
+use tokio::sync::mpsc;
 
 /// Vocabulary of the tiny model.
 pub const VOCAB: i64 = 48;
@@ -76,5 +87,97 @@ pub fn trainer_config(
         },
         micro_batch_tokens,
         max_consecutive_bad_steps: 1,
+    }
+}
+
+/// A job for hub tests: groups of two, the default prompts, 1 KiB weight chunks.
+pub fn hub_job() -> JobConfig {
+    let mut job = JobConfig::default();
+    job.sampling.group_size = 2;
+    job.cluster.weight_chunk_bytes = 1024;
+    job
+}
+
+/// A hub over the default prompts and tokenizer (the default model's vocabulary and
+/// context), serving [`blob`] version 0, with the receiving end of its ingest queue.
+pub fn hub(job: JobConfig) -> (Hub, mpsc::Receiver<Accepted>) {
+    let tokenizer_json = default_model::tokenizer_json();
+    let tokenizer = Tokenizer::from_json(&tokenizer_json).expect("the default tokenizer");
+    let config = default_model::config_json();
+    let info = JobInfo {
+        job_json: "{}".into(),
+        model_config_json: config.to_string(),
+        tokenizer_json,
+        vocab_size: config["vocab_size"].as_i64().expect("vocab_size"),
+        context: config["max_position_embeddings"]
+            .as_u64()
+            .expect("max_position_embeddings") as usize,
+    };
+    let dataset = Dataset::new(default_prompts(), job.job.seed, false, 1);
+    let (tx, rx) = mpsc::channel(job.cluster.ingest_queue);
+    let hub = Hub::new(
+        job,
+        info,
+        tokenizer,
+        dataset,
+        Ledger::default(),
+        blob(0),
+        tx,
+    );
+    (hub, rx)
+}
+
+/// Registers a member of `role` (reward workers at a loopback address) and returns its id.
+pub fn register(hub: &Hub, role: Role) -> String {
+    hub.register(RegisterRequest {
+        role: role as i32,
+        name: "test".into(),
+        address: "127.0.0.1:1".into(),
+        relay_address: String::new(),
+    })
+    .expect("registered")
+    .member_id
+}
+
+/// A 64-byte weight blob of `version` (one 16-float tensor; serving does not re-check
+/// the whole-blob CRC, receivers do).
+pub fn blob(version: u64) -> Arc<WeightBlob> {
+    Arc::new(WeightBlob {
+        version,
+        manifest: vec![ManifestEntry {
+            name: "w".into(),
+            dtype: "f32".into(),
+            shape: vec![16],
+            offset: 0,
+            len: 64,
+        }],
+        crc32: 0,
+        bytes: vec![version as u8; 64],
+    })
+}
+
+/// A scored group of `n` samples answering `lease` that passes every ingest check.
+pub fn scored_group(lease: &PromptLease, n: usize) -> ScoredGroup {
+    let samples = (0..n)
+        .map(|i| Sample {
+            tokens: vec![5 + i as i64, 6],
+            logprobs: vec![-0.5, -1.0],
+            finish_reason: "stop".into(),
+            ..Sample::default()
+        })
+        .collect();
+    ScoredGroup {
+        rollout: Some(RolloutGroup {
+            lease_id: lease.lease_id,
+            prompt_id: lease.prompt_id,
+            question: lease.question.clone(),
+            prompt_tokens: lease.prompt_tokens.clone(),
+            samples,
+            actor_id: "actor-1".into(),
+            ..RolloutGroup::default()
+        }),
+        scores: vec![SampleScores::default(); n],
+        advantages: (0..n).map(|i| i as f32 - 0.5).collect(),
+        ..ScoredGroup::default()
     }
 }

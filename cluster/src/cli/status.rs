@@ -1,12 +1,12 @@
 //! `quill status`: ask a running job's learner for its status and show it as a table
-//! (once, or redrawn every `--watch` seconds), or print the raw JSON document.
+//! (once, or redrawn every `--watch` seconds), or print the document as JSON.
 
 use super::status_table;
 use anyhow::{anyhow, bail, Context};
 use quill_proto::auth::load_token;
 use quill_proto::rpc::{self, LearnerConn};
+use quill_proto::status::StatusDocument;
 use quill_proto::StatusRequest;
-use serde_json::Value;
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,7 +27,7 @@ pub struct Args {
     /// Redraw the view every SECONDS until interrupted (default: show it once).
     #[arg(long, value_name = "SECONDS", value_parser = positive_seconds)]
     pub watch: Option<f64>,
-    /// Print the raw status document (JSON) instead of the table.
+    /// Print the status document (JSON) instead of the table.
     #[arg(long)]
     pub json: bool,
 }
@@ -42,7 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         loop {
             let doc = fetch(&mut learner, &args.learner).await?;
             let text = if args.json {
-                format!("{doc}\n")
+                format!("{}\n", serde_json::to_string(&doc)?)
             } else {
                 status_table::render(&doc)
             };
@@ -84,7 +84,7 @@ async fn connect(addr: &str, token: &str) -> anyhow::Result<LearnerConn> {
     Ok(rpc::learner_client(channel, token))
 }
 
-async fn fetch(learner: &mut LearnerConn, addr: &str) -> anyhow::Result<Value> {
+async fn fetch(learner: &mut LearnerConn, addr: &str) -> anyhow::Result<StatusDocument> {
     let reply = learner.status(StatusRequest {}).await.map_err(|s| {
         if s.code() == Code::Unauthenticated {
             anyhow!("--token-file: the learner at {addr} refused the job token (wrong token?)")

@@ -2,27 +2,30 @@
 //! `quill status`: a job line with the cluster totals, then one table each for actors,
 //! reward workers and learner ranks.
 
-use serde_json::Value;
+use quill_proto::status::{MemberStatus, RoleMetrics, StatusDocument};
 
 /// The whole view of one status document.
-pub fn render(doc: &Value) -> String {
+pub fn render(doc: &StatusDocument) -> String {
     let mut out = job_lines(doc);
-    let members: &[Value] = doc
-        .get("members")
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice);
-    let version = num(doc, "version").unwrap_or(0.0);
-
-    let actors: Vec<Vec<String>> = of_role(members, "ROLE_ACTOR")
-        .map(|m| {
-            let v = num(m, "version").unwrap_or(0.0);
+    let actors: Vec<Vec<String>> = doc
+        .members
+        .iter()
+        .filter_map(|m| match &m.reported {
+            RoleMetrics::Actor(metrics) => Some((m, metrics.as_ref())),
+            RoleMetrics::Reward(_) => None,
+        })
+        .map(|(m, metrics)| {
             vec![
-                str_of(m, "name").to_owned(),
-                str_of(m, "id").to_owned(),
-                fixed(metric(m, "tokens_per_s"), 0),
-                format!("v{v:.0} (lag {:.0})", (version - v).max(0.0)),
-                fixed(metric(m, "groups_in_flight"), 0),
-                fixed(num(m, "seconds_since_heartbeat"), 1),
+                m.name.clone(),
+                m.id.clone(),
+                fixed(metrics.map(|a| a.tokens_per_s), 0),
+                format!(
+                    "v{} (lag {})",
+                    m.version,
+                    doc.version.saturating_sub(m.version)
+                ),
+                fixed(metrics.map(|a| f64::from(a.groups_in_flight)), 0),
+                heartbeat_age(m),
             ]
         })
         .collect();
@@ -39,16 +42,22 @@ pub fn render(doc: &Value) -> String {
         &actors,
     ));
 
-    let rewards: Vec<Vec<String>> = of_role(members, "ROLE_REWARD")
-        .map(|m| {
+    let rewards: Vec<Vec<String>> = doc
+        .members
+        .iter()
+        .filter_map(|m| match &m.reported {
+            RoleMetrics::Reward(metrics) => Some((m, metrics.as_ref())),
+            RoleMetrics::Actor(_) => None,
+        })
+        .map(|(m, metrics)| {
             vec![
-                str_of(m, "name").to_owned(),
-                str_of(m, "id").to_owned(),
-                fixed(metric(m, "latency_ms"), 1),
-                fixed(metric(m, "queue_depth"), 0),
-                fixed(metric(m, "in_flight"), 0),
-                fixed(metric(m, "scored_per_s"), 2),
-                fixed(num(m, "seconds_since_heartbeat"), 1),
+                m.name.clone(),
+                m.id.clone(),
+                fixed(metrics.map(|r| r.latency_ms), 1),
+                fixed(metrics.map(|r| f64::from(r.queue_depth)), 0),
+                fixed(metrics.map(|r| f64::from(r.in_flight)), 0),
+                fixed(metrics.map(|r| r.scored_per_s), 2),
+                heartbeat_age(m),
             ]
         })
         .collect();
@@ -67,18 +76,16 @@ pub fn render(doc: &Value) -> String {
     ));
 
     let ranks: Vec<Vec<String>> = doc
-        .get("ranks")
-        .and_then(Value::as_array)
-        .map_or(&[][..], Vec::as_slice)
+        .ranks
         .iter()
         .map(|r| {
             vec![
-                fixed(num(r, "rank"), 0),
-                str_of(r, "device").to_owned(),
-                fixed(num(r, "step_seconds"), 2),
-                fixed(num(r, "tokens_per_s"), 0),
-                percent(num(r, "mfu"), 2),
-                percent(num(r, "idle_share"), 0),
+                r.rank.to_string(),
+                r.device.clone(),
+                format!("{:.2}", r.step_seconds),
+                format!("{:.0}", r.tokens_per_s),
+                percent(r.mfu, 2),
+                percent(Some(r.idle_share), 0),
             ]
         })
         .collect();
@@ -91,31 +98,32 @@ pub fn render(doc: &Value) -> String {
 }
 
 /// The job line and the cluster-totals line.
-fn job_lines(doc: &Value) -> String {
-    let step = match (num(doc, "step"), num(doc, "steps_total")) {
-        (Some(step), Some(total)) => format!("step {step:.0}/{total:.0}"),
-        _ => "no step yet".to_owned(),
+fn job_lines(doc: &StatusDocument) -> String {
+    let step = match &doc.step {
+        Some(s) => format!("step {}/{}", s.step, s.steps_total),
+        None => "no step yet".to_owned(),
     };
-    let state = if doc.get("finished").and_then(Value::as_bool) == Some(true) {
-        " | finished"
-    } else {
-        ""
-    };
-    let totals = doc.get("totals").unwrap_or(&Value::Null);
+    let state = if doc.finished { " | finished" } else { "" };
+    let totals = &doc.totals;
     format!(
         "job: {step} | weights v{} | elapsed {} | {} groups/s{state}\n\
-         cluster: {} actors, {} reward workers, {} learner ranks | generated {} tok/s | trained {} tok/s | queue {}/{}\n",
-        fixed(num(doc, "version"), 0),
-        duration(num(doc, "uptime_s")),
-        fixed(num(doc, "rollout_groups_per_s"), 2),
-        fixed(num(totals, "actors"), 0),
-        fixed(num(totals, "reward_workers"), 0),
-        fixed(num(totals, "ranks"), 0),
-        fixed(num(totals, "generated_tokens_per_s"), 0),
-        fixed(num(totals, "trained_tokens_per_s"), 0),
-        fixed(num(totals, "queue_depth"), 0),
-        fixed(num(totals, "queue_capacity"), 0),
+         cluster: {} actors, {} reward workers, {} learner ranks | generated {:.0} tok/s | trained {:.0} tok/s | queue {}/{}\n",
+        doc.version,
+        duration(doc.uptime_s),
+        fixed(doc.step.as_ref().map(|s| s.rollout_groups_per_s), 2),
+        totals.actors,
+        totals.reward_workers,
+        totals.ranks,
+        totals.generated_tokens_per_s,
+        totals.trained_tokens_per_s,
+        totals.queue_depth,
+        totals.queue_capacity,
     )
+}
+
+/// Seconds since the member's last call, one decimal.
+fn heartbeat_age(m: &MemberStatus) -> String {
+    format!("{:.1}", m.seconds_since_heartbeat)
 }
 
 /// Left-aligned columns two spaces apart, a header row first; `(none)` for no rows.
@@ -144,23 +152,6 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// The members whose `role` is `role`.
-fn of_role<'a>(members: &'a [Value], role: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-    members.iter().filter(move |m| str_of(m, "role") == role)
-}
-
-fn num(v: &Value, key: &str) -> Option<f64> {
-    v.get(key).and_then(Value::as_f64)
-}
-
-fn metric(member: &Value, key: &str) -> Option<f64> {
-    member.get("metrics").and_then(|m| num(m, key))
-}
-
-fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
-
 /// `value` with `digits` decimals, `-` when absent.
 fn fixed(value: Option<f64>, digits: usize) -> String {
     value.map_or("-".to_owned(), |v| format!("{v:.digits$}"))
@@ -172,10 +163,7 @@ fn percent(value: Option<f64>, digits: usize) -> String {
 }
 
 /// Seconds as `1h02m03s`, `4m05s` or `6s`.
-fn duration(seconds: Option<f64>) -> String {
-    let Some(seconds) = seconds else {
-        return "-".to_owned();
-    };
+fn duration(seconds: f64) -> String {
     let s = seconds.max(0.0) as u64;
     match (s / 3600, s / 60 % 60, s % 60) {
         (0, 0, sec) => format!("{sec}s"),
@@ -187,31 +175,88 @@ fn duration(seconds: Option<f64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use quill_proto::status::{ClusterTotals, StepMetrics};
+    use quill_proto::{ActorMetrics, RankMetrics, RewardMetrics};
 
-    fn doc() -> Value {
-        json!({
-            "step": 12, "steps_total": 60, "version": 12, "uptime_s": 83.4,
-            "rollout_groups_per_s": 3.456, "finished": false,
-            "totals": {"actors": 1, "reward_workers": 1, "ranks": 1,
-                       "generated_tokens_per_s": 1234.4, "trained_tokens_per_s": 567.0,
-                       "queue_depth": 1, "queue_capacity": 64},
-            "members": [
-                {"id": "actor-1", "role": "ROLE_ACTOR", "name": "gpu-node-7", "version": 10,
-                 "seconds_since_heartbeat": 0.42,
-                 "metrics": {"tokens_per_s": 1234.4, "groups_in_flight": 2.0}},
-                {"id": "reward-2", "role": "ROLE_REWARD", "name": "rw", "version": 0,
-                 "seconds_since_heartbeat": 1.0,
-                 "metrics": {"latency_ms": 35.6, "queue_depth": 3.0, "in_flight": 1.0,
-                             "scored_per_s": 1.5}}
+    fn member(id: &str, name: &str, version: u64, age: f64, reported: RoleMetrics) -> MemberStatus {
+        MemberStatus {
+            id: id.into(),
+            name: name.into(),
+            address: String::new(),
+            relay_address: String::new(),
+            receiving_version: 0,
+            weight_source: String::new(),
+            version,
+            seconds_since_heartbeat: age,
+            reported,
+        }
+    }
+
+    fn doc() -> StatusDocument {
+        StatusDocument {
+            step: Some(StepMetrics {
+                step: 12,
+                steps_total: 60,
+                rollout_groups_per_s: 3.456,
+                ..StepMetrics::default()
+            }),
+            version: 12,
+            uptime_s: 83.4,
+            totals: ClusterTotals {
+                actors: 1,
+                reward_workers: 1,
+                ranks: 1,
+                generated_tokens_per_s: 1234.4,
+                trained_tokens_per_s: 567.0,
+                scored_groups_per_s: 1.5,
+                queue_depth: 1,
+                queue_capacity: 64,
+            },
+            members: vec![
+                member(
+                    "actor-1",
+                    "gpu-node-7",
+                    10,
+                    0.42,
+                    RoleMetrics::Actor(Some(ActorMetrics {
+                        tokens_per_s: 1234.4,
+                        groups_in_flight: 2,
+                        ..ActorMetrics::default()
+                    })),
+                ),
+                member(
+                    "reward-2",
+                    "rw",
+                    0,
+                    1.0,
+                    RoleMetrics::Reward(Some(RewardMetrics {
+                        latency_ms: 35.6,
+                        queue_depth: 3,
+                        in_flight: 1,
+                        scored_per_s: 1.5,
+                    })),
+                ),
             ],
-            "ranks": [
-                {"rank": 0, "device": "cuda:0 (NVIDIA H100 80GB HBM3)", "step_seconds": 0.5,
-                 "tokens_per_s": 567.0, "mfu": 0.4123, "idle_share": 0.25},
-                {"rank": 1, "device": "cpu", "step_seconds": 0.75, "tokens_per_s": 10.0,
-                 "mfu": null, "idle_share": 0.5}
-            ]
-        })
+            ranks: vec![
+                RankMetrics {
+                    rank: 0,
+                    device: "cuda:0 (NVIDIA H100 80GB HBM3)".into(),
+                    step_seconds: 0.5,
+                    tokens_per_s: 567.0,
+                    mfu: Some(0.4123),
+                    idle_share: 0.25,
+                },
+                RankMetrics {
+                    rank: 1,
+                    device: "cpu".into(),
+                    step_seconds: 0.75,
+                    tokens_per_s: 10.0,
+                    mfu: None,
+                    idle_share: 0.5,
+                },
+            ],
+            ..StatusDocument::default()
+        }
     }
 
     #[test]
@@ -238,20 +283,30 @@ Learner ranks
 
     #[test]
     fn an_early_or_finished_job_still_renders() {
-        let text = render(&json!({"version": 0, "finished": true, "members": []}));
+        let early = StatusDocument {
+            finished: true,
+            members: vec![member("actor-1", "a", 0, 0.5, RoleMetrics::Actor(None))],
+            ..StatusDocument::default()
+        };
+        let text = render(&early);
         assert!(
-            text.starts_with("job: no step yet | weights v0 | elapsed - | - groups/s | finished\n"),
+            text.starts_with(
+                "job: no step yet | weights v0 | elapsed 0s | - groups/s | finished\n"
+            ),
             "{text}"
         );
-        assert!(text.contains("cluster: - actors"), "{text}");
-        assert_eq!(text.matches("  (none)\n").count(), 3, "{text}");
+        assert!(text.contains("cluster: 0 actors"), "{text}");
+        assert!(
+            text.contains("  a     actor-1  -      v0 (lag 0)  -"),
+            "{text}"
+        );
+        assert_eq!(text.matches("  (none)\n").count(), 2, "{text}");
     }
 
     #[test]
     fn durations_read_naturally() {
-        assert_eq!(duration(Some(6.9)), "6s");
-        assert_eq!(duration(Some(245.0)), "4m05s");
-        assert_eq!(duration(Some(3723.0)), "1h02m03s");
-        assert_eq!(duration(None), "-");
+        assert_eq!(duration(6.9), "6s");
+        assert_eq!(duration(245.0), "4m05s");
+        assert_eq!(duration(3723.0), "1h02m03s");
     }
 }

@@ -1,7 +1,8 @@
 //! The contracts between quill's processes: the gRPC protocol (`proto/quill/v1/quill.proto`,
 //! compiled at build time), the job token and the authenticated channels and servers that
-//! carry it, a member's registration and heartbeat loop, and the wire form of a weight
-//! version. No tch: every role and tool can depend on it.
+//! carry it, a member's registration and heartbeat loop, the wire form of a weight
+//! version, and the typed metrics, status document and step record the learner reports.
+//! No tch: every role and tool can depend on it.
 
 pub mod auth;
 pub mod blob;
@@ -9,5 +10,6 @@ mod generated;
 pub mod member;
 pub mod metrics;
 pub mod rpc;
+pub mod status;
 
 pub use generated::*;

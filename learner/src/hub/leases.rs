@@ -2,9 +2,24 @@
 //! Expired leases put their prompt back in line for another actor; a group is ingested at
 //! most once per lease, and a late answer to an expired lease is refused, so each leased
 //! prompt is trained exactly once.
+//!
+//! [`Ledger`] is the lease book; [`Leases`] puts it, the dataset and the prompts' token
+//! cache under one lock, and `Hub::lease` hands prompts out: leases are issued under the
+//! lock, prompts are encoded outside it, and their tokens are cached before the reply
+//! goes out (an encoding failure leaves the leases to expire, so no prompt is lost).
 
+use super::ingest::Refusal;
+use super::Hub;
+use crate::data::{Cursor, Dataset, Prompt, PromptText};
+use parking_lot::Mutex;
+use quill_proto::status::Rejection;
+use quill_proto::{LeaseReply, LeaseRequest, PromptLease};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tonic::Status;
+
+/// Most prompt groups one lease call hands out.
+const MAX_LEASE_BATCH: u32 = 64;
 
 /// Why a lease cannot be completed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,9 +157,223 @@ impl Ledger {
     }
 }
 
+/// The lease book, the dataset and the prompts' tokens: one consistent piece of state.
+struct Book {
+    dataset: Dataset,
+    ledger: Ledger,
+    prompt_tokens: HashMap<u64, Vec<i64>>,
+    data_exhausted: bool,
+}
+
+/// One prompt handed out: its lease, the prompt, and its tokens when already encoded.
+struct Issued {
+    lease_id: u64,
+    prompt: Prompt,
+    tokens: Option<Vec<i64>>,
+}
+
+/// The prompts and their leases, under one lock.
+pub struct Leases {
+    book: Mutex<Book>,
+}
+
+impl Leases {
+    /// Leases over `dataset`, continuing `ledger` (a fresh one or a checkpoint's).
+    pub fn new(dataset: Dataset, ledger: Ledger) -> Self {
+        Leases {
+            book: Mutex::new(Book {
+                dataset,
+                ledger,
+                prompt_tokens: HashMap::new(),
+                data_exhausted: false,
+            }),
+        }
+    }
+
+    /// Issues up to `count` leases to `member` (expired ones' prompts first, then new
+    /// prompts), fewer when the data runs out.
+    fn issue(&self, member: &str, count: u32, ttl: Duration, now: Instant) -> Vec<Issued> {
+        let mut guard = self.book.lock();
+        let book = &mut *guard;
+        book.ledger.expire(now);
+        let mut issued = Vec::new();
+        for _ in 0..count {
+            let prompt = match book.ledger.take_reissue() {
+                Some(id) => book.dataset.get(id).cloned(),
+                None => book.dataset.next_prompt(),
+            };
+            let Some(prompt) = prompt else {
+                book.data_exhausted = true;
+                break;
+            };
+            issued.push(Issued {
+                lease_id: book.ledger.issue(prompt.id, member, ttl, now),
+                tokens: book.prompt_tokens.get(&prompt.id).cloned(),
+                prompt,
+            });
+        }
+        issued
+    }
+
+    /// Caches a prompt's tokens (what its groups must carry).
+    fn remember(&self, prompt_id: u64, tokens: Vec<i64>) {
+        self.book.lock().prompt_tokens.insert(prompt_id, tokens);
+    }
+
+    /// Puts the prompts of every lease the given members hold back in line.
+    pub fn release_members(&self, members: &[String]) {
+        let mut book = self.book.lock();
+        for member in members {
+            book.ledger.release_member(member);
+        }
+    }
+
+    /// Whether every prompt has been served and no lease is out.
+    pub fn data_done(&self) -> bool {
+        let book = self.book.lock();
+        book.data_exhausted && book.ledger.outstanding_prompts().is_empty()
+    }
+
+    /// The dataset cursor, the prompts leased or waiting, and the last lease id.
+    pub fn data_state(&self) -> (Cursor, Vec<u64>, u64) {
+        let book = self.book.lock();
+        (
+            book.dataset.cursor(),
+            book.ledger.outstanding_prompts(),
+            book.ledger.last_id(),
+        )
+    }
+
+    /// Leases out now and leases expired so far.
+    pub fn counts(&self) -> (usize, u64) {
+        let book = self.book.lock();
+        (book.ledger.active_count(), book.ledger.expired_count())
+    }
+
+    /// Checks that lease `lease_id` is active, for `prompt_id`, whose tokens are
+    /// `prompt_tokens`.
+    pub fn check(
+        &self,
+        lease_id: u64,
+        prompt_id: u64,
+        prompt_tokens: &[i64],
+    ) -> Result<(), Refusal> {
+        let book = self.book.lock();
+        let lease = book.ledger.get(lease_id).map_err(|e| match e {
+            LeaseError::Duplicate(_) => Refusal::new(Rejection::Duplicate, e.to_string()),
+            LeaseError::Unknown(_) => Refusal::new(Rejection::UnknownLease, e.to_string()),
+        })?;
+        if lease.prompt_id != prompt_id {
+            return Err(Refusal::new(
+                Rejection::Malformed,
+                format!(
+                    "lease {lease_id} is for prompt {}, not {prompt_id}",
+                    lease.prompt_id
+                ),
+            ));
+        }
+        if book.prompt_tokens.get(&prompt_id).map(Vec::as_slice) != Some(prompt_tokens) {
+            return Err(Refusal::new(
+                Rejection::Malformed,
+                format!("lease {lease_id}: the prompt tokens differ from the leased prompt"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Marks a lease's group as ingested and returns its prompt id.
+    pub fn complete(&self, lease_id: u64) -> Result<u64, LeaseError> {
+        self.book.lock().ledger.complete(lease_id)
+    }
+
+    /// Holds the book's lock and panics, as a failing handler would.
+    #[cfg(test)]
+    pub(super) fn hold_and_panic(&self) {
+        let _held = self.book.lock();
+        panic!("a handler panicked while holding the lease book");
+    }
+}
+
+impl Hub {
+    /// Answers a `Lease` call: nothing once the job is over, "wait for weights" to an
+    /// actor more than `max_staleness` versions behind, else up to `max_groups` prompts
+    /// (at most [`MAX_LEASE_BATCH`]), each with its tokens, group size and seed.
+    pub fn lease(&self, req: LeaseRequest) -> Result<LeaseReply, Status> {
+        let current = self.version();
+        self.members.check(&req.member_id)?;
+        if self.is_finished() {
+            return Ok(LeaseReply {
+                finished: true,
+                ..LeaseReply::default()
+            });
+        }
+        if req.version + self.job.grpo.max_staleness < current {
+            return Ok(LeaseReply {
+                wait_for_weights: true,
+                ..LeaseReply::default()
+            });
+        }
+        let ttl = Duration::from_secs(self.job.cluster.lease_seconds);
+        let deadline = unix_ms(SystemTime::now() + ttl);
+        let count = req.max_groups.min(MAX_LEASE_BATCH);
+        let issued = self
+            .leases
+            .issue(&req.member_id, count, ttl, Instant::now());
+        let mut leases = Vec::with_capacity(issued.len());
+        for Issued {
+            lease_id,
+            prompt,
+            tokens,
+        } in issued
+        {
+            let prompt_tokens = match tokens {
+                Some(tokens) => tokens,
+                None => {
+                    let tokens = self
+                        .tokenizer
+                        .encode(&self.prompt_text(&prompt))
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                    self.leases.remember(prompt.id, tokens.clone());
+                    tokens
+                }
+            };
+            leases.push(PromptLease {
+                lease_id,
+                prompt_id: prompt.id,
+                question: prompt.as_str().to_owned(),
+                prompt_tokens,
+                length_lo: prompt.range.lo(),
+                length_hi: prompt.range.hi(),
+                group_size: self.job.sampling.group_size as u32,
+                deadline_unix_ms: deadline,
+                seed: self.job.job.seed ^ lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            });
+        }
+        Ok(LeaseReply {
+            leases,
+            ..LeaseReply::default()
+        })
+    }
+
+    /// The text a prompt is encoded from: a question in the job's template, or a raw prompt.
+    fn prompt_text(&self, prompt: &Prompt) -> String {
+        match &prompt.text {
+            PromptText::Question(q) => self.job.template.render(q),
+            PromptText::Raw(p) => p.clone(),
+        }
+    }
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing;
 
     const TTL: Duration = Duration::from_secs(10);
 
@@ -170,6 +399,103 @@ mod tests {
         assert_eq!(ledger.expired_count(), 1);
         assert_eq!(ledger.complete(old), Err(LeaseError::Unknown(old)));
         assert_eq!(ledger.complete(kept), Ok(4));
+    }
+
+    fn leases() -> Leases {
+        Leases::new(
+            Dataset::new(crate::data::default_prompts(), 1, false, 1),
+            Ledger::default(),
+        )
+    }
+
+    #[test]
+    fn an_expired_lease_is_reissued_before_new_prompts() {
+        let leases = leases();
+        let now = Instant::now();
+        let first = leases.issue("a", 2, TTL, now);
+        assert_eq!(first.len(), 2);
+        assert!(first.iter().all(|i| i.tokens.is_none()));
+        leases.remember(first[0].prompt.id, vec![1, 2]);
+        let later = leases.issue("b", 1, TTL, now + TTL * 2);
+        assert_eq!(later[0].prompt.id, first[0].prompt.id);
+        assert_eq!(later[0].tokens, Some(vec![1, 2]));
+        assert!(later[0].lease_id > first[1].lease_id);
+        assert_eq!(leases.counts(), (1, 2));
+        let refusal = leases.check(first[0].lease_id, first[0].prompt.id, &[1, 2]);
+        assert_eq!(refusal.unwrap_err().reason, Rejection::UnknownLease);
+    }
+
+    #[test]
+    fn a_lease_is_checked_against_its_prompt_and_completes_once() {
+        let leases = leases();
+        let issued = leases.issue("a", 1, TTL, Instant::now()).remove(0);
+        let (id, prompt) = (issued.lease_id, issued.prompt.id);
+        leases.remember(prompt, vec![3, 4]);
+        let reason =
+            |prompt_id, tokens: &[i64]| leases.check(id, prompt_id, tokens).unwrap_err().reason;
+        assert_eq!(reason(prompt + 1, &[3, 4]), Rejection::Malformed);
+        assert_eq!(reason(prompt, &[3]), Rejection::Malformed);
+        leases.check(id, prompt, &[3, 4]).unwrap();
+        assert_eq!(leases.complete(id), Ok(prompt));
+        assert_eq!(reason(prompt, &[3, 4]), Rejection::Duplicate);
+    }
+
+    #[test]
+    fn released_members_give_their_prompts_back_and_the_data_runs_out() {
+        let leases = Leases::new(
+            Dataset::new(crate::data::default_prompts()[..2].to_vec(), 1, false, 1),
+            Ledger::default(),
+        );
+        let now = Instant::now();
+        let issued = leases.issue("a", 5, TTL, now);
+        assert_eq!(issued.len(), 2);
+        assert!(!leases.data_done(), "leases are out");
+        leases.release_members(&["a".to_owned()]);
+        let (_, mut outstanding, last) = leases.data_state();
+        outstanding.sort_unstable();
+        assert_eq!(outstanding, vec![0, 1]);
+        assert_eq!(last, 2);
+        for again in leases.issue("b", 5, TTL, now) {
+            leases.complete(again.lease_id).unwrap();
+        }
+        assert!(leases.data_done());
+    }
+
+    #[test]
+    fn the_hub_hands_out_encoded_prompts_and_holds_back_stale_actors() {
+        let mut job = testing::hub_job();
+        job.grpo.max_staleness = 1;
+        let (hub, _queue) = testing::hub(job);
+        let actor = testing::register(&hub, quill_proto::Role::Actor);
+        let ask = |max_groups, version| LeaseRequest {
+            member_id: actor.clone(),
+            max_groups,
+            version,
+        };
+        let reply = hub.lease(ask(100, 0)).unwrap();
+        assert_eq!(
+            reply.leases.len(),
+            24,
+            "every default prompt, under the batch cap"
+        );
+        let lease = &reply.leases[0];
+        let text = hub.job.template.render(&lease.question);
+        assert_eq!(lease.prompt_tokens, hub.tokenizer.encode(&text).unwrap());
+        assert_eq!(lease.group_size, 2);
+        assert_ne!(lease.seed, reply.leases[1].seed);
+        assert!(hub.lease(ask(1, 0)).unwrap().leases.is_empty());
+        hub.publish(testing::blob(2));
+        assert!(hub.lease(ask(1, 0)).unwrap().wait_for_weights);
+        let unknown = LeaseRequest {
+            member_id: "actor-9".into(),
+            ..ask(1, 2)
+        };
+        assert_eq!(
+            hub.lease(unknown).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        hub.finish();
+        assert!(hub.lease(ask(1, 2)).unwrap().finished);
     }
 
     #[test]

@@ -10,9 +10,9 @@ use quill_config::job::JobConfig;
 use quill_proto::auth;
 use quill_proto::learner_server::LearnerServer;
 use quill_proto::rpc;
+use quill_proto::status::StatusDocument;
 use quill_proto::Role;
 use quill_telemetry::http::{self, Render};
-use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,7 +131,7 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
             }
             if last_log.elapsed() >= log_every {
                 last_log = tokio::time::Instant::now();
-                if let Some(line) = throughput_line(&ticker_hub) {
+                if let Some(line) = throughput_line(&ticker_hub.status_document()) {
                     println!("{line}");
                 }
             }
@@ -172,36 +172,39 @@ fn join(handle: std::thread::JoinHandle<Result<(), RunError>>) -> Result<(), Run
         .unwrap_or_else(|_| Err(RunError::Startup("the trainer thread panicked".into())))
 }
 
-/// The human-readable throughput line: cluster totals (live actors and reward workers,
-/// generated tokens/s summed over actors, trained tokens/s summed over learner ranks, the
-/// ingest queue) and live per-actor rates from heartbeats, the rest from the latest step.
-pub fn throughput_line(hub: &Hub) -> Option<String> {
-    let status = hub.status_snapshot();
-    let get = |k: &str| status.get(k).and_then(Value::as_f64).unwrap_or(0.0);
-    status.get("step")?;
-    let totals = hub.cluster_totals();
-    let actors = hub
-        .actor_metrics()
+/// The human-readable throughput line of a status document: cluster totals (live actors
+/// and reward workers, generated tokens/s summed over actors, trained tokens/s summed over
+/// learner ranks, the ingest queue) and live per-actor rates from heartbeats, the rest
+/// from the latest step; none before the first step.
+pub fn throughput_line(doc: &StatusDocument) -> Option<String> {
+    let step = doc.step.as_ref()?;
+    let totals = &doc.totals;
+    let actors = doc
+        .members
         .iter()
+        .filter_map(|m| m.reported.actor())
         .map(|m| format!("{:.0}", m.tokens_per_s))
         .collect::<Vec<_>>()
         .join(", ");
-    let rewards = hub.reward_metrics();
-    let (reward_ms, workers): (f64, usize) =
-        (rewards.iter().map(|m| m.latency_ms).sum(), rewards.len());
-    let versions = hub.member_versions(Role::Actor);
-    let lag = versions
+    let rewards: Vec<f64> = doc
+        .members
         .iter()
-        .map(|v| hub.version().saturating_sub(*v))
+        .filter_map(|m| Some(m.reported.reward()?.latency_ms))
+        .collect();
+    let lag = doc
+        .members
+        .iter()
+        .filter(|m| m.reported.role() == Role::Actor)
+        .map(|m| doc.version.saturating_sub(m.version))
         .max()
         .unwrap_or(0);
     Some(format!(
         "step {}/{} v{} | {:.2} groups/s | cluster: {} actors gen {:.0} tok/s, {} ranks train {:.0} tok/s, {} reward workers, queue {}/{} | per actor tok/s: {actors} (max lag {lag}) | reward {:.0} ms | step {:.2} s | staleness {:.2} | weights {:.2} s {:.0} MB/s | reward {:.3} in-range {:.0}% words {:.0}",
-        get("step"), get("steps_total"), get("version"), get("rollout_groups_per_s"),
+        step.step, step.steps_total, doc.version, step.rollout_groups_per_s,
         totals.actors, totals.generated_tokens_per_s, totals.ranks, totals.trained_tokens_per_s,
         totals.reward_workers, totals.queue_depth, totals.queue_capacity,
-        reward_ms / workers.max(1) as f64, get("step_seconds"), get("staleness_mean"),
-        get("weight_sync_seconds"), get("weight_sync_mb_per_s"),
-        get("reward_mean"), 100.0 * get("in_range_share"), get("response_words_mean"),
+        rewards.iter().sum::<f64>() / rewards.len().max(1) as f64, step.step_seconds,
+        step.staleness_mean, step.weight_sync_seconds, step.weight_sync_mb_per_s,
+        step.reward_mean, 100.0 * step.in_range_share, step.response_words_mean,
     ))
 }

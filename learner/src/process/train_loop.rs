@@ -19,9 +19,10 @@ use quill_config::job::{self, JobConfig};
 use quill_model::device::{parse_device, parse_dtype};
 use quill_model::{default_model, load_pretrained, Qwen2, Tokenizer};
 use quill_proto::blob::WeightBlob;
+use quill_proto::status::{Rejection, StepMetrics, StepRecord};
 use quill_telemetry::{MetricsWriter, Record};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -312,26 +313,27 @@ fn train(
             publish_seconds,
         );
         hub.set_rank_metrics(ranked.clone());
-        let mut record = step_record(
-            job,
-            hub,
-            &stats,
-            &batch,
-            publish_seconds,
-            started.elapsed().as_secs_f64(),
-            ingest,
-        );
-        record.insert("learner_ranks".into(), json!(world));
-        if let Some(spread) = spread {
-            record.insert("rank_weight_spread".into(), json!(spread));
-        }
-        record.insert("idle_share".into(), json!(ranked.idle_share));
-        record.insert("mfu".into(), json!(ranked.mfu));
-        hub.set_status(record.clone());
-        let line = record
-            .into_iter()
-            .fold(Record::new("step"), |r, (k, v)| r.with(&k, v));
-        metrics.write(&line)?;
+        let record = StepRecord {
+            version: stats.version,
+            learner_ranks: world,
+            rejected: hub.rejections.snapshot(),
+            metrics: StepMetrics {
+                rank_weight_spread: spread,
+                idle_share: ranked.idle_share,
+                mfu: ranked.mfu,
+                ..step_metrics(
+                    job,
+                    hub,
+                    &stats,
+                    &batch,
+                    publish_seconds,
+                    started.elapsed().as_secs_f64(),
+                    ingest,
+                )
+            },
+        };
+        metrics.write(&step_line(&record))?;
+        hub.set_step_record(record);
         let step = trainer.progress().step;
         if job.checkpoint.every_steps > 0 && step % job.checkpoint.every_steps == 0 {
             save(trainer)?;
@@ -403,7 +405,7 @@ fn collect_batch(
             .min()
             .unwrap_or(version);
         if version.saturating_sub(oldest) > job.grpo.max_staleness {
-            hub.rejections.count("too_stale_at_train");
+            hub.rejections.count(Rejection::TooStaleAtTrain);
             continue;
         }
         for (score, sample) in group.scores.iter().zip(&rollout.samples) {
@@ -418,7 +420,7 @@ fn collect_batch(
             batch.generated_tokens += sample.tokens.len();
         }
         if job.grpo.drop_zero_advantage_groups && group.advantages.iter().all(|a| a.abs() < 1e-8) {
-            hub.rejections.count("zero_advantage");
+            hub.rejections.count(Rejection::ZeroAdvantage);
             continue;
         }
         batch.prompt_ids.push(rollout.prompt_id);
@@ -449,8 +451,9 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn step_record(
+/// What a step measured, from the trainer's statistics, the batch and the members'
+/// latest heartbeats (rank 0's own idle share and MFU are filled in by the caller).
+fn step_metrics(
     job: &JobConfig,
     hub: &Hub,
     stats: &StepStats,
@@ -458,95 +461,66 @@ fn step_record(
     publish_seconds: f64,
     elapsed: f64,
     ingest: &mpsc::Receiver<Accepted>,
-) -> Map<String, Value> {
+) -> StepMetrics {
     let column = |i: usize| mean(batch.rewards.iter().map(|r| r[i]));
-    let actor_metrics = hub.actor_metrics();
-    let reward_metrics = hub.reward_metrics();
-    let actors = actor_metrics.len();
-    let gen_tps: f64 = actor_metrics.iter().map(|m| m.tokens_per_s).sum();
-    let rewards = reward_metrics.len();
-    let reward_ms: f64 = reward_metrics.iter().map(|m| m.latency_ms).sum();
-    let syncs = actors;
-    let sync_s: f64 = actor_metrics.iter().map(|m| m.weight_sync_seconds).sum();
-    let sync_mbps: f64 = actor_metrics.iter().map(|m| m.weight_sync_mb_per_s).sum();
-    let mut record = Map::new();
-    let mut put = |k: &str, v: Value| {
-        record.insert(k.to_owned(), v);
-    };
-    put("step", json!(stats.step));
-    put("steps_total", json!(job.grpo.steps));
-    put("version", json!(stats.version));
-    put("elapsed_s", json!(elapsed));
-    put("skipped", json!(stats.skipped));
-    put("loss", json!(stats.loss));
-    put("grad_norm", json!(stats.grad_norm));
-    put("lr", json!(stats.lr));
-    put("clip_fraction", json!(stats.clip_fraction));
-    put("mean_ratio", json!(stats.mean_ratio));
-    put("kl", json!(stats.mean_kl));
-    put("groups", json!(batch.groups));
-    put("prompt_ids", json!(batch.prompt_ids));
-    put("groups_by_actor", json!(batch.groups_by_actor));
-    put("samples_scored", json!(batch.rewards.len()));
-    put("reward_mean", json!(column(0)));
-    put("reward_length", json!(column(1)));
-    put("reward_format", json!(column(2)));
-    if job.rewards.quality_model.is_some() {
-        put("reward_quality", json!(column(3)));
+    let per = |sum: f64, n: usize| if n > 0 { sum / n as f64 } else { 0.0 };
+    let actors = hub.actor_metrics();
+    let rewards = hub.reward_metrics();
+    StepMetrics {
+        step: stats.step,
+        steps_total: job.grpo.steps,
+        elapsed_s: elapsed,
+        skipped: stats.skipped,
+        loss: stats.loss,
+        grad_norm: stats.grad_norm,
+        lr: stats.lr,
+        clip_fraction: stats.clip_fraction,
+        mean_ratio: stats.mean_ratio,
+        kl: stats.mean_kl,
+        groups: batch.groups,
+        prompt_ids: batch.prompt_ids.clone(),
+        groups_by_actor: batch.groups_by_actor.clone(),
+        samples_scored: batch.rewards.len(),
+        reward_mean: column(0),
+        reward_length: column(1),
+        reward_format: column(2),
+        reward_quality: job.rewards.quality_model.is_some().then(|| column(3)),
+        response_words_mean: mean(batch.words.iter().copied()),
+        in_range_share: mean(batch.in_range.iter().map(|&b| f64::from(u8::from(b)))),
+        staleness_mean: mean(batch.staleness.iter().copied()),
+        trained_tokens: stats.tokens,
+        step_seconds: stats.seconds,
+        wait_seconds: batch.wait_seconds,
+        trained_tokens_per_s: stats.tokens as f64 / stats.seconds.max(1e-9),
+        generated_tokens_per_s: actors.iter().map(|m| m.tokens_per_s).sum(),
+        actors: actors.len(),
+        rollout_groups_per_s: batch.groups as f64 / (batch.wait_seconds + stats.seconds).max(1e-9),
+        generated_tokens: batch.generated_tokens,
+        reward_latency_ms: per(rewards.iter().map(|m| m.latency_ms).sum(), rewards.len()),
+        ingest_queue: ingest.len(),
+        ingest_capacity: job.cluster.ingest_queue,
+        publish_seconds,
+        weight_sync_seconds: per(
+            actors.iter().map(|m| m.weight_sync_seconds).sum(),
+            actors.len(),
+        ),
+        weight_sync_mb_per_s: per(
+            actors.iter().map(|m| m.weight_sync_mb_per_s).sum(),
+            actors.len(),
+        ),
+        rank_weight_spread: None,
+        idle_share: 0.0,
+        mfu: None,
     }
-    put(
-        "response_words_mean",
-        json!(mean(batch.words.iter().copied())),
-    );
-    put(
-        "in_range_share",
-        json!(mean(batch.in_range.iter().map(|&b| f64::from(u8::from(b))))),
-    );
-    put(
-        "staleness_mean",
-        json!(mean(batch.staleness.iter().copied())),
-    );
-    put("trained_tokens", json!(stats.tokens));
-    put("step_seconds", json!(stats.seconds));
-    put("wait_seconds", json!(batch.wait_seconds));
-    put(
-        "trained_tokens_per_s",
-        json!(stats.tokens as f64 / stats.seconds.max(1e-9)),
-    );
-    put("generated_tokens_per_s", json!(gen_tps));
-    put("actors", json!(actors));
-    put(
-        "rollout_groups_per_s",
-        json!(batch.groups as f64 / (batch.wait_seconds + stats.seconds).max(1e-9)),
-    );
-    put("generated_tokens", json!(batch.generated_tokens));
-    put(
-        "reward_latency_ms",
-        json!(if rewards > 0 {
-            reward_ms / rewards as f64
-        } else {
-            0.0
-        }),
-    );
-    put("ingest_queue", json!(ingest.len()));
-    put("ingest_capacity", json!(job.cluster.ingest_queue));
-    put("publish_seconds", json!(publish_seconds));
-    put(
-        "weight_sync_seconds",
-        json!(if syncs > 0 {
-            sync_s / syncs as f64
-        } else {
-            0.0
-        }),
-    );
-    put(
-        "weight_sync_mb_per_s",
-        json!(if syncs > 0 {
-            sync_mbps / syncs as f64
-        } else {
-            0.0
-        }),
-    );
-    put("rejected", json!(hub.rejections.snapshot()));
-    record
+}
+
+/// The step's line of `metrics.jsonl`: `kind` and `time`, then the record's fields.
+fn step_line(record: &StepRecord) -> Record {
+    let Value::Object(fields) = serde_json::to_value(record).expect("step records serialise")
+    else {
+        unreachable!("a struct serialises to a JSON object")
+    };
+    fields
+        .into_iter()
+        .fold(Record::new("step"), |line, (k, v)| line.with(&k, v))
 }
