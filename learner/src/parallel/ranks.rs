@@ -4,6 +4,7 @@
 //! id) and answers them. Each step, rank 0 splits the global batch into one shard per
 //! rank and ranks fetch theirs (`GetShard`).
 
+use crate::parallel::collective::Backend;
 use quill_proto::{JoinRankReply, TrainSample as WireSample};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -15,8 +16,8 @@ use std::time::{Duration, Instant};
 pub struct GroupSetup {
     /// Every rank's collective address, by rank.
     pub addresses: Vec<String>,
-    /// `ring` or `nccl`.
-    pub backend: String,
+    /// The collective backend.
+    pub backend: Backend,
     /// The NCCL communicator id (empty for the ring).
     pub nccl_id: Vec<u8>,
 }
@@ -160,7 +161,7 @@ impl RankTable {
                 let setup = state.setup.as_ref()?;
                 Some(Ok(JoinRankReply {
                     ring_addresses: setup.addresses.clone(),
-                    backend: setup.backend.clone(),
+                    backend: setup.backend as i32,
                     nccl_id: setup.nccl_id.clone(),
                     job_json: job_json.to_owned(),
                 }))
@@ -252,7 +253,7 @@ mod tests {
         assert_eq!(addresses, vec!["", "127.0.0.1:7001", "127.0.0.1:7002"]);
         table.set_setup(GroupSetup {
             addresses: addresses.clone(),
-            backend: "ring".into(),
+            backend: Backend::Ring,
             nccl_id: Vec::new(),
         });
         let reply = table.wait_for_setup(Duration::from_secs(1), "{}").unwrap();

@@ -1,6 +1,6 @@
 //! Forming the learner ranks' collective group and splitting a global batch into shards.
 
-use crate::parallel::collective::{NcclCollective, RingCollective};
+use crate::parallel::collective::{Backend, NcclCollective, RingCollective};
 use crate::process::error::RunError;
 use crate::train::grad_sync::GradSync;
 use crate::train::grpo::{self, LossAggregation};
@@ -10,13 +10,13 @@ use quill_proto::TrainSample as WireSample;
 use std::net::TcpListener;
 use tch::Device;
 
-/// The backend a job's learner ranks use: `ring` or `nccl`.
-pub fn backend(job: &JobConfig, device: Device) -> &'static str {
+/// The backend a job's learner ranks use on `device` (`auto`: NCCL on CUDA, else the ring).
+pub fn backend(job: &JobConfig, device: Device) -> Backend {
     match job.parallel.collective {
-        CollectiveKind::Ring => "ring",
-        CollectiveKind::Nccl => "nccl",
-        CollectiveKind::Auto if device.is_cuda() => "nccl",
-        CollectiveKind::Auto => "ring",
+        CollectiveKind::Ring => Backend::Ring,
+        CollectiveKind::Nccl => Backend::Nccl,
+        CollectiveKind::Auto if device.is_cuda() => Backend::Nccl,
+        CollectiveKind::Auto => Backend::Ring,
     }
 }
 
@@ -29,7 +29,7 @@ pub fn ring_listener() -> Result<TcpListener, RunError> {
 pub fn connect(
     job: &JobConfig,
     rank: usize,
-    backend: &str,
+    backend: Backend,
     addresses: &[String],
     nccl_id: &[u8],
     listener: TcpListener,
@@ -37,11 +37,11 @@ pub fn connect(
 ) -> Result<GradSync, RunError> {
     let timeout = job.parallel.timeout();
     let collective: Box<dyn crate::parallel::collective::Collective> = match backend {
-        "ring" => Box::new(
+        Backend::Ring => Box::new(
             RingCollective::connect(rank, listener, addresses, timeout)
                 .map_err(crate::LearnerError::from)?,
         ),
-        "nccl" => {
+        Backend::Nccl => {
             let Device::Cuda(index) = device else {
                 return Err(RunError::Startup(format!(
                     "the nccl collective needs a CUDA device, rank {rank} trains on {device:?}"
@@ -52,10 +52,10 @@ pub fn connect(
                     .map_err(crate::LearnerError::from)?,
             )
         }
-        other => {
-            return Err(RunError::Startup(format!(
-                "unknown collective backend `{other}`"
-            )))
+        Backend::Unspecified => {
+            return Err(RunError::Startup(
+                "rank 0 named no collective backend (a learner of another version?)".into(),
+            ))
         }
     };
     Ok(GradSync::new(collective, job.parallel.bucket_bytes()))

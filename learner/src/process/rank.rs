@@ -75,7 +75,7 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
     let sync = group::connect(
         &job,
         options.rank,
-        &reply.backend,
+        reply.backend(),
         &reply.ring_addresses,
         &reply.nccl_id,
         listener,

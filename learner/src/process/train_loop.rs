@@ -4,7 +4,7 @@
 
 use crate::data::Cursor;
 use crate::hub::{Accepted, Hub, JobInfo};
-use crate::parallel::collective::nccl_unique_id;
+use crate::parallel::collective::{nccl_unique_id, Backend};
 use crate::parallel::ranks::GroupSetup;
 use crate::process::error::RunError;
 use crate::process::group;
@@ -143,21 +143,21 @@ fn form_group(job: &JobConfig, hub: &Hub, trainer: &mut Trainer) -> Result<(), R
         addresses[0] = std::net::SocketAddr::new(host, port).to_string();
         let device = trainer.model().device();
         let backend = group::backend(job, device);
-        let nccl_id = if backend == "nccl" {
+        let nccl_id = if backend == Backend::Nccl {
             nccl_unique_id().map_err(LearnerError::from)?
         } else {
             Vec::new()
         };
         hub.ranks.set_setup(GroupSetup {
             addresses: addresses.clone(),
-            backend: backend.to_owned(),
+            backend,
             nccl_id: nccl_id.clone(),
         });
         let sync = group::connect(job, 0, backend, &addresses, &nccl_id, listener, device)?;
         trainer.attach(sync)?;
         tracing::info!(
             ranks = addresses.len(),
-            backend,
+            backend = backend.as_str_name(),
             "learner ranks formed a group"
         );
         Ok::<_, RunError>(())

@@ -26,14 +26,8 @@ pub enum ReduceOp {
     Average,
 }
 
-/// Which collective backend a learner uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// Ring all-reduce over TCP on CPU tensors.
-    Ring,
-    /// NCCL on CUDA tensors.
-    Nccl,
-}
+/// Which collective backend a learner uses (the wire enum rank 0 sends every rank).
+pub use quill_proto::CollectiveBackend as Backend;
 
 /// Why a collective failed.
 #[derive(Debug, thiserror::Error)]
