@@ -5,10 +5,10 @@
 //! rank and ranks fetch theirs (`GetShard`).
 
 use crate::parallel::collective::Backend;
+use parking_lot::{Condvar, Mutex};
 use quill_proto::{JoinRankReply, TrainSample as WireSample};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// What every rank needs to form the collective group.
@@ -91,7 +91,7 @@ impl RankTable {
         if ring_port == 0 {
             return Err(format!("rank {rank} sent no collective port"));
         }
-        let mut state = self.state.lock().expect("poisoned");
+        let mut state = self.state.lock();
         if state.setup.is_some() || state.joined.contains_key(&rank) {
             return Err(format!(
                 "rank {rank} has already joined (a restarted rank needs the whole learner restarted with --resume)"
@@ -135,14 +135,14 @@ impl RankTable {
 
     /// Fixes the group; joined ranks get their answer.
     pub fn set_setup(&self, setup: GroupSetup) {
-        self.state.lock().expect("poisoned").setup = Some(setup);
+        self.state.lock().setup = Some(setup);
         self.changed.notify_all();
     }
 
     /// Makes every waiting and future call fail with `reason` (rank 0 could not form the
     /// group).
     pub fn fail(&self, reason: String) {
-        self.state.lock().expect("poisoned").failed = Some(reason);
+        self.state.lock().failed = Some(reason);
         self.changed.notify_all();
     }
 
@@ -172,13 +172,13 @@ impl RankTable {
 
     /// Hands out the shards of `step` (one per rank; rank 0's slot is not served).
     pub fn publish(&self, step: u64, shards: Vec<Vec<WireSample>>) {
-        self.state.lock().expect("poisoned").shards = Some((step, shards));
+        self.state.lock().shards = Some((step, shards));
         self.changed.notify_all();
     }
 
     /// Training is over: ranks asking for shards are told to exit.
     pub fn finish(&self) {
-        self.state.lock().expect("poisoned").finished = true;
+        self.state.lock().finished = true;
         self.changed.notify_all();
     }
 
@@ -218,7 +218,7 @@ impl RankTable {
         expired: impl FnOnce(&State) -> R,
     ) -> R {
         let deadline = Instant::now() + timeout;
-        let mut state = self.state.lock().expect("poisoned");
+        let mut state = self.state.lock();
         loop {
             if let Some(answer) = decide(&mut state) {
                 return answer;
@@ -227,7 +227,7 @@ impl RankTable {
             if left.is_zero() {
                 return expired(&state);
             }
-            state = self.changed.wait_timeout(state, left).expect("poisoned").0;
+            self.changed.wait_for(&mut state, left);
         }
     }
 }
