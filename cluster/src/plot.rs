@@ -3,6 +3,7 @@
 use anyhow::{bail, Context};
 use plotters::prelude::*;
 use plotters::style::register_font;
+use quill_proto::status::field;
 use quill_telemetry::read_records;
 use serde_json::{Map, Value};
 use std::num::NonZeroUsize;
@@ -72,10 +73,10 @@ const CHARTS: &[Chart] = &[
             title: "Reward",
             y_label: "reward",
             fields: &[
-                "reward_mean",
-                "reward_length",
-                "reward_format",
-                "reward_quality",
+                field::REWARD_MEAN,
+                field::REWARD_LENGTH,
+                field::REWARD_FORMAT,
+                field::REWARD_QUALITY,
             ],
         }],
     },
@@ -85,12 +86,12 @@ const CHARTS: &[Chart] = &[
             Panel {
                 title: "Response length",
                 y_label: "words",
-                fields: &["response_words_mean"],
+                fields: &[field::RESPONSE_WORDS_MEAN],
             },
             Panel {
                 title: "Responses within the target length range",
                 y_label: "share",
-                fields: &["in_range_share"],
+                fields: &[field::IN_RANGE_SHARE],
             },
         ],
     },
@@ -99,7 +100,7 @@ const CHARTS: &[Chart] = &[
         panels: &[Panel {
             title: "Throughput",
             y_label: "tokens / s",
-            fields: &["generated_tokens_per_s", "trained_tokens_per_s"],
+            fields: &[field::GENERATED_TOKENS_PER_S, field::TRAINED_TOKENS_PER_S],
         }],
     },
 ];

@@ -3,46 +3,7 @@
 //! step metrics (labels `rank`, `device`).
 
 use crate::hub::Hub;
-use quill_proto::status::StepMetrics;
 use quill_telemetry::{render_prometheus, Family};
-
-/// A step gauge: its name after `quill_step_`, its help, and how to read it.
-type StepGauge = (&'static str, &'static str, fn(&StepMetrics) -> f64);
-
-/// Step metrics exported as `quill_step_<name>` gauges.
-const STEP_GAUGES: &[StepGauge] = &[
-    ("loss", "GRPO loss of the latest step.", |s| s.loss),
-    (
-        "reward_mean",
-        "Mean total reward of the latest step's samples.",
-        |s| s.reward_mean,
-    ),
-    (
-        "in_range_share",
-        "Share of the latest step's answers inside their length range.",
-        |s| s.in_range_share,
-    ),
-    (
-        "response_words_mean",
-        "Mean answer length in words, latest step.",
-        |s| s.response_words_mean,
-    ),
-    ("grad_norm", "Gradient norm of the latest step.", |s| {
-        s.grad_norm
-    }),
-    ("lr", "Learning rate of the latest step.", |s| s.lr),
-    (
-        "staleness_mean",
-        "Mean policy lag (versions) of the latest step's samples.",
-        |s| s.staleness_mean,
-    ),
-    ("kl", "Mean KL to the reference, latest step.", |s| s.kl),
-    (
-        "clip_fraction",
-        "Share of clipped tokens, latest step.",
-        |s| s.clip_fraction,
-    ),
-];
 
 /// Renders the learner's `/metrics` page from the hub's status document.
 pub fn render(hub: &Hub) -> String {
@@ -82,11 +43,12 @@ pub fn render(hub: &Hub) -> String {
         planned.push(&own, latest.steps_total as f64);
     }
     families.extend([step, planned]);
-    for (name, help, value) in STEP_GAUGES {
-        let mut family = Family::gauge(&format!("quill_step_{name}"), help);
+    let latest = doc.step.clone().unwrap_or_default();
+    for gauge in latest.gauges() {
+        let mut family = Family::gauge(&format!("quill_step_{}", gauge.name), gauge.help);
         // A non-finite value (a skipped step) is left out, as the step record leaves it.
-        if let Some(v) = doc.step.as_ref().map(value).filter(|v| v.is_finite()) {
-            family.push(&own, v);
+        if doc.step.is_some() && gauge.value.is_finite() {
+            family.push(&own, gauge.value);
         }
         families.push(family);
     }

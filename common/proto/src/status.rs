@@ -366,9 +366,99 @@ fn nan_if_null<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Err
     Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
+/// Names of the step record's fields that tools read from `metrics.jsonl` by name
+/// (`quill plot`); a test checks that each is a field of the serialised record.
+pub mod field {
+    /// Mean total reward of the step's samples.
+    pub const REWARD_MEAN: &str = "reward_mean";
+    /// Mean length reward.
+    pub const REWARD_LENGTH: &str = "reward_length";
+    /// Mean format reward.
+    pub const REWARD_FORMAT: &str = "reward_format";
+    /// Mean quality reward (only with a reward model).
+    pub const REWARD_QUALITY: &str = "reward_quality";
+    /// Mean answer length in words.
+    pub const RESPONSE_WORDS_MEAN: &str = "response_words_mean";
+    /// Share of answers inside their length range.
+    pub const IN_RANGE_SHARE: &str = "in_range_share";
+    /// Generated tokens/s summed over actors.
+    pub const GENERATED_TOKENS_PER_S: &str = "generated_tokens_per_s";
+    /// Trained tokens/s.
+    pub const TRAINED_TOKENS_PER_S: &str = "trained_tokens_per_s";
+    /// Every name above.
+    pub const ALL: &[&str] = &[
+        REWARD_MEAN,
+        REWARD_LENGTH,
+        REWARD_FORMAT,
+        REWARD_QUALITY,
+        RESPONSE_WORDS_MEAN,
+        IN_RANGE_SHARE,
+        GENERATED_TOKENS_PER_S,
+        TRAINED_TOKENS_PER_S,
+    ];
+}
+
+impl StepMetrics {
+    /// The step metrics the learner exports as gauges (`quill_step_<name>`).
+    pub fn gauges(&self) -> Vec<Gauge> {
+        let gauge = |name, help, value| Gauge { name, help, value };
+        vec![
+            gauge("loss", "GRPO loss of the latest step.", self.loss),
+            gauge(
+                field::REWARD_MEAN,
+                "Mean total reward of the latest step's samples.",
+                self.reward_mean,
+            ),
+            gauge(
+                field::IN_RANGE_SHARE,
+                "Share of the latest step's answers inside their length range.",
+                self.in_range_share,
+            ),
+            gauge(
+                field::RESPONSE_WORDS_MEAN,
+                "Mean answer length in words, latest step.",
+                self.response_words_mean,
+            ),
+            gauge(
+                "grad_norm",
+                "Gradient norm of the latest step.",
+                self.grad_norm,
+            ),
+            gauge("lr", "Learning rate of the latest step.", self.lr),
+            gauge(
+                "staleness_mean",
+                "Mean policy lag (versions) of the latest step's samples.",
+                self.staleness_mean,
+            ),
+            gauge("kl", "Mean KL to the reference, latest step.", self.kl),
+            gauge(
+                "clip_fraction",
+                "Share of clipped tokens, latest step.",
+                self.clip_fraction,
+            ),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_fields_and_gauges_are_fields_of_the_step_record() {
+        let step = StepMetrics {
+            reward_quality: Some(0.25),
+            ..StepMetrics::default()
+        };
+        let json = serde_json::to_value(&step).unwrap();
+        let fields = json.as_object().unwrap();
+        for name in field::ALL {
+            assert!(fields.contains_key(*name), "{name}");
+        }
+        for gauge in step.gauges() {
+            assert!(fields.contains_key(gauge.name), "{}", gauge.name);
+        }
+    }
 
     fn document() -> StatusDocument {
         StatusDocument {
