@@ -4,7 +4,7 @@
 
 use super::Hub;
 use parking_lot::Mutex;
-use quill_proto::status::{ClusterTotals, StatusDocument, StepRecord};
+use quill_proto::status::{ClusterTotals, MemberStatus, StatusDocument, StepRecord};
 use quill_proto::{ActorMetrics, RankMetrics, RewardMetrics};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -52,20 +52,19 @@ impl Hub {
         self.members.reward_metrics()
     }
 
-    /// Live members, summed rates across actors, reward workers and ranks, and the queue.
-    pub fn cluster_totals(&self) -> ClusterTotals {
-        let actors = self.actor_metrics();
-        let rewards = self.reward_metrics();
-        let ranks = self.rank_metrics();
-        let members = self.members.statuses();
+    /// Live members, summed rates across actors, reward workers and ranks, and the queue,
+    /// from the same snapshot of members and ranks the document lists.
+    fn cluster_totals(&self, members: &[MemberStatus], ranks: &[RankMetrics]) -> ClusterTotals {
         let count = |role| members.iter().filter(|m| m.reported.role() == role).count();
+        let actors = members.iter().filter_map(|m| m.reported.actor());
+        let rewards = members.iter().filter_map(|m| m.reported.reward());
         ClusterTotals {
             actors: count(quill_proto::Role::Actor),
             reward_workers: count(quill_proto::Role::Reward),
             ranks: ranks.len(),
-            generated_tokens_per_s: actors.iter().map(|m| m.tokens_per_s).sum(),
+            generated_tokens_per_s: actors.map(|m| m.tokens_per_s).sum(),
             trained_tokens_per_s: ranks.iter().map(|r| r.tokens_per_s).sum(),
-            scored_groups_per_s: rewards.iter().map(|m| m.scored_per_s).sum(),
+            scored_groups_per_s: rewards.map(|m| m.scored_per_s).sum(),
             queue_depth: self.queue_depth(),
             queue_capacity: self.ingest.max_capacity(),
         }
@@ -75,7 +74,10 @@ impl Hub {
     /// leases, weights and ingest counters as they are now.
     pub fn status_document(&self) -> StatusDocument {
         let (leases_active, leases_expired) = self.leases.counts();
+        let members = self.members.statuses();
+        let ranks = self.rank_metrics();
         StatusDocument {
+            totals: self.cluster_totals(&members, &ranks),
             step: self
                 .reports
                 .latest_step
@@ -85,9 +87,8 @@ impl Hub {
             version: self.version(),
             learner_ranks: self.ranks.world_size(),
             rejected: self.rejections.snapshot(),
-            members: self.members.statuses(),
-            ranks: self.rank_metrics(),
-            totals: self.cluster_totals(),
+            members,
+            ranks,
             uptime_s: self.uptime_seconds(),
             leases_active,
             leases_expired,
