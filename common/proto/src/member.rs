@@ -3,7 +3,9 @@
 //! `shutdown` or has been silent for [`LEARNER_SILENCE_HEARTBEATS`] heartbeat periods.
 //! What a heartbeat carries and what a member does with each reply is the member's own.
 
-use crate::rpc::{endpoint, learner_client, LearnerConn, LEARNER_SILENCE_HEARTBEATS};
+use crate::rpc::{
+    connect_retrying, endpoint, learner_client, LearnerConn, LEARNER_SILENCE_HEARTBEATS,
+};
 use crate::{HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest};
 use std::time::{Duration, Instant};
 use tonic::Status;
@@ -65,16 +67,9 @@ impl Member {
             reason,
         };
         let endpoint = endpoint(addr, LEARNER_TIMEOUT).map_err(unreachable)?;
-        let started = Instant::now();
-        let channel = loop {
-            match endpoint.connect().await {
-                Ok(channel) => break channel,
-                Err(e) if started.elapsed() > LEARNER_TIMEOUT => {
-                    return Err(unreachable(e.to_string()))
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        };
+        let channel = connect_retrying(&endpoint, LEARNER_TIMEOUT, Duration::from_millis(200))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let mut learner = learner_client(channel, token);
         let reply = learner
             .register(request)

@@ -61,6 +61,23 @@ pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, String> {
         .max_frame_size(Some(MAX_FRAME)))
 }
 
+/// Connects `endpoint`, trying again every `every` until it answers or `within` has
+/// passed (a member may start before the learner listens); the last error after that.
+pub async fn connect_retrying(
+    endpoint: &Endpoint,
+    within: Duration,
+    every: Duration,
+) -> Result<Channel, tonic::transport::Error> {
+    let started = std::time::Instant::now();
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) if started.elapsed() > within => return Err(e),
+            Err(_) => tokio::time::sleep(every).await,
+        }
+    }
+}
+
 /// A generated gRPC server (`LearnerServer`, `RewardServer`, `WeightRelayServer`): what
 /// [`serve`] runs, with message limits it sets.
 pub trait GrpcServer:

@@ -133,12 +133,8 @@ async fn connect(addr: &str, token: &str, timeout: Duration) -> Result<LearnerCo
     // Calls wait for other ranks and for batches, so only connecting is bounded here.
     let endpoint =
         rpc::endpoint(addr, Duration::from_secs(30))?.timeout(Duration::from_secs(24 * 3600));
-    let started = Instant::now();
-    loop {
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(rpc::learner_client(channel, token)),
-            Err(e) if started.elapsed() > timeout => return Err(e.to_string()),
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    }
+    let channel = rpc::connect_retrying(&endpoint, timeout, Duration::from_millis(250))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rpc::learner_client(channel, token))
 }
