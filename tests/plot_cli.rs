@@ -24,6 +24,10 @@ fn synthetic_metrics() -> String {
             "in_range_share": (0.05 + 0.025 * s + 0.05 * wiggle).clamp(0.0, 1.0),
             "generated_tokens_per_s": 5200.0 + 300.0 * wiggle,
             "trained_tokens_per_s": 8100.0 + 450.0 * (s * 0.9).cos(),
+            "discarded_token_share": 0.4 / s,
+            "stale_share": 0.01 / s,
+            "idle_share": 0.1 + 0.05 * wiggle,
+            "entropy": 6.0 - 0.05 * s,
         });
         lines.push(record.to_string());
         if step % 10 == 0 {
@@ -51,7 +55,7 @@ fn png_size(path: &Path) -> (u32, u32) {
 }
 
 #[test]
-fn plot_writes_three_charts() {
+fn plot_writes_every_chart() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = dir.path().join("metrics.jsonl");
     std::fs::write(&metrics, synthetic_metrics()).unwrap();
@@ -69,7 +73,13 @@ fn plot_writes_three_charts() {
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
         let text = stdout(&out);
-        for name in ["reward.png", "length.png", "throughput.png"] {
+        for name in [
+            "reward.png",
+            "length.png",
+            "throughput.png",
+            "waste.png",
+            "entropy.png",
+        ] {
             let path = out_dir.join(name);
             assert!(text.contains(&path.display().to_string()), "{text}");
             assert_eq!(png_size(&path), (1200, 800), "{name}");

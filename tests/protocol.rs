@@ -119,22 +119,21 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
         .unwrap()
         .into_inner()
         .member_id;
-    let lease = |mut client: LearnerClient<_>| {
-        let member = member.clone();
+    let lease = |mut client: LearnerClient<_>, member: String, version: u64| {
         async move {
             let reply = client
                 .lease(LeaseRequest {
                     member_id: member,
                     max_groups: 1,
-                    version: 0,
+                    version,
                 })
                 .await
                 .unwrap();
             reply.into_inner().leases.remove(0)
         }
     };
-    let first = lease(client.clone()).await;
-    let vocab: i64 = {
+    let first = lease(client.clone(), member.clone(), 0).await;
+    let (probe, vocab) = {
         let reply = client
             .register(RegisterRequest {
                 role: Role::Actor as i32,
@@ -146,7 +145,7 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
             .unwrap()
             .into_inner();
         let config: Value = serde_json::from_str(&reply.model_config_json).unwrap();
-        config["vocab_size"].as_i64().unwrap()
+        (reply.member_id, config["vocab_size"].as_i64().unwrap())
     };
 
     let mut cases: Vec<(&str, ScoredGroup, String)> = Vec::new();
@@ -212,22 +211,31 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
         .into_inner();
     assert!(!reply.accepted && reply.duplicate);
 
-    // Two more steps move the policy to version 2; version-0 samples are then too stale.
-    let second = lease(client.clone()).await;
-    let stale = lease(client.clone()).await;
-    assert!(
-        client
-            .submit_scored(group(&second, 0))
-            .await
-            .unwrap()
-            .into_inner()
-            .accepted
-    );
+    // An actor still on version 0 takes a lease now, one step in (admission leaves room
+    // for one group at its lag); another actor's group moves the policy to version 2, and
+    // the version-0 samples are then too stale: the safety net behind admission.
     let version_now = |mut client: LearnerClient<_>| async move {
         let status = client.status(StatusRequest {}).await.unwrap().into_inner();
         serde_json::from_str::<Value>(&status.json).unwrap()
     };
     let started = Instant::now();
+    while version_now(client.clone()).await["version"].as_u64() < Some(1) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the learner did not train"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stale = lease(client.clone(), member.clone(), 0).await;
+    let second = lease(client.clone(), probe, 1).await;
+    assert!(
+        client
+            .submit_scored(group(&second, 1))
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted
+    );
     while version_now(client.clone()).await["version"].as_u64() < Some(2) {
         assert!(
             started.elapsed() < Duration::from_secs(60),

@@ -40,8 +40,8 @@ pub struct Args {
     /// Metrics file to read: one JSON object per line; only records of kind "step" are
     /// drawn.
     pub metrics: PathBuf,
-    /// Directory to write reward.png, length.png and throughput.png into (created if
-    /// missing).
+    /// Directory to write reward.png, length.png, throughput.png, waste.png and
+    /// entropy.png into (created if missing).
     #[arg(long)]
     pub out: PathBuf,
     /// What the horizontal axis shows: the step number or the time since the first step.
@@ -101,6 +101,29 @@ const CHARTS: &[Chart] = &[
             title: "Throughput",
             y_label: "tokens / s",
             fields: &[field::GENERATED_TOKENS_PER_S, field::TRAINED_TOKENS_PER_S],
+        }],
+    },
+    Chart {
+        file: "waste.png",
+        panels: &[
+            Panel {
+                title: "Generated work thrown away (so far)",
+                y_label: "share",
+                fields: &[field::DISCARDED_TOKEN_SHARE, field::STALE_SHARE],
+            },
+            Panel {
+                title: "Trainer waiting for data",
+                y_label: "idle share",
+                fields: &[field::IDLE_SHARE],
+            },
+        ],
+    },
+    Chart {
+        file: "entropy.png",
+        panels: &[Panel {
+            title: "Policy entropy",
+            y_label: "nats / token",
+            fields: &[field::ENTROPY],
         }],
     },
 ];

@@ -278,7 +278,12 @@ pub struct StepMetrics {
     pub trained_tokens: usize,
     /// Seconds of the step.
     pub step_seconds: f64,
-    /// Seconds spent waiting for the batch.
+    /// Seconds of the step's forward and backward passes.
+    pub forward_backward_seconds: f64,
+    /// Seconds of the step's gradient all-reduce, clipping and optimiser update.
+    pub optimizer_seconds: f64,
+    /// Seconds the trainer waited for this batch (the next batch is assembled while a
+    /// step runs, so this is only the time the actors were behind).
     pub wait_seconds: f64,
     /// Trained tokens per second of step time.
     pub trained_tokens_per_s: f64,
@@ -296,8 +301,32 @@ pub struct StepMetrics {
     pub ingest_queue: usize,
     /// The ingest queue's bound.
     pub ingest_capacity: usize,
-    /// Seconds publishing the new weights took.
+    /// Seconds the step's critical path spent handing the new weights over (a copy; the
+    /// blob is built and served by the publisher thread).
     pub publish_seconds: f64,
+    /// Seconds the step's critical path spent on a checkpoint (a copy; the files are
+    /// written by the checkpoint thread); 0 on steps without one.
+    pub checkpoint_seconds: f64,
+    /// Mean entropy (nats) of the policy's tempered next-token distribution over the
+    /// trained tokens.
+    pub entropy: f64,
+    /// Groups that reached the learner since the previous step (accepted or refused).
+    pub generated_groups: u64,
+    /// Groups refused or dropped since the previous step, by reason.
+    pub refused: RejectionCounts,
+    /// Groups that reached the learner so far.
+    pub generated_groups_total: u64,
+    /// Groups trained so far.
+    pub trained_groups_total: u64,
+    /// Share of the tokens generated so far that were thrown away (refused at ingest or
+    /// dropped at training, for any reason).
+    pub discarded_token_share: f64,
+    /// Share of the groups generated so far that were refused as too stale (at ingest or
+    /// at training): what staleness-aware admission keeps near 0.
+    pub stale_share: f64,
+    /// The side that held the pipeline back over this step: `actors` when the trainer
+    /// waited for data for more than 15 % of the step, else `learner`.
+    pub bottleneck: String,
     /// Mean weight-sync seconds over the actors.
     pub weight_sync_seconds: f64,
     /// Mean weight-sync MB/s over the actors.
@@ -385,6 +414,14 @@ pub mod field {
     pub const GENERATED_TOKENS_PER_S: &str = "generated_tokens_per_s";
     /// Trained tokens/s.
     pub const TRAINED_TOKENS_PER_S: &str = "trained_tokens_per_s";
+    /// Mean policy entropy.
+    pub const ENTROPY: &str = "entropy";
+    /// The trainer's share of wall time spent waiting for data.
+    pub const IDLE_SHARE: &str = "idle_share";
+    /// Share of generated tokens thrown away so far.
+    pub const DISCARDED_TOKEN_SHARE: &str = "discarded_token_share";
+    /// Share of generated groups refused as too stale so far.
+    pub const STALE_SHARE: &str = "stale_share";
     /// Every name above.
     pub const ALL: &[&str] = &[
         REWARD_MEAN,
@@ -395,6 +432,10 @@ pub mod field {
         IN_RANGE_SHARE,
         GENERATED_TOKENS_PER_S,
         TRAINED_TOKENS_PER_S,
+        ENTROPY,
+        IDLE_SHARE,
+        DISCARDED_TOKEN_SHARE,
+        STALE_SHARE,
     ];
 }
 
@@ -431,6 +472,26 @@ impl StepMetrics {
                 self.staleness_mean,
             ),
             gauge("kl", "Mean KL to the reference, latest step.", self.kl),
+            gauge(
+                field::ENTROPY,
+                "Mean policy entropy (nats) over the latest step's tokens.",
+                self.entropy,
+            ),
+            gauge(
+                field::IDLE_SHARE,
+                "Share of the latest step's wall time the trainer waited for data.",
+                self.idle_share,
+            ),
+            gauge(
+                field::DISCARDED_TOKEN_SHARE,
+                "Share of the generated tokens thrown away so far.",
+                self.discarded_token_share,
+            ),
+            gauge(
+                field::STALE_SHARE,
+                "Share of the generated groups refused as too stale so far.",
+                self.stale_share,
+            ),
             gauge(
                 "clip_fraction",
                 "Share of clipped tokens, latest step.",

@@ -11,6 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use tonic::Status;
 
+/// The generated tokens of a group's samples.
+pub fn group_tokens(group: &ScoredGroup) -> u64 {
+    group
+        .rollout
+        .as_ref()
+        .map_or(0, |r| r.samples.iter().map(|s| s.tokens.len() as u64).sum())
+}
+
 /// A scored group that passed every check, on its way to the trainer.
 #[derive(Debug)]
 pub struct Accepted {
@@ -67,6 +75,7 @@ impl Hub {
             accepted: false,
             duplicate: true,
         };
+        let tokens = group_tokens(&group);
         match self.check_group(&group) {
             Ok(()) => {}
             Err(refusal) if refusal.reason == Rejection::Duplicate => {
@@ -74,6 +83,8 @@ impl Hub {
                 return Ok(duplicate);
             }
             Err(refusal) => {
+                self.waste.generated(tokens);
+                self.waste.discarded(tokens);
                 self.rejections.count(refusal.reason);
                 tracing::warn!("rejected a scored group: {refusal}");
                 return Err(Status::invalid_argument(refusal.message));
@@ -91,6 +102,7 @@ impl Hub {
             .unwrap_or_default();
         match self.leases.complete(lease_id) {
             Ok(_) => {
+                self.waste.generated(tokens);
                 permit.send(Accepted {
                     group,
                     at: Instant::now(),
@@ -106,10 +118,20 @@ impl Hub {
                 Ok(duplicate)
             }
             Err(e) => {
+                self.waste.generated(tokens);
+                self.waste.discarded(tokens);
                 self.rejections.count(Rejection::UnknownLease);
                 Err(Status::invalid_argument(e.to_string()))
             }
         }
+    }
+
+    /// Counts a group the trainer dropped for `reason` (its `tokens` thrown away) and
+    /// takes it out of the pipeline.
+    pub fn drop_at_training(&self, reason: Rejection, tokens: u64) {
+        self.rejections.count(reason);
+        self.waste.discarded(tokens);
+        self.retire(1);
     }
 
     /// Checks a scored group against its lease and the protocol's limits.

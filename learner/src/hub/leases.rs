@@ -3,11 +3,14 @@
 //! most once per lease, and a late answer to an expired lease is refused, so each leased
 //! prompt is trained exactly once.
 //!
-//! [`Ledger`] is the lease book; [`Leases`] puts it, the dataset and the prompts' token
-//! cache under one lock, and `Hub::lease` hands prompts out: leases are issued under the
-//! lock, prompts are encoded outside it, and their tokens are cached before the reply
-//! goes out (an encoding failure leaves the leases to expire, so no prompt is lost).
+//! [`Ledger`] is the lease book; [`Leases`] puts it, the [`Admission`] state, the dataset
+//! and the prompts' token cache under one lock, and `Hub::lease` hands prompts out:
+//! leases are issued under the lock, as many as admission allows, prompts are encoded
+//! outside it, and their tokens are cached before the reply goes out (an encoding failure
+//! leaves the leases to expire, so no prompt is lost). A group stays in the pipeline from
+//! its lease until the trainer retires it (trained, or dropped at training).
 
+use super::admission::{Admission, Pipeline};
 use super::ingest::Refusal;
 use super::Hub;
 use crate::data::{Cursor, Dataset, Prompt, PromptText};
@@ -51,6 +54,7 @@ pub struct Ledger {
     ingested: HashSet<u64>,
     reissue: VecDeque<u64>,
     expired: u64,
+    queued: usize,
 }
 
 impl Ledger {
@@ -120,12 +124,30 @@ impl Ledger {
             .ok_or(LeaseError::Unknown(lease_id))
     }
 
-    /// Marks a lease's group as ingested and returns its prompt id.
+    /// Marks a lease's group as ingested (queued for the trainer until [`Self::retire`])
+    /// and returns its prompt id.
     pub fn complete(&mut self, lease_id: u64) -> Result<u64, LeaseError> {
         self.get(lease_id)?;
         let lease = self.active.remove(&lease_id).expect("checked");
         self.ingested.insert(lease_id);
+        self.queued += 1;
         Ok(lease.prompt_id)
+    }
+
+    /// Takes `groups` ingested groups out of the pipeline: the trainer trained or
+    /// dropped them.
+    pub fn retire(&mut self, groups: usize) {
+        self.queued = self.queued.saturating_sub(groups);
+    }
+
+    /// Groups leased, or ingested and not yet retired.
+    pub fn in_pipeline(&self) -> usize {
+        self.active.len() + self.queued
+    }
+
+    /// Leases `member` holds.
+    pub fn held_by(&self, member: &str) -> usize {
+        self.active.values().filter(|l| l.member == member).count()
     }
 
     /// Prompts that are leased or waiting for re-issue: what a checkpoint must keep so
@@ -157,12 +179,25 @@ impl Ledger {
     }
 }
 
-/// The lease book, the dataset and the prompts' tokens: one consistent piece of state.
+/// The lease book, admission, the dataset and the prompts' tokens: one consistent piece
+/// of state.
 struct Book {
     dataset: Dataset,
     ledger: Ledger,
+    admission: Admission,
     prompt_tokens: HashMap<u64, Vec<i64>>,
     data_exhausted: bool,
+}
+
+/// A request for leases as admission sees it.
+#[derive(Debug, Clone, Copy)]
+struct Ask {
+    /// Leases wanted.
+    count: usize,
+    /// Versions the asking actor is behind.
+    lag: u64,
+    /// Live actors sharing the room.
+    actors: usize,
 }
 
 /// One prompt handed out: its lease, the prompt, and its tokens when already encoded.
@@ -178,24 +213,40 @@ pub struct Leases {
 }
 
 impl Leases {
-    /// Leases over `dataset`, continuing `ledger` (a fresh one or a checkpoint's).
-    pub fn new(dataset: Dataset, ledger: Ledger) -> Self {
+    /// Leases over `dataset`, continuing `ledger` (a fresh one or a checkpoint's), under
+    /// `admission`.
+    pub fn new(dataset: Dataset, ledger: Ledger, admission: Admission) -> Self {
         Leases {
             book: Mutex::new(Book {
                 dataset,
                 ledger,
+                admission,
                 prompt_tokens: HashMap::new(),
                 data_exhausted: false,
             }),
         }
     }
 
-    /// Issues up to `count` leases to `member` (expired ones' prompts first, then new
-    /// prompts), fewer when the data runs out.
-    fn issue(&self, member: &str, count: u32, ttl: Duration, now: Instant) -> Vec<Issued> {
+    /// Issues up to `ask.count` leases to `member` (expired ones' prompts first, then new
+    /// prompts): as many as admission allows, fewer when the data runs out.
+    fn issue(&self, member: &str, ask: Ask, ttl: Duration, now: Instant) -> Vec<Issued> {
         let mut guard = self.book.lock();
         let book = &mut *guard;
         book.ledger.expire(now);
+        let pipeline = Pipeline {
+            outstanding: book.ledger.in_pipeline(),
+            held: book.ledger.held_by(member),
+            actors: ask.actors,
+        };
+        let ledger = &book.ledger;
+        let count = book.admission.grant(
+            member,
+            ask.count,
+            ask.lag,
+            pipeline,
+            |m| ledger.held_by(m),
+            now,
+        );
         let mut issued = Vec::new();
         for _ in 0..count {
             let prompt = match book.ledger.take_reissue() {
@@ -225,7 +276,18 @@ impl Leases {
         let mut book = self.book.lock();
         for member in members {
             book.ledger.release_member(member);
+            book.admission.forget(member);
         }
+    }
+
+    /// Takes `groups` ingested groups out of the pipeline (trained or dropped).
+    pub fn retire(&self, groups: usize) {
+        self.book.lock().ledger.retire(groups);
+    }
+
+    /// Groups leased, or ingested and not yet retired.
+    pub fn in_pipeline(&self) -> usize {
+        self.book.lock().ledger.in_pipeline()
     }
 
     /// Whether every prompt has been served and no lease is out.
@@ -295,9 +357,31 @@ impl Leases {
 }
 
 impl Hub {
+    /// Answers a `Lease` call as [`Hub::lease`] does, but when the pipeline has no room
+    /// for the member it waits up to `patience` for room to free (a step retiring its
+    /// groups, a new version, a member leaving) before answering with no leases.
+    pub async fn lease_or_wait(
+        &self,
+        req: LeaseRequest,
+        patience: Duration,
+    ) -> Result<LeaseReply, Status> {
+        let until = tokio::time::Instant::now() + patience;
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let reply = self.lease(req.clone())?;
+            let empty = reply.leases.is_empty() && !reply.finished && !reply.wait_for_weights;
+            if !empty || tokio::time::timeout_at(until, room).await.is_err() {
+                return Ok(reply);
+            }
+        }
+    }
+
     /// Answers a `Lease` call: nothing once the job is over, "wait for weights" to an
     /// actor more than `max_staleness` versions behind, else up to `max_groups` prompts
-    /// (at most [`MAX_LEASE_BATCH`]), each with its tokens, group size and seed.
+    /// (at most [`MAX_LEASE_BATCH`]) as admission allows, each with its tokens, group
+    /// size and seed.
     pub fn lease(&self, req: LeaseRequest) -> Result<LeaseReply, Status> {
         let current = self.version();
         self.members.check(&req.member_id)?;
@@ -315,10 +399,12 @@ impl Hub {
         }
         let ttl = Duration::from_secs(self.job.cluster.lease_seconds);
         let deadline = unix_ms(SystemTime::now() + ttl);
-        let count = req.max_groups.min(MAX_LEASE_BATCH);
-        let issued = self
-            .leases
-            .issue(&req.member_id, count, ttl, Instant::now());
+        let ask = Ask {
+            count: req.max_groups.min(MAX_LEASE_BATCH) as usize,
+            lag: current.saturating_sub(req.version),
+            actors: self.members.live_actors().max(1),
+        };
+        let issued = self.leases.issue(&req.member_id, ask, ttl, Instant::now());
         let mut leases = Vec::with_capacity(issued.len());
         for Issued {
             lease_id,
@@ -377,6 +463,24 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(10);
 
+    /// Admission with room for every test here.
+    fn roomy() -> Admission {
+        let bound = super::super::admission::Bound {
+            batch: 64,
+            max_staleness: 1,
+        };
+        Admission::new(bound, TTL)
+    }
+
+    /// A request for `count` leases from the only actor, up to date.
+    fn ask(count: usize) -> Ask {
+        Ask {
+            count,
+            lag: 0,
+            actors: 1,
+        }
+    }
+
     #[test]
     fn a_lease_completes_once() {
         let mut ledger = Ledger::default();
@@ -405,6 +509,7 @@ mod tests {
         Leases::new(
             Dataset::new(crate::data::default_prompts(), 1, false, 1),
             Ledger::default(),
+            roomy(),
         )
     }
 
@@ -412,13 +517,13 @@ mod tests {
     fn an_expired_lease_is_reissued_before_new_prompts() {
         let leases = leases();
         let now = Instant::now();
-        let first = leases.issue("a", 2, TTL, now);
+        let first = leases.issue("a", ask(2), TTL, now);
         assert_eq!(first.len(), 2);
         assert!(first.iter().all(|i| i.tokens.is_none()));
         // Both leases expire together; either prompt may come back first.
         leases.remember(first[0].prompt.id, vec![1, 2]);
         leases.remember(first[1].prompt.id, vec![3, 4]);
-        let later = leases.issue("b", 1, TTL, now + TTL * 2);
+        let later = leases.issue("b", ask(1), TTL, now + TTL * 2);
         let again = first
             .iter()
             .find(|f| f.prompt.id == later[0].prompt.id)
@@ -438,7 +543,7 @@ mod tests {
     #[test]
     fn a_lease_is_checked_against_its_prompt_and_completes_once() {
         let leases = leases();
-        let issued = leases.issue("a", 1, TTL, Instant::now()).remove(0);
+        let issued = leases.issue("a", ask(1), TTL, Instant::now()).remove(0);
         let (id, prompt) = (issued.lease_id, issued.prompt.id);
         leases.remember(prompt, vec![3, 4]);
         let reason =
@@ -455,9 +560,10 @@ mod tests {
         let leases = Leases::new(
             Dataset::new(crate::data::default_prompts()[..2].to_vec(), 1, false, 1),
             Ledger::default(),
+            roomy(),
         );
         let now = Instant::now();
-        let issued = leases.issue("a", 5, TTL, now);
+        let issued = leases.issue("a", ask(5), TTL, now);
         assert_eq!(issued.len(), 2);
         assert!(!leases.data_done(), "leases are out");
         leases.release_members(&["a".to_owned()]);
@@ -465,7 +571,7 @@ mod tests {
         outstanding.sort_unstable();
         assert_eq!(outstanding, vec![0, 1]);
         assert_eq!(last, 2);
-        for again in leases.issue("b", 5, TTL, now) {
+        for again in leases.issue("b", ask(5), TTL, now) {
             leases.complete(again.lease_id).unwrap();
         }
         assert!(leases.data_done());
@@ -528,5 +634,51 @@ mod tests {
         let mut outstanding = ledger.outstanding_prompts();
         outstanding.sort_unstable();
         assert_eq!(outstanding, vec![2, 9]);
+    }
+
+    #[tokio::test]
+    async fn the_hub_admits_what_the_next_steps_consume_and_waits_for_room() {
+        let mut job = testing::hub_job();
+        job.grpo.prompts_per_step = 2;
+        job.grpo.max_staleness = 1;
+        let (hub, _queue) = testing::hub(job);
+        let hub = std::sync::Arc::new(hub);
+        let a = testing::register(&hub, quill_proto::Role::Actor);
+        let b = testing::register(&hub, quill_proto::Role::Actor);
+        let ask = |member: &str, max_groups, version| LeaseRequest {
+            member_id: member.to_owned(),
+            max_groups,
+            version,
+        };
+        // Room for (1 + 1) · 2 = 4 groups, a fair share of 2 for each of two actors.
+        let first = hub.lease(ask(&a, 10, 0)).unwrap().leases;
+        assert_eq!(first.len(), 2, "a's share");
+        assert_eq!(hub.lease(ask(&b, 10, 0)).unwrap().leases.len(), 2);
+        assert!(hub.lease(ask(&a, 1, 0)).unwrap().leases.is_empty());
+        for lease in &first {
+            hub.submit(testing::scored_group(lease, 2)).await.unwrap();
+        }
+        assert_eq!(hub.in_pipeline(), 4, "queued groups still count");
+        assert!(hub.lease(ask(&a, 1, 0)).unwrap().leases.is_empty());
+        let waiting = {
+            let hub = std::sync::Arc::clone(&hub);
+            let req = ask(&a, 2, 0);
+            tokio::spawn(async move { hub.lease_or_wait(req, Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "no room yet");
+        hub.retire(2);
+        let woke = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("retiring wakes the waiting call")
+            .unwrap()
+            .unwrap();
+        assert_eq!(woke.leases.len(), 2);
+        // A step later an actor still on version 0 may only fill (1 + 1 − 1) · 2 groups.
+        hub.retire(0);
+        hub.publish(testing::blob(1));
+        assert_eq!(hub.in_pipeline(), 4);
+        let behind = hub.lease_or_wait(ask(&b, 1, 0), Duration::from_millis(20));
+        assert!(behind.await.unwrap().leases.is_empty());
     }
 }

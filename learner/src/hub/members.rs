@@ -204,6 +204,15 @@ impl Members {
         book.live.iter().map(|(id, m)| m.status(id)).collect()
     }
 
+    /// Live actors.
+    pub fn live_actors(&self) -> usize {
+        let book = self.book.lock();
+        book.live
+            .values()
+            .filter(|m| matches!(m.reported, RoleMetrics::Actor(_)))
+            .count()
+    }
+
     /// The latest heartbeat metrics of every live actor that reported, in member order.
     pub fn actor_metrics(&self) -> Vec<ActorMetrics> {
         let book = self.book.lock();

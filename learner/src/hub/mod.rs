@@ -13,11 +13,13 @@
 //!
 //! No tensor lives here: the trainer thread publishes weights as byte blobs.
 
+pub mod admission;
 pub mod ingest;
 pub mod leases;
 pub mod members;
 pub mod service;
 pub mod status;
+pub mod waste;
 pub mod weights;
 
 pub use ingest::{Accepted, Refusal, Rejections};
@@ -25,6 +27,7 @@ pub use service::LearnerService;
 
 use crate::data::Dataset;
 use crate::parallel::ranks::RankTable;
+use admission::{Admission, Bound};
 use leases::{Leases, Ledger};
 use members::Members;
 use quill_config::job::JobConfig;
@@ -67,11 +70,14 @@ pub struct Hub {
     pub duplicates: AtomicU64,
     /// Scored groups accepted.
     pub accepted: AtomicU64,
+    /// Generated and discarded work.
+    pub waste: waste::Waste,
     finished: AtomicBool,
     reports: Reports,
     /// The learner ranks (data parallelism).
     pub ranks: RankTable,
     started: Instant,
+    room: tokio::sync::Notify,
 }
 
 impl Hub {
@@ -86,21 +92,29 @@ impl Hub {
         ingest: mpsc::Sender<Accepted>,
     ) -> Self {
         let weights = Weights::new(weights, job.cluster.weight_chunk_bytes);
+        let bound = Bound {
+            batch: job.grpo.prompts_per_step,
+            max_staleness: job.grpo.max_staleness,
+        };
+        let patience = Duration::from_secs_f64(job.cluster.heartbeat_seconds * 2.0);
+        let admission = Admission::new(bound, patience);
         Hub {
             job,
             info,
             tokenizer,
             members: Members::default(),
-            leases: Leases::new(dataset, ledger),
+            leases: Leases::new(dataset, ledger, admission),
             weights,
             ingest,
             rejections: Rejections::default(),
             duplicates: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            waste: waste::Waste::default(),
             finished: AtomicBool::new(false),
             reports: Reports::default(),
             ranks: RankTable::new(1),
             started: Instant::now(),
+            room: tokio::sync::Notify::new(),
         }
     }
 
@@ -119,11 +133,25 @@ impl Hub {
     /// the new one, never a mix).
     pub fn publish(&self, blob: Arc<WeightBlob>) {
         self.weights.publish(blob);
+        self.room.notify_waiters();
+    }
+
+    /// Takes `groups` ingested groups out of the pipeline once the trainer trained or
+    /// dropped them, making room for new leases.
+    pub fn retire(&self, groups: usize) {
+        self.leases.retire(groups);
+        self.room.notify_waiters();
+    }
+
+    /// Groups leased, or ingested and not yet retired.
+    pub fn in_pipeline(&self) -> usize {
+        self.leases.in_pipeline()
     }
 
     /// Tells every member to finish: no more leases, heartbeats answer `shutdown`.
     pub fn finish(&self) {
         self.finished.store(true, Ordering::SeqCst);
+        self.room.notify_waiters();
     }
 
     /// Whether the job is over.
@@ -156,6 +184,9 @@ impl Hub {
     pub fn evict_silent(&self, timeout: Duration) -> Vec<String> {
         let gone = self.members.evict_silent(timeout);
         self.leases.release_members(&gone);
+        if !gone.is_empty() {
+            self.room.notify_waiters();
+        }
         gone
     }
 }

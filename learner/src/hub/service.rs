@@ -17,6 +17,9 @@ use tonic::{Request, Response, Status};
 /// How long a `GetShard` call waits for the batch before answering "not yet".
 const SHARD_POLL: Duration = Duration::from_secs(1);
 
+/// How long a `Lease` call waits for room in the pipeline before answering with none.
+const LEASE_PATIENCE: Duration = Duration::from_secs(1);
+
 /// The `Learner` service over a shared [`Hub`].
 #[derive(Clone)]
 pub struct LearnerService(pub Arc<Hub>);
@@ -38,7 +41,10 @@ impl Learner for LearnerService {
     }
 
     async fn lease(&self, request: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
-        self.0.lease(request.into_inner()).map(Response::new)
+        self.0
+            .lease_or_wait(request.into_inner(), LEASE_PATIENCE)
+            .await
+            .map(Response::new)
     }
 
     async fn submit_scored(

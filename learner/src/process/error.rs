@@ -27,6 +27,9 @@ pub enum RunError {
     /// The server could not start or failed.
     #[error("learner server: {0}")]
     Server(String),
+    /// Work off the step's critical path (publishing, checkpoint writing) failed.
+    #[error("background work: {0}")]
+    Offload(String),
     /// Start-up failed.
     #[error("learner start-up failed: {0}")]
     Startup(String),

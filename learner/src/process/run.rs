@@ -174,8 +174,10 @@ fn join(handle: std::thread::JoinHandle<Result<(), RunError>>) -> Result<(), Run
 
 /// The human-readable throughput line of a status document: cluster totals (live actors
 /// and reward workers, generated tokens/s summed over actors, trained tokens/s summed over
-/// learner ranks, the ingest queue) and live per-actor rates from heartbeats, the rest
-/// from the latest step; none before the first step.
+/// learner ranks, the ingest queue) and live per-actor rates from heartbeats; from the
+/// latest step, where its time went, the trainer's idle share and which side is the
+/// bottleneck, and the waste so far (groups generated, trained and refused by reason,
+/// the share of generated tokens thrown away); none before the first step.
 pub fn throughput_line(doc: &StatusDocument) -> Option<String> {
     let step = doc.step.as_ref()?;
     let totals = &doc.totals;
@@ -198,9 +200,23 @@ pub fn throughput_line(doc: &StatusDocument) -> Option<String> {
         .map(|m| doc.version.saturating_sub(m.version))
         .max()
         .unwrap_or(0);
+    let refused = if doc.rejected.is_empty() {
+        "none".to_owned()
+    } else {
+        doc.rejected
+            .iter()
+            .map(|(reason, n)| format!("{} {n}", reason.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     Some(format!(
-        "step {}/{} v{} | {:.2} groups/s | cluster: {} actors gen {:.0} tok/s, {} ranks train {:.0} tok/s, {} reward workers, queue {}/{} | per actor tok/s: {actors} (max lag {lag}) | reward {:.0} ms | step {:.2} s | staleness {:.2} | weights {:.2} s {:.0} MB/s | reward {:.3} in-range {:.0}% words {:.0}",
+        "step {}/{} v{} | {:.2} groups/s | time {:.2} s: wait {:.2}, fwd/bwd {:.2}, optimiser {:.2}, publish {:.3}, idle {:.0}% ({}-bound) | waste: {} generated, {} trained, refused {refused}, {:.1}% of tokens discarded, {:.1}% stale | entropy {:.2} | cluster: {} actors gen {:.0} tok/s, {} ranks train {:.0} tok/s, {} reward workers, queue {}/{} | per actor tok/s: {actors} (max lag {lag}) | reward {:.0} ms | step {:.2} s | staleness {:.2} | weights {:.2} s {:.0} MB/s | reward {:.3} in-range {:.0}% words {:.0}",
         step.step, step.steps_total, doc.version, step.rollout_groups_per_s,
+        step.wait_seconds + step.step_seconds + step.publish_seconds + step.checkpoint_seconds,
+        step.wait_seconds, step.forward_backward_seconds, step.optimizer_seconds,
+        step.publish_seconds, 100.0 * step.idle_share, step.bottleneck,
+        step.generated_groups_total, step.trained_groups_total,
+        100.0 * step.discarded_token_share, 100.0 * step.stale_share, step.entropy,
         totals.actors, totals.generated_tokens_per_s, totals.ranks, totals.trained_tokens_per_s,
         totals.reward_workers, totals.queue_depth, totals.queue_capacity,
         rewards.iter().sum::<f64>() / rewards.len().max(1) as f64, step.step_seconds,

@@ -9,8 +9,10 @@ use crate::parallel::ranks::GroupSetup;
 use crate::process::error::RunError;
 use crate::process::group;
 use crate::process::rank_metrics::RankMeter;
-use crate::train::checkpoint;
-use crate::train::sample::{validate_batch, TrainSample};
+use crate::process::batcher::{Batch, Batcher};
+use crate::process::offload::Offload;
+use crate::train::checkpoint::{self, Snapshot};
+use crate::train::sample::validate_batch;
 use crate::train::schedule::LrSchedule;
 use crate::train::trainer::{StepStats, Trainer, TrainerConfig};
 use crate::LearnerError;
@@ -19,13 +21,13 @@ use quill_config::job::{self, JobConfig};
 use quill_model::device::{parse_device, parse_dtype};
 use quill_model::{default_model, load_pretrained, Qwen2, Tokenizer};
 use quill_proto::blob::WeightBlob;
-use quill_proto::status::{Rejection, StepMetrics, StepRecord};
+use quill_proto::status::{Rejection, RejectionCounts, StepMetrics, StepRecord};
 use quill_telemetry::{MetricsWriter, Record};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::mpsc;
 
 /// What the trainer thread hands the hub once the model is loaded.
@@ -175,7 +177,7 @@ pub fn trainer_main(
     resume: bool,
     boot: std::sync::mpsc::Sender<Result<Boot, RunError>>,
     hub: std::sync::mpsc::Receiver<Arc<Hub>>,
-    mut ingest: mpsc::Receiver<Accepted>,
+    ingest: mpsc::Receiver<Accepted>,
 ) -> Result<(), RunError> {
     let (model, reference, tokenizer) = match load_models(&job) {
         Ok(parts) => parts,
@@ -223,7 +225,7 @@ pub fn trainer_main(
     };
     let metrics = MetricsWriter::create(&job.job.output_dir.join(&job.metrics.jsonl))?;
     let tokenizer_files = [("tokenizer.json", tokenizer_text.as_bytes())];
-    let save = |trainer: &Trainer| -> Result<(), RunError> {
+    let snapshot = |trainer: &Trainer| -> Result<Snapshot, RunError> {
         let (cursor, outstanding, last_lease) = hub.data_state();
         let extra = serde_json::to_value(DataState {
             cursor,
@@ -231,42 +233,76 @@ pub fn trainer_main(
             last_lease,
         })
         .expect("serialises");
-        let dir = checkpoint::save(&root, trainer, &tokenizer_files, extra)?;
-        checkpoint::prune(&root, job.checkpoint.keep)?;
-        tracing::info!(checkpoint = %dir.display(), "checkpoint written");
+        Ok(Snapshot::take(trainer, &tokenizer_files, extra)?)
+    };
+    let keep = job.checkpoint.keep;
+    let write = move |root: &Path, snapshot: Snapshot| -> Result<(), RunError> {
+        snapshot.write(root)?;
+        checkpoint::prune(root, keep)?;
         Ok(())
     };
     let world = hub.ranks.world_size();
     if world > 1 {
         form_group(&job, &hub, &mut trainer)?;
     }
-    let trained = train(&job, &hub, &mut ingest, &mut trainer, &metrics, &save);
+    let mut checkpoints = {
+        let root = root.clone();
+        Offload::spawn("checkpoints", move |s| write(&root, s))
+    };
+    let trained = train(
+        &job,
+        &hub,
+        ingest,
+        &mut trainer,
+        &metrics,
+        &mut checkpoints,
+        &snapshot,
+    );
     hub.ranks.finish();
     trained?;
-    save(&trainer)?;
+    checkpoints.finish()?;
+    write(&root, snapshot(&trainer)?)?;
     hub.finish();
     Ok(())
 }
 
-/// The training loop of rank 0: batches from the ingest queue, one step each (sharded over
-/// the learner ranks), weights published, records written, checkpoints saved.
+/// The training loop of rank 0: batches from the batcher thread, one step each (sharded
+/// over the learner ranks), weights handed to the publisher thread, records written,
+/// checkpoints handed to the checkpoint thread. Every group of a step stays in the
+/// pipeline (admission counts it) until its step's weights are published.
 fn train(
     job: &JobConfig,
-    hub: &Hub,
-    ingest: &mut mpsc::Receiver<Accepted>,
+    hub: &Arc<Hub>,
+    ingest: mpsc::Receiver<Accepted>,
     trainer: &mut Trainer,
     metrics: &MetricsWriter,
-    save: &dyn Fn(&Trainer) -> Result<(), RunError>,
+    checkpoints: &mut Offload<Snapshot>,
+    snapshot: &dyn Fn(&Trainer) -> Result<Snapshot, RunError>,
 ) -> Result<(), RunError> {
     let publish_kind = parse_dtype(&job.checkpoint.publish_dtype)?;
     let world = hub.ranks.world_size();
     let started = Instant::now();
     let meter = RankMeter::new(job, trainer);
+    let batcher = Batcher::spawn(job, Arc::clone(hub), ingest, trainer.progress().version);
+    let mut publisher = {
+        let hub = Arc::clone(hub);
+        Offload::spawn("publisher", move |p: Publication| {
+            if let Some((version, tensors)) = p.weights {
+                let blob = quill_model::weights::to_blob(version, &tensors)?;
+                hub.publish(Arc::new(blob));
+            }
+            hub.retire(p.retire);
+            Ok(())
+        })
+    };
+    let mut ledger = WasteLedger::new(hub);
     while trainer.progress().step < job.grpo.steps {
-        let Some(mut batch) = collect_batch(job, hub, ingest, trainer) else {
+        let waited = Instant::now();
+        let Some(mut batch) = batcher.next() else {
             tracing::info!("no more prompts: training ends early");
             break;
         };
+        let wait_seconds = waited.elapsed().as_secs_f64();
         let samples = std::mem::take(&mut batch.samples);
         let stats = if world > 1 {
             validate_batch(&samples, trainer.model().config())?;
@@ -301,18 +337,32 @@ fn train(
             );
         }
         let publish_started = Instant::now();
-        if !stats.skipped {
-            hub.publish(publish(trainer, publish_kind)?);
-        }
+        let weights = (!stats.skipped).then(|| (stats.version, weights_copy(trainer, publish_kind)));
+        publisher.send(Publication {
+            weights,
+            retire: batch.groups,
+        })?;
         let publish_seconds = publish_started.elapsed().as_secs_f64();
+        let checkpoint_started = Instant::now();
+        let step = trainer.progress().step;
+        if job.checkpoint.every_steps > 0 && step % job.checkpoint.every_steps == 0 {
+            checkpoints.send(snapshot(trainer)?)?;
+        }
+        let checkpoint_seconds = checkpoint_started.elapsed().as_secs_f64();
         let ranked = meter.metrics(
             0,
             stats.seconds,
             stats.shard_tokens,
-            batch.wait_seconds,
-            publish_seconds,
+            wait_seconds,
+            publish_seconds + checkpoint_seconds,
         );
         hub.set_rank_metrics(ranked.clone());
+        let timing = Timing {
+            wait_seconds,
+            publish_seconds,
+            checkpoint_seconds,
+            elapsed: started.elapsed().as_secs_f64(),
+        };
         let record = StepRecord {
             version: stats.version,
             learner_ranks: world,
@@ -320,26 +370,40 @@ fn train(
             metrics: StepMetrics {
                 rank_weight_spread: spread,
                 idle_share: ranked.idle_share,
+                bottleneck: if ranked.idle_share > BOTTLENECK_IDLE_SHARE {
+                    "actors"
+                } else {
+                    "learner"
+                }
+                .to_owned(),
                 mfu: ranked.mfu,
-                ..step_metrics(
-                    job,
-                    hub,
-                    &stats,
-                    &batch,
-                    publish_seconds,
-                    started.elapsed().as_secs_f64(),
-                    ingest,
-                )
+                ..step_metrics(job, hub, &stats, &batch, &timing, &mut ledger)
             },
         };
         metrics.write(&step_line(&record))?;
         hub.set_step_record(record);
-        let step = trainer.progress().step;
-        if job.checkpoint.every_steps > 0 && step % job.checkpoint.every_steps == 0 {
-            save(trainer)?;
-        }
     }
-    Ok(())
+    drop(batcher);
+    publisher.finish()
+}
+
+/// Above this idle share the trainer is waiting for the actors: they are the bottleneck.
+const BOTTLENECK_IDLE_SHARE: f64 = 0.15;
+
+/// A step's weights on their way to the hub, and the groups its publication retires.
+struct Publication {
+    weights: Option<(u64, Vec<(String, tch::Tensor)>)>,
+    retire: usize,
+}
+
+/// The weights to publish, copied off the live parameters (in `kind`).
+fn weights_copy(trainer: &Trainer, kind: tch::Kind) -> Vec<(String, tch::Tensor)> {
+    let model = trainer.model();
+    let tensors = model.hf_tensors(kind);
+    if kind != model.kind() {
+        return tensors;
+    }
+    tensors.into_iter().map(|(n, t)| (n, t.copy())).collect()
 }
 
 fn publish(trainer: &Trainer, kind: tch::Kind) -> Result<Arc<WeightBlob>, RunError> {
@@ -350,96 +414,29 @@ fn publish(trainer: &Trainer, kind: tch::Kind) -> Result<Arc<WeightBlob>, RunErr
     )?))
 }
 
-/// One optimiser step's worth of groups and what they said about the rollouts.
-struct Batch {
-    samples: Vec<TrainSample>,
-    groups: usize,
-    rewards: Vec<[f64; 4]>,
-    words: Vec<f64>,
-    in_range: Vec<bool>,
-    staleness: Vec<f64>,
-    generated_tokens: usize,
+/// Where a step's wall time went besides the step itself.
+struct Timing {
     wait_seconds: f64,
-    prompt_ids: Vec<u64>,
-    groups_by_actor: std::collections::BTreeMap<String, u64>,
+    publish_seconds: f64,
+    checkpoint_seconds: f64,
+    elapsed: f64,
 }
 
-fn collect_batch(
-    job: &JobConfig,
-    hub: &Hub,
-    ingest: &mut mpsc::Receiver<Accepted>,
-    trainer: &Trainer,
-) -> Option<Batch> {
-    let waited = Instant::now();
-    let version = trainer.progress().version;
-    let mut batch = Batch {
-        samples: Vec::new(),
-        groups: 0,
-        rewards: Vec::new(),
-        words: Vec::new(),
-        in_range: Vec::new(),
-        staleness: Vec::new(),
-        generated_tokens: 0,
-        wait_seconds: 0.0,
-        prompt_ids: Vec::new(),
-        groups_by_actor: Default::default(),
-    };
-    while batch.groups < job.grpo.prompts_per_step {
-        let accepted = match ingest.try_recv() {
-            Ok(accepted) => accepted,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if hub.data_done() && batch.groups == 0 {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            Err(mpsc::error::TryRecvError::Disconnected) => return None,
-        };
-        let group = accepted.group;
-        let rollout = group.rollout.expect("the hub checked it");
-        let oldest = rollout
-            .samples
-            .iter()
-            .map(|s| s.version_first)
-            .min()
-            .unwrap_or(version);
-        if version.saturating_sub(oldest) > job.grpo.max_staleness {
-            hub.rejections.count(Rejection::TooStaleAtTrain);
-            continue;
+/// The hub's waste counters at the previous step, for per-step differences.
+struct WasteLedger {
+    rejected: RejectionCounts,
+    generated: u64,
+    trained: u64,
+}
+
+impl WasteLedger {
+    fn new(hub: &Hub) -> Self {
+        WasteLedger {
+            rejected: hub.rejections.snapshot(),
+            generated: hub.waste.totals().groups,
+            trained: 0,
         }
-        for (score, sample) in group.scores.iter().zip(&rollout.samples) {
-            batch
-                .rewards
-                .push([score.total, score.length, score.format, score.quality]);
-            batch.words.push(f64::from(score.words));
-            batch.in_range.push(score.in_range);
-            batch
-                .staleness
-                .push(version.saturating_sub(sample.version_first) as f64);
-            batch.generated_tokens += sample.tokens.len();
-        }
-        if job.grpo.drop_zero_advantage_groups && group.advantages.iter().all(|a| a.abs() < 1e-8) {
-            hub.rejections.count(Rejection::ZeroAdvantage);
-            continue;
-        }
-        batch.prompt_ids.push(rollout.prompt_id);
-        *batch
-            .groups_by_actor
-            .entry(rollout.actor_id.clone())
-            .or_default() += 1;
-        for (sample, advantage) in rollout.samples.into_iter().zip(&group.advantages) {
-            batch.samples.push(TrainSample {
-                prompt: rollout.prompt_tokens.clone(),
-                response: sample.tokens,
-                behaviour_logprobs: sample.logprobs,
-                advantage: *advantage,
-            });
-        }
-        batch.groups += 1;
     }
-    batch.wait_seconds = waited.elapsed().as_secs_f64();
-    Some(batch)
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> f64 {
@@ -451,25 +448,40 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-/// What a step measured, from the trainer's statistics, the batch and the members'
-/// latest heartbeats (rank 0's own idle share and MFU are filled in by the caller).
+/// What a step measured, from the trainer's statistics, the batch, the hub's waste
+/// counters and the members' latest heartbeats (rank 0's own idle share, the bottleneck
+/// and MFU are filled in by the caller).
 fn step_metrics(
     job: &JobConfig,
     hub: &Hub,
     stats: &StepStats,
     batch: &Batch,
-    publish_seconds: f64,
-    elapsed: f64,
-    ingest: &mpsc::Receiver<Accepted>,
+    timing: &Timing,
+    ledger: &mut WasteLedger,
 ) -> StepMetrics {
     let column = |i: usize| mean(batch.rewards.iter().map(|r| r[i]));
     let per = |sum: f64, n: usize| if n > 0 { sum / n as f64 } else { 0.0 };
     let actors = hub.actor_metrics();
     let rewards = hub.reward_metrics();
+    let rejected = hub.rejections.snapshot();
+    let refused: RejectionCounts = rejected
+        .iter()
+        .map(|(&reason, &n)| (reason, n - ledger.rejected.get(&reason).copied().unwrap_or(0)))
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    let waste = hub.waste.totals();
+    let stale: u64 = [Rejection::TooStale, Rejection::TooStaleAtTrain]
+        .iter()
+        .filter_map(|r| rejected.get(r))
+        .sum();
+    let generated_groups = waste.groups - ledger.generated;
+    ledger.trained += batch.groups as u64;
+    ledger.generated = waste.groups;
+    ledger.rejected = rejected;
     StepMetrics {
         step: stats.step,
         steps_total: job.grpo.steps,
-        elapsed_s: elapsed,
+        elapsed_s: timing.elapsed,
         skipped: stats.skipped,
         loss: stats.loss,
         grad_norm: stats.grad_norm,
@@ -477,6 +489,7 @@ fn step_metrics(
         clip_fraction: stats.clip_fraction,
         mean_ratio: stats.mean_ratio,
         kl: stats.mean_kl,
+        entropy: stats.entropy,
         groups: batch.groups,
         prompt_ids: batch.prompt_ids.clone(),
         groups_by_actor: batch.groups_by_actor.clone(),
@@ -490,16 +503,20 @@ fn step_metrics(
         staleness_mean: mean(batch.staleness.iter().copied()),
         trained_tokens: stats.tokens,
         step_seconds: stats.seconds,
-        wait_seconds: batch.wait_seconds,
+        forward_backward_seconds: stats.forward_backward_seconds,
+        optimizer_seconds: stats.optimizer_seconds,
+        wait_seconds: timing.wait_seconds,
         trained_tokens_per_s: stats.tokens as f64 / stats.seconds.max(1e-9),
         generated_tokens_per_s: actors.iter().map(|m| m.tokens_per_s).sum(),
         actors: actors.len(),
-        rollout_groups_per_s: batch.groups as f64 / (batch.wait_seconds + stats.seconds).max(1e-9),
+        rollout_groups_per_s: batch.groups as f64
+            / (timing.wait_seconds + stats.seconds).max(1e-9),
         generated_tokens: batch.generated_tokens,
         reward_latency_ms: per(rewards.iter().map(|m| m.latency_ms).sum(), rewards.len()),
-        ingest_queue: ingest.len(),
+        ingest_queue: hub.queue_depth(),
         ingest_capacity: job.cluster.ingest_queue,
-        publish_seconds,
+        publish_seconds: timing.publish_seconds,
+        checkpoint_seconds: timing.checkpoint_seconds,
         weight_sync_seconds: per(
             actors.iter().map(|m| m.weight_sync_seconds).sum(),
             actors.len(),
@@ -508,8 +525,15 @@ fn step_metrics(
             actors.iter().map(|m| m.weight_sync_mb_per_s).sum(),
             actors.len(),
         ),
+        generated_groups,
+        refused,
+        generated_groups_total: waste.groups,
+        trained_groups_total: ledger.trained,
+        discarded_token_share: waste.discarded_share(),
+        stale_share: stale as f64 / waste.groups.max(1) as f64,
         rank_weight_spread: None,
         idle_share: 0.0,
+        bottleneck: String::new(),
         mfu: None,
     }
 }

@@ -7,13 +7,18 @@
 //! and renamed into place, so a crash never leaves a half checkpoint under a `step-` name.
 
 use crate::error::{LearnerError, Result};
+use crate::train::state_file;
 use crate::train::trainer::{Progress, Trainer};
 use quill_model::checkpoint::CheckpointReader;
+use quill_model::device::dtype_name;
+use quill_model::MAX_SHARD_BYTES;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use tch::Tensor;
 
 /// The optimizer state inside a checkpoint.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -49,60 +54,111 @@ pub fn save(
     tokenizer_files: &[(&str, &[u8])],
     extra: Value,
 ) -> Result<PathBuf> {
-    if let Some((name, _)) = tokenizer_files
-        .iter()
-        .find(|(name, _)| name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.'))
-    {
-        return Err(LearnerError::state(
-            root,
-            format!("tokenizer file name `{name}` is not a plain file name"),
-        ));
-    }
-    let progress = trainer.progress();
-    let dir = checkpoint_dir(root, progress.step);
-    let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
-    let scratch = sibling(&dir, &format!("tmp-{}-{n}", std::process::id()));
-    if scratch.exists() {
-        // Left by a crashed process that had our pid; nobody else writes this name.
-        remove_dir(&scratch)?;
-    }
-    let state = TrainerState { progress, extra };
-    if let Err(e) = write_into(&scratch, trainer, tokenizer_files, &state) {
-        let _ = std::fs::remove_dir_all(&scratch);
-        return Err(e);
-    }
-    if dir.exists() {
-        let old = sibling(&dir, &format!("old-{}-{n}", std::process::id()));
-        rename(&dir, &old)?;
-        rename(&scratch, &dir)?;
-        remove_dir(&old)?;
-    } else {
-        rename(&scratch, &dir)?;
-    }
-    sync(root)?;
-    tracing::info!(dir = %dir.display(), step = progress.step, "checkpoint written");
-    Ok(dir)
+    Snapshot::take(trainer, tokenizer_files, extra)?.write(root)
 }
 
-/// Writes every file of a checkpoint into `dir` (created) and syncs them to disk.
-fn write_into(
-    dir: &Path,
-    trainer: &Trainer,
-    tokenizer_files: &[(&str, &[u8])],
-    state: &TrainerState,
-) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| LearnerError::io(dir, e))?;
-    let model = trainer.model();
-    model.save(dir, model.kind())?;
-    for (name, bytes) in tokenizer_files {
-        let path = dir.join(name);
-        std::fs::write(&path, bytes).map_err(|e| LearnerError::io(&path, e))?;
+/// A checkpoint copied off the trainer: [`Self::take`] on the trainer's thread is a copy
+/// of the tensors, [`Self::write`] (the disk work) may run on another thread while
+/// training goes on.
+pub struct Snapshot {
+    state: TrainerState,
+    config: Value,
+    weights: Vec<(String, Tensor)>,
+    optimizer: Vec<(String, Tensor)>,
+    optimizer_metadata: HashMap<String, String>,
+    tokenizer_files: Vec<(String, Vec<u8>)>,
+}
+
+impl Snapshot {
+    /// Copies `trainer`'s weights, optimizer state and counters, with the tokenizer files
+    /// (plain file names only) and the caller's `extra` state.
+    pub fn take(
+        trainer: &Trainer,
+        tokenizer_files: &[(&str, &[u8])],
+        extra: Value,
+    ) -> Result<Self> {
+        if let Some((name, _)) = tokenizer_files.iter().find(|(name, _)| {
+            name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.')
+        }) {
+            return Err(LearnerError::state(
+                Path::new(name),
+                format!("tokenizer file name `{name}` is not a plain file name"),
+            ));
+        }
+        let model = trainer.model();
+        let (optimizer, optimizer_metadata) = trainer.optimizer().state();
+        Ok(Snapshot {
+            state: TrainerState {
+                progress: trainer.progress(),
+                extra,
+            },
+            config: model.config().to_json(dtype_name(model.kind())),
+            weights: model
+                .hf_tensors(model.kind())
+                .into_iter()
+                .map(|(name, t)| (name, t.copy()))
+                .collect(),
+            optimizer,
+            optimizer_metadata,
+            tokenizer_files: tokenizer_files
+                .iter()
+                .map(|(name, bytes)| ((*name).to_owned(), bytes.to_vec()))
+                .collect(),
+        })
     }
-    trainer.optimizer().save(&dir.join(OPTIMIZER_FILE))?;
-    let path = dir.join(STATE_FILE);
-    let text = serde_json::to_string_pretty(state).expect("JSON values always serialise");
-    std::fs::write(&path, text + "\n").map_err(|e| LearnerError::io(&path, e))?;
-    sync_tree(dir)
+
+    /// The step it is a checkpoint of.
+    pub fn step(&self) -> u64 {
+        self.state.progress.step
+    }
+
+    /// Writes the checkpoint under `root` (created if missing) atomically and returns its
+    /// directory; an existing checkpoint of the same step is replaced.
+    pub fn write(self, root: &Path) -> Result<PathBuf> {
+        let step = self.step();
+        let dir = checkpoint_dir(root, step);
+        let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
+        let scratch = sibling(&dir, &format!("tmp-{}-{n}", std::process::id()));
+        if scratch.exists() {
+            // Left by a crashed process that had our pid; nobody else writes this name.
+            remove_dir(&scratch)?;
+        }
+        if let Err(e) = self.write_into(&scratch) {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(e);
+        }
+        if dir.exists() {
+            let old = sibling(&dir, &format!("old-{}-{n}", std::process::id()));
+            rename(&dir, &old)?;
+            rename(&scratch, &dir)?;
+            remove_dir(&old)?;
+        } else {
+            rename(&scratch, &dir)?;
+        }
+        sync(root)?;
+        tracing::info!(dir = %dir.display(), step, "checkpoint written");
+        Ok(dir)
+    }
+
+    /// Writes every file of the checkpoint into `dir` (created) and syncs them to disk.
+    fn write_into(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| LearnerError::io(dir, e))?;
+        quill_model::checkpoint::write_json(&dir.join("config.json"), &self.config)?;
+        quill_model::checkpoint::write_tensors(dir, &self.weights, MAX_SHARD_BYTES)?;
+        for (name, bytes) in &self.tokenizer_files {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).map_err(|e| LearnerError::io(&path, e))?;
+        }
+        state_file::write(
+            &dir.join(OPTIMIZER_FILE),
+            &self.optimizer,
+            self.optimizer_metadata.clone(),
+        )?;
+        let path = dir.join(STATE_FILE);
+        let text = serde_json::to_string_pretty(&self.state).expect("JSON values always serialise");
+        std::fs::write(&path, text + "\n").map_err(|e| LearnerError::io(&path, e))?;
+        sync_tree(dir)
+    }
 }
 
 /// Restores the model weights, optimizer state and counters of `trainer` from the

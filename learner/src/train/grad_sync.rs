@@ -54,6 +54,7 @@ impl GradSync {
             sums.kl,
             sums.tokens as f64,
             sequences as f64,
+            sums.entropy,
         ];
         let mut t = Tensor::from_slice(&values)
             .to_kind(Kind::Float)
@@ -66,6 +67,7 @@ impl GradSync {
             clipped: r[2],
             ratio: r[3],
             kl: r[4],
+            entropy: r[7],
             tokens: r[5].round() as usize,
         };
         Ok((summed, r[6].round() as usize, all_finite))

@@ -116,18 +116,37 @@ pub fn token_weights(batch: &[TrainSample], aggregation: LossAggregation) -> Vec
         .collect()
 }
 
+/// `log_softmax(logits / temperature)` at every response token's predicting position of
+/// `packed`, `[N, V]` in f32, from one forward pass of `model`.
+fn tempered_log_softmax(model: &Qwen2, packed: &Packed, temperature: f64) -> Result<Tensor> {
+    let logits = model.logits(&packed.tokens);
+    let picked = logits.f_index(&[Some(&packed.rows), Some(&packed.cols)])?;
+    Ok(picked
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(temperature)?
+        .f_log_softmax(-1, Kind::Float)?)
+}
+
+/// The response tokens' entries of a `[N, V]` log-softmax, `[N]`.
+fn pick_targets(log_softmax: &Tensor, packed: &Packed) -> Result<Tensor> {
+    Ok(log_softmax
+        .f_gather(-1, &packed.targets.unsqueeze(-1), false)?
+        .squeeze_dim(-1))
+}
+
 /// `log_softmax(logits / temperature)[token]` of every response token of `packed`, `[N]`
 /// in f32, from one forward pass of `model`.
 pub(crate) fn token_logprobs(model: &Qwen2, packed: &Packed, temperature: f64) -> Result<Tensor> {
-    let logits = model.logits(&packed.tokens);
-    let picked = logits.f_index(&[Some(&packed.rows), Some(&packed.cols)])?;
-    let logp = picked
-        .f_to_kind(Kind::Float)?
-        .f_div_scalar(temperature)?
-        .f_log_softmax(-1, Kind::Float)?;
-    Ok(logp
-        .f_gather(-1, &packed.targets.unsqueeze(-1), false)?
-        .squeeze_dim(-1))
+    pick_targets(&tempered_log_softmax(model, packed, temperature)?, packed)
+}
+
+/// The summed entropy (nats) of the tempered next-token distributions of a `[N, V]`
+/// log-softmax, without gradient.
+fn entropy_sum(log_softmax: &Tensor) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let lsm = log_softmax.detach();
+    let plogp = lsm.f_exp()?.f_mul(&lsm)?;
+    Ok(-plogp.f_sum(Kind::Double)?.double_value(&[]))
 }
 
 /// The current policy's log-probs of each sample's response tokens (no gradient).
@@ -213,6 +232,8 @@ pub struct LossSums {
     pub ratio: f64,
     /// Sum of the tokens' KL estimates.
     pub kl: f64,
+    /// Sum of the policy's entropy at the tokens' positions.
+    pub entropy: f64,
     /// Number of response tokens.
     pub tokens: usize,
 }
@@ -224,6 +245,7 @@ impl LossSums {
         self.clipped += other.clipped;
         self.ratio += other.ratio;
         self.kl += other.kl;
+        self.entropy += other.entropy;
         self.tokens += other.tokens;
     }
 
@@ -235,6 +257,7 @@ impl LossSums {
             clip_fraction: self.clipped / n,
             mean_ratio: self.ratio / n,
             mean_kl: self.kl / n,
+            entropy: self.entropy / n,
             tokens: self.tokens,
         }
     }
@@ -252,6 +275,9 @@ pub struct LossStats {
     pub mean_ratio: f64,
     /// Mean KL estimate over tokens (0 without a reference model).
     pub mean_kl: f64,
+    /// Mean entropy (nats) of the policy's tempered next-token distribution over tokens:
+    /// a falling entropy warns of a policy collapsing onto few answers.
+    pub entropy: f64,
     /// Number of response tokens.
     pub tokens: usize,
 }
@@ -275,7 +301,9 @@ pub fn micro_batch_loss(
         }
         None => None,
     };
-    let logp = token_logprobs(policy, &packed, config.temperature)?;
+    let log_softmax = tempered_log_softmax(policy, &packed, config.temperature)?;
+    let logp = pick_targets(&log_softmax, &packed)?;
+    let entropy = entropy_sum(&log_softmax)?;
     let behaviour: Vec<f32> = samples
         .iter()
         .flat_map(|s| s.behaviour_logprobs.iter().copied())
@@ -291,6 +319,7 @@ pub fn micro_batch_loss(
         clipped: sum(&terms.clipped),
         ratio: sum(&terms.ratio),
         kl: terms.kl.as_ref().map_or(0.0, sum),
+        entropy,
         tokens: packed.len(),
     };
     Ok((loss, sums))

@@ -247,21 +247,21 @@ impl AdamW {
         Ok(lr)
     }
 
-    /// Writes both moments of every parameter (`exp_avg.<name>`, `exp_avg_sq.<name>`) and
-    /// the update count to a safetensors file.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// Copies of both moments of every parameter (`exp_avg.<name>`, `exp_avg_sq.<name>`)
+    /// and the metadata (the update count) that [`Self::save`] writes.
+    pub fn state(&self) -> (Vec<(String, Tensor)>, HashMap<String, String>) {
         let mut tensors = Vec::with_capacity(2 * self.slots.len());
         for slot in &self.slots {
-            tensors.push((
-                format!("{EXP_AVG}{}", slot.name),
-                slot.exp_avg.shallow_clone(),
-            ));
-            tensors.push((
-                format!("{EXP_AVG_SQ}{}", slot.name),
-                slot.exp_avg_sq.shallow_clone(),
-            ));
+            tensors.push((format!("{EXP_AVG}{}", slot.name), slot.exp_avg.copy()));
+            tensors.push((format!("{EXP_AVG_SQ}{}", slot.name), slot.exp_avg_sq.copy()));
         }
         let metadata = HashMap::from([(STEP_KEY.to_owned(), self.steps.to_string())]);
+        (tensors, metadata)
+    }
+
+    /// Writes [`Self::state`] to a safetensors file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let (tensors, metadata) = self.state();
         state_file::write(path, &tensors, metadata)
     }
 

@@ -85,6 +85,8 @@ pub struct StepStats {
     pub mean_ratio: f64,
     /// Mean KL estimate against the reference model (0 without one).
     pub mean_kl: f64,
+    /// Mean entropy (nats) of the policy over the trained tokens.
+    pub entropy: f64,
     /// Total gradient L2 norm before clipping (NaN when the loss was not finite).
     pub grad_norm: f64,
     /// The learning rate of this update (of the next one when skipped).
@@ -99,6 +101,10 @@ pub struct StepStats {
     pub micro_batches: usize,
     /// Wall time of the step.
     pub seconds: f64,
+    /// Seconds of forward and backward passes.
+    pub forward_backward_seconds: f64,
+    /// Seconds of the rest: gradient all-reduce, clipping and the optimiser update.
+    pub optimizer_seconds: f64,
 }
 
 /// The policy, an optional frozen reference, their optimizer, the step counters and, in a
@@ -268,6 +274,7 @@ impl Trainer {
             }
             loss.f_backward()?;
         }
+        let forward_backward_seconds = start.elapsed().as_secs_f64();
         let shard_tokens = batch.iter().map(|s| s.response.len()).sum();
         sums.tokens = shard_tokens;
         let mut sequences = batch.len();
@@ -313,6 +320,7 @@ impl Trainer {
             }
         }
         let stats = sums.finish();
+        let seconds = start.elapsed().as_secs_f64();
         Ok(StepStats {
             step: p.step,
             version: p.version,
@@ -322,13 +330,16 @@ impl Trainer {
             clip_fraction: stats.clip_fraction,
             mean_ratio: stats.mean_ratio,
             mean_kl: stats.mean_kl,
+            entropy: stats.entropy,
             grad_norm,
             lr,
             tokens: stats.tokens,
             shard_tokens,
             sequences,
             micro_batches: groups.len(),
-            seconds: start.elapsed().as_secs_f64(),
+            seconds,
+            forward_backward_seconds,
+            optimizer_seconds: seconds - forward_backward_seconds,
         })
     }
 
