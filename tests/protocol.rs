@@ -119,18 +119,16 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
         .unwrap()
         .into_inner()
         .member_id;
-    let lease = |mut client: LearnerClient<_>, member: String, version: u64| {
-        async move {
-            let reply = client
-                .lease(LeaseRequest {
-                    member_id: member,
-                    max_groups: 1,
-                    version,
-                })
-                .await
-                .unwrap();
-            reply.into_inner().leases.remove(0)
-        }
+    let lease = |mut client: LearnerClient<_>, member: String, version: u64| async move {
+        let reply = client
+            .lease(LeaseRequest {
+                member_id: member,
+                max_groups: 1,
+                version,
+            })
+            .await
+            .unwrap();
+        reply.into_inner().leases.remove(0)
     };
     let first = lease(client.clone(), member.clone(), 0).await;
     let (probe, vocab) = {

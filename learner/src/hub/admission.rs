@@ -99,7 +99,11 @@ impl Admission {
             .bound
             .capacity_at_lag(lag)
             .saturating_sub(pipeline.outstanding);
-        let share = self.bound.capacity().div_ceil(pipeline.actors.max(1)).max(1);
+        let share = self
+            .bound
+            .capacity()
+            .div_ceil(pipeline.actors.max(1))
+            .max(1);
         let room = want.min(share.saturating_sub(pipeline.held));
         let since = self.waiting.get(member).map_or(now, |w| w.since);
         let mut granted = 0;
@@ -201,17 +205,29 @@ mod tests {
             actors: 2,
         };
         // "a" holds one lease and three groups are queued: the pipeline is full.
-        assert_eq!(a.grant("b", 1, 0, asking("b", 4, &held), |m| held[m], now), 0);
+        assert_eq!(
+            a.grant("b", 1, 0, asking("b", 4, &held), |m| held[m], now),
+            0
+        );
         assert_eq!(a.waiting(), 1);
         // One slot frees; "a" asks first, but "b" holds fewer and waits for it.
-        assert_eq!(a.grant("a", 1, 0, asking("a", 3, &held), |m| held[m], now), 0);
+        assert_eq!(
+            a.grant("a", 1, 0, asking("a", 3, &held), |m| held[m], now),
+            0
+        );
         assert_eq!(a.waiting(), 2);
-        assert_eq!(a.grant("b", 1, 0, asking("b", 3, &held), |m| held[m], now), 1);
+        assert_eq!(
+            a.grant("b", 1, 0, asking("b", 3, &held), |m| held[m], now),
+            1
+        );
         held.insert("b", 1);
         assert_eq!(a.waiting(), 1, "\"a\" still waits");
         // At its share an actor takes nothing more and does not wait.
         held.insert("b", 2);
-        assert_eq!(a.grant("b", 1, 0, asking("b", 2, &held), |m| held[m], now), 0);
+        assert_eq!(
+            a.grant("b", 1, 0, asking("b", 2, &held), |m| held[m], now),
+            0
+        );
         assert_eq!(a.waiting(), 1);
     }
 
@@ -260,7 +276,11 @@ mod tests {
                 let i = rng.random_range(0..actors);
                 match rng.random_range(0..3) {
                     0 => {
-                        let lag = if rng.random_bool(0.8) { 0 } else { rng.random_range(0..=eta + 1) };
+                        let lag = if rng.random_bool(0.8) {
+                            0
+                        } else {
+                            rng.random_range(0..=eta + 1)
+                        };
                         let outstanding = held.iter().sum::<usize>() + queued;
                         let pipeline = Pipeline {
                             outstanding,
@@ -285,10 +305,16 @@ mod tests {
                     _ if queued >= batch => queued -= batch,
                     _ => {}
                 }
-                assert!(held.iter().sum::<usize>() + queued <= bound.capacity(), "case {case}");
+                assert!(
+                    held.iter().sum::<usize>() + queued <= bound.capacity(),
+                    "case {case}"
+                );
             }
             for (i, n) in served.iter().enumerate() {
-                assert!(*n > 0, "case {case}: actor {i} of {actors} starved (B {batch}, η {eta})");
+                assert!(
+                    *n > 0,
+                    "case {case}: actor {i} of {actors} starved (B {batch}, η {eta})"
+                );
             }
         }
     }

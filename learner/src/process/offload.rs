@@ -80,8 +80,15 @@ mod tests {
         }
         let err = offload.finish().unwrap_err();
         assert_eq!(err.to_string(), "background work: job 3 failed");
-        assert_eq!(*done.lock().unwrap(), vec![0, 1, 2], "nothing after the failure");
+        assert_eq!(
+            *done.lock().unwrap(),
+            vec![0, 1, 2],
+            "nothing after the failure"
+        );
         let late = offload.send(5).unwrap_err();
-        assert_eq!(late.to_string(), "background work: the thread had already stopped");
+        assert_eq!(
+            late.to_string(),
+            "background work: the thread had already stopped"
+        );
     }
 }

@@ -6,11 +6,11 @@ use crate::data::Cursor;
 use crate::hub::{Accepted, Hub, JobInfo};
 use crate::parallel::collective::{nccl_unique_id, Backend};
 use crate::parallel::ranks::GroupSetup;
+use crate::process::batcher::{Batch, Batcher};
 use crate::process::error::RunError;
 use crate::process::group;
-use crate::process::rank_metrics::RankMeter;
-use crate::process::batcher::{Batch, Batcher};
 use crate::process::offload::Offload;
+use crate::process::rank_metrics::RankMeter;
 use crate::train::checkpoint::{self, Snapshot};
 use crate::train::sample::validate_batch;
 use crate::train::schedule::LrSchedule;
@@ -337,7 +337,8 @@ fn train(
             );
         }
         let publish_started = Instant::now();
-        let weights = (!stats.skipped).then(|| (stats.version, weights_copy(trainer, publish_kind)));
+        let weights =
+            (!stats.skipped).then(|| (stats.version, weights_copy(trainer, publish_kind)));
         publisher.send(Publication {
             weights,
             retire: batch.groups,
@@ -466,7 +467,12 @@ fn step_metrics(
     let rejected = hub.rejections.snapshot();
     let refused: RejectionCounts = rejected
         .iter()
-        .map(|(&reason, &n)| (reason, n - ledger.rejected.get(&reason).copied().unwrap_or(0)))
+        .map(|(&reason, &n)| {
+            (
+                reason,
+                n - ledger.rejected.get(&reason).copied().unwrap_or(0),
+            )
+        })
         .filter(|&(_, n)| n > 0)
         .collect();
     let waste = hub.waste.totals();
@@ -509,8 +515,7 @@ fn step_metrics(
         trained_tokens_per_s: stats.tokens as f64 / stats.seconds.max(1e-9),
         generated_tokens_per_s: actors.iter().map(|m| m.tokens_per_s).sum(),
         actors: actors.len(),
-        rollout_groups_per_s: batch.groups as f64
-            / (timing.wait_seconds + stats.seconds).max(1e-9),
+        rollout_groups_per_s: batch.groups as f64 / (timing.wait_seconds + stats.seconds).max(1e-9),
         generated_tokens: batch.generated_tokens,
         reward_latency_ms: per(rewards.iter().map(|m| m.latency_ms).sum(), rewards.len()),
         ingest_queue: hub.queue_depth(),
