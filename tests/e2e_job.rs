@@ -57,6 +57,11 @@ fn the_default_job_learns() {
         last_in > first_in,
         "in-range share {first_in:.3} -> {last_in:.3}"
     );
+    let stale = field(&steps[total - 1], "stale_share");
+    assert!(
+        stale <= 0.02,
+        "{stale:.3} of the groups were refused as stale"
+    );
     let last_checkpoint = job.out().join(format!("checkpoints/step-{total:08}"));
     for file in [
         "config.json",
@@ -71,6 +76,56 @@ fn the_default_job_learns() {
             last_checkpoint.display()
         );
     }
+}
+
+/// Two actors share the pipeline under staleness-aware admission: nothing they generate
+/// is refused as too stale, both contribute, and every prompt is trained exactly once
+/// per epoch.
+#[test]
+fn two_actors_generate_nothing_too_stale_and_train_every_prompt_once_per_epoch() {
+    let job = TestJob::new(|t| {
+        set(t, "grpo", "steps", 1000);
+        set(t, "grpo", "prompts_per_step", 2);
+        set(t, "grpo", "max_staleness", 1);
+        set(t, "grpo", "drop_zero_advantage_groups", false);
+        set(t, "sampling", "max_new_tokens", 24);
+        set(t, "data", "epochs", 2);
+        set(t, "cluster", "leases_per_actor", 2);
+    });
+    let mut launcher = launch(&job, &["--actors", "2"]);
+    let status = launcher.wait(Duration::from_secs(900));
+    assert!(status.success(), "{}", launcher.log());
+    job.no_process_left();
+    let steps = job.steps();
+    let last = steps.last().expect("steps were recorded");
+    let generated = field(last, "generated_groups_total");
+    let trained = field(last, "trained_groups_total");
+    assert_eq!(
+        generated, trained,
+        "every generated group was trained: {last:?}"
+    );
+    assert_eq!(field(last, "stale_share"), 0.0, "{last:?}");
+    assert_eq!(field(last, "discarded_token_share"), 0.0, "{last:?}");
+    let mut per_prompt = std::collections::BTreeMap::<u64, u64>::new();
+    let mut actors = std::collections::BTreeSet::new();
+    for record in &steps {
+        for id in record["prompt_ids"].as_array().unwrap() {
+            *per_prompt.entry(id.as_u64().unwrap()).or_default() += 1;
+        }
+        actors.extend(
+            record["groups_by_actor"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned(),
+        );
+    }
+    assert_eq!(per_prompt.len(), 24, "every default prompt: {per_prompt:?}");
+    assert!(
+        per_prompt.values().all(|&n| n == 2),
+        "each prompt once per epoch: {per_prompt:?}"
+    );
+    assert_eq!(actors.len(), 2, "both actors contributed: {actors:?}");
 }
 
 fn state(job: &TestJob, step: u64) -> Value {

@@ -94,7 +94,7 @@ const TOPICS: [&str; 6] = [
     "the first snow",
     "a lost letter",
 ];
-const RANGES: [(u32, u32); 4] = [(10, 30), (30, 50), (50, 70), (70, 90)];
+const RANGES: [(u32, u32); 4] = [(10, 20), (15, 30), (20, 40), (30, 50)];
 
 /// The embedded prompts of the default job: short pieces with explicit word ranges.
 pub fn default_prompts() -> Vec<Prompt> {

@@ -1,5 +1,6 @@
 //! `quill bench …`: benchmarks that run quill and the peer it is compared with in one run.
 
+mod rl;
 mod weights;
 
 use crate::cli::model_args::ModelArgs;
@@ -26,6 +27,10 @@ pub enum Bench {
     /// Raw loopback TCP bandwidth, then the time to deliver one weights version to 1, 2,
     /// 4, 8 actor processes through the relay tree (the actors' relay and fetch code).
     Weights(weights::WeightsArgs),
+    /// A whole RL run: quill's async pipeline, quill's synchronous mode and TRL's
+    /// GRPOTrainer on the same task, model, reward and thread budget; prints wall-clock,
+    /// steps/s, samples/s, tokens/s, time to reward levels and one evaluator's scores.
+    Rl(rl::RlArgs),
     /// One weights-only actor of `bench weights` (receives, relays, verifies).
     #[command(hide = true)]
     RelayNode(weights::NodeArgs),
@@ -82,6 +87,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Generate(args) => generate(args),
         Bench::Weights(args) => weights::run(args),
+        Bench::Rl(args) => rl::run(args),
         Bench::RelayNode(args) => weights::node(args),
     }
 }

@@ -278,6 +278,8 @@ pub struct StepMetrics {
     pub trained_tokens: usize,
     /// Seconds of the step.
     pub step_seconds: f64,
+    /// Share of the step's forward-pass positions that were padding (rank 0's shard).
+    pub padding_share: f64,
     /// Seconds of the step's forward and backward passes.
     pub forward_backward_seconds: f64,
     /// Seconds of the step's gradient all-reduce, clipping and optimiser update.

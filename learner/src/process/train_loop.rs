@@ -509,6 +509,7 @@ fn step_metrics(
         staleness_mean: mean(batch.staleness.iter().copied()),
         trained_tokens: stats.tokens,
         step_seconds: stats.seconds,
+        padding_share: stats.padding_share,
         forward_backward_seconds: stats.forward_backward_seconds,
         optimizer_seconds: stats.optimizer_seconds,
         wait_seconds: timing.wait_seconds,

@@ -82,24 +82,58 @@ pub fn validate_batch(batch: &[TrainSample], config: &ModelConfig) -> Result<()>
         .try_for_each(|(i, s)| s.validate(i, config))
 }
 
+/// What one forward/backward pass costs besides its tokens, in padded-token equivalents:
+/// splitting a batch into more micro-batches pays off only when it saves more padding.
+pub const PASS_OVERHEAD_TOKENS: usize = 64;
+
 /// Groups sample indices into micro-batches whose padded size (rows × longest row) stays
-/// within `budget` tokens. Samples are taken longest first so rows of a group have similar
-/// lengths; a sample longer than the budget forms a micro-batch of its own.
+/// within `budget` tokens, with the least padding: samples sorted longest first are cut
+/// into runs that minimise the padded tokens plus [`PASS_OVERHEAD_TOKENS`] per pass (an
+/// exact dynamic programme over the cut points). A sample longer than the budget forms a
+/// micro-batch of its own.
 pub fn micro_batches(batch: &[TrainSample], budget: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..batch.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(batch[i].total_tokens()));
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut width = 0;
-    for i in order {
-        match groups.last_mut() {
-            Some(group) if (group.len() + 1) * width <= budget => group.push(i),
-            _ => {
-                width = batch[i].total_tokens();
-                groups.push(vec![i]);
+    let n = order.len();
+    // best[k]: the least cost of the samples order[k..]; end[k]: where its first run ends.
+    let mut best = vec![0usize; n + 1];
+    let mut end = vec![n; n + 1];
+    for k in (0..n).rev() {
+        let width = batch[order[k]].total_tokens();
+        best[k] = usize::MAX;
+        for stop in k + 1..=n {
+            let rows = stop - k;
+            if rows > 1 && rows * width > budget {
+                break;
+            }
+            let cost = rows * width + PASS_OVERHEAD_TOKENS + best[stop];
+            if cost < best[k] {
+                best[k] = cost;
+                end[k] = stop;
             }
         }
     }
+    let mut groups = Vec::new();
+    let mut k = 0;
+    while k < n {
+        groups.push(order[k..end[k]].to_vec());
+        k = end[k];
+    }
     groups
+}
+
+/// Padded tokens of a batch split into `groups` (rows × longest row, summed).
+pub fn padded_tokens(batch: &[TrainSample], groups: &[Vec<usize>]) -> usize {
+    groups
+        .iter()
+        .map(|g| {
+            g.len()
+                * g.iter()
+                    .map(|&i| batch[i].total_tokens())
+                    .max()
+                    .unwrap_or(0)
+        })
+        .sum()
 }
 
 /// A micro-batch laid out for one forward pass: each row is prompt + response without its
@@ -182,7 +216,53 @@ mod tests {
         let groups = micro_batches(&batch, 12);
         assert_eq!(groups, vec![vec![3], vec![1], vec![0, 2]]);
         let all = micro_batches(&batch, 1000);
-        assert_eq!(all, vec![vec![3, 1, 0, 2]]);
+        assert_eq!(
+            all,
+            vec![vec![3], vec![1, 0, 2]],
+            "one pass would pad 2 rows by 30+"
+        );
+        assert_eq!(padded_tokens(&batch, &all), 40 + 3 * 10);
+        let alike = [sample(30, 30), sample(29, 30), sample(30, 28), sample(2, 3)];
+        assert_eq!(
+            micro_batches(&alike, 1000),
+            vec![vec![0, 1, 2, 3]],
+            "padding is cheaper than a pass"
+        );
+    }
+
+    #[test]
+    fn micro_batches_pad_least_of_all_cuts() {
+        let lengths = [3usize, 90, 17, 64, 60, 5, 33, 31, 120, 8];
+        let batch: Vec<TrainSample> = lengths.iter().map(|&n| sample(1, n - 1)).collect();
+        let chosen = micro_batches(&batch, 400);
+        let cost = |groups: &[Vec<usize>]| {
+            padded_tokens(&batch, groups) + PASS_OVERHEAD_TOKENS * groups.len()
+        };
+        let mut sorted: Vec<usize> = (0..batch.len()).collect();
+        sorted.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        // Every way of cutting the sorted list (2^9) that respects the budget costs at least as much.
+        for mask in 0u32..(1 << (sorted.len() - 1)) {
+            let mut groups = vec![vec![sorted[0]]];
+            for (k, &i) in sorted.iter().enumerate().skip(1) {
+                if mask & (1 << (k - 1)) != 0 {
+                    groups.push(Vec::new());
+                }
+                groups.last_mut().unwrap().push(i);
+            }
+            let fits = groups
+                .iter()
+                .all(|g| g.len() == 1 || padded_tokens(&batch, std::slice::from_ref(g)) <= 400);
+            if fits {
+                assert!(cost(&chosen) <= cost(&groups), "{chosen:?} vs {groups:?}");
+            }
+        }
+        let mut all: Vec<usize> = chosen.concat();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (0..batch.len()).collect::<Vec<_>>(),
+            "every sample once"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::error::{LearnerError, Result};
 use crate::train::grad_sync::GradSync;
 use crate::train::grpo::{self, GrpoConfig, LossSums};
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::sample::{micro_batches, validate_batch, TrainSample};
+use crate::train::sample::{micro_batches, padded_tokens, validate_batch, TrainSample};
 use quill_model::Qwen2;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -99,6 +99,8 @@ pub struct StepStats {
     pub sequences: usize,
     /// Forward/backward passes.
     pub micro_batches: usize,
+    /// Share of this rank's forward-pass positions that were padding.
+    pub padding_share: f64,
     /// Wall time of the step.
     pub seconds: f64,
     /// Seconds of forward and backward passes.
@@ -337,6 +339,7 @@ impl Trainer {
             shard_tokens,
             sequences,
             micro_batches: groups.len(),
+            padding_share: padding_share(batch, &groups),
             seconds,
             forward_backward_seconds,
             optimizer_seconds: seconds - forward_backward_seconds,
@@ -357,6 +360,16 @@ impl Trainer {
         zero.f_backward()?;
         Ok(())
     }
+}
+
+/// Share of the forward-pass positions of `batch` split into `groups` that are padding.
+fn padding_share(batch: &[TrainSample], groups: &[Vec<usize>]) -> f64 {
+    let padded = padded_tokens(batch, groups);
+    if padded == 0 {
+        return 0.0;
+    }
+    let real: usize = batch.iter().map(TrainSample::total_tokens).sum();
+    1.0 - real as f64 / padded as f64
 }
 
 #[cfg(test)]

@@ -77,13 +77,13 @@ fn the_local_example_parses_and_validates() {
     assert_eq!(config.data.path, "default");
     assert_eq!(config.sampling.group_size, 8);
     assert_eq!(config.sampling.max_new_tokens, 160);
-    assert_eq!(config.grpo.prompts_per_step, 4);
-    assert_eq!(config.grpo.steps, 60);
-    assert_eq!(config.optimizer.lr, 1e-3);
+    assert_eq!(config.grpo.prompts_per_step, 2);
+    assert_eq!(config.grpo.steps, 150);
+    assert_eq!(config.optimizer.lr, 2e-3);
     assert_eq!(config.optimizer.warmup_steps, 0);
     assert_eq!(config.rewards.l_max, 400);
     assert_eq!(config.rewards.quality_model, None);
-    assert_eq!(config.cluster.actors, 1);
+    assert_eq!(config.cluster.actors, 2);
     assert_eq!(config.cluster.reward_workers, 1);
     assert_eq!(config.cluster.actor_batch, 16);
     assert_eq!(config.checkpoint.every_steps, 20);
