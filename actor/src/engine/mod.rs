@@ -356,7 +356,7 @@ impl Engine {
 
     fn finish(&mut self, active: Active, finish: FinishReason) {
         self.stats.finished_samples.fetch_add(1, Ordering::Relaxed);
-        let text = self.tokenizer.decode(&active.tokens).unwrap_or_default();
+        let text = self.tokenizer.decode_generated(&active.tokens);
         let Some(group) = self.groups.get_mut(&active.group) else {
             return;
         };

@@ -26,7 +26,7 @@ impl StopStrings {
             return None;
         }
         let start = tokens.len().saturating_sub(self.window);
-        let text = tokenizer.decode(&tokens[start..]).ok()?;
+        let text = tokenizer.decode_generated(&tokens[start..]);
         let candidates: Vec<&String> = self
             .strings
             .iter()
@@ -35,7 +35,7 @@ impl StopStrings {
         if candidates.is_empty() {
             return None;
         }
-        let before = tokenizer.decode(&tokens[start..tokens.len() - 1]).ok()?;
+        let before = tokenizer.decode_generated(&tokens[start..tokens.len() - 1]);
         candidates
             .into_iter()
             .find(|s| !before.contains(s.as_str()))
@@ -62,5 +62,14 @@ mod tests {
         assert_eq!(stops.completed_by_last(&tok, &ids).as_deref(), Some("END"));
         let ids = tok.encode("the EN").unwrap();
         assert_eq!(stops.completed_by_last(&tok, &ids), None);
+        // An id beyond the tokenizer's vocabulary (the model's padding) hides nothing.
+        let padding = tok.vocab_size() as i64 + 3;
+        let mut ids = tok.encode("<answer> text").unwrap();
+        ids.push(padding);
+        ids.extend(tok.encode(" more </answer>").unwrap());
+        assert_eq!(
+            stops.completed_by_last(&tok, &ids).as_deref(),
+            Some("</answer>")
+        );
     }
 }

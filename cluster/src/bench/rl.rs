@@ -300,7 +300,10 @@ fn job_toml(args: &RlArgs, system: System, model: &Path, prompts: &Path) -> Stri
         "async"
     };
     let max_staleness = u8::from(system != System::Sync);
-    let actor_batch = args.group_size * args.prompts_per_step;
+    // The one actor may hold every group admission lets into the pipeline, and decodes
+    // all of their samples at once.
+    let leases = (usize::from(max_staleness) + 1) * args.prompts_per_step;
+    let actor_batch = args.group_size * leases;
     format!(
         r#"[job]
 name = "bench-rl-{name}"
@@ -338,7 +341,7 @@ learner_addr = "127.0.0.1:0"
 actors = 1
 reward_workers = 1
 actor_batch = {actor_batch}
-leases_per_actor = {p}
+leases_per_actor = {leases}
 [metrics]
 log_every_seconds = 10.0
 "#,
@@ -708,6 +711,11 @@ mod tests {
         };
         let (a, s) = (parse(System::Async), parse(System::Sync));
         assert_eq!((a.grpo.max_staleness, s.grpo.max_staleness), (1, 0));
+        assert_eq!(
+            (a.cluster.leases_per_actor, s.cluster.leases_per_actor),
+            (4, 2)
+        );
+        assert_eq!((a.cluster.actor_batch, s.cluster.actor_batch), (32, 16));
         assert_eq!(a.sampling.max_new_tokens, 256);
         assert_eq!(a.optimizer.lr, 1e-3);
         assert_eq!(a.rewards.format_weight, 0.0);

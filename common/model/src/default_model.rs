@@ -199,6 +199,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn generated_ids_decode_past_the_padding_and_broken_bytes() {
+        let tok = Tokenizer::from_json(&tokenizer_json()).unwrap();
+        let vocab = config_json()["vocab_size"].as_i64().unwrap();
+        let padding = tok.vocab_size() as i64;
+        assert!(
+            padding < vocab,
+            "the model's vocabulary is padded past the tokenizer's"
+        );
+        let mut ids = tok.encode("the sea").unwrap();
+        ids.insert(1, padding);
+        ids.push(vocab - 1);
+        assert!(tok.decode(&ids).is_err(), "the strict decode refuses them");
+        assert_eq!(tok.decode_generated(&ids), "the sea");
+        // A lone UTF-8 continuation byte (0x80) becomes U+FFFD, the text around it stays.
+        let byte = tok.token_id(&byte_chars()[0x80].to_string()).unwrap();
+        let mut ids = tok.encode("a").unwrap();
+        ids.push(byte);
+        ids.extend(tok.encode("b").unwrap());
+        assert_eq!(tok.decode_generated(&ids), "a\u{FFFD}b");
+    }
+
+    #[test]
     fn tokenizer_round_trips_and_merges_words() {
         let tok = Tokenizer::from_json(&tokenizer_json()).unwrap();
         let text = "<think> plan </think><answer> The story of the river, 写作! </answer>";

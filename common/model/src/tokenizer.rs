@@ -52,6 +52,19 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// The text of generated ids, as `transformers` decodes them: ids the tokenizer does
+    /// not know are skipped (a model's vocabulary is often padded beyond the
+    /// tokenizer's, and an untrained model samples the padding), and invalid UTF-8 is
+    /// replaced, so one stray id never costs a sample its whole text.
+    pub fn decode_generated(&self, ids: &[i64]) -> String {
+        let size = self.vocab_size();
+        let known: Vec<u32> = ids
+            .iter()
+            .filter_map(|&id| u32::try_from(id).ok().filter(|&i| (i as usize) < size))
+            .collect();
+        self.inner.decode(&known, false).unwrap_or_default()
+    }
+
     /// The id of a token, if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<i64> {
         self.inner.token_to_id(token).map(i64::from)

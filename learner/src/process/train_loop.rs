@@ -296,6 +296,7 @@ fn train(
         })
     };
     let mut ledger = WasteLedger::new(hub);
+    let mut entropy = EntropyWatch::default();
     while trainer.progress().step < job.grpo.steps {
         let waited = Instant::now();
         let Some(mut batch) = batcher.next() else {
@@ -329,6 +330,7 @@ fn train(
         } else {
             None
         };
+        entropy.observe(stats.step, stats.entropy);
         if stats.skipped {
             tracing::warn!(
                 step = stats.step,
@@ -386,6 +388,39 @@ fn train(
     }
     drop(batcher);
     publisher.finish()
+}
+
+/// Below this share of its first step's entropy the policy is taken to be collapsing.
+const COLLAPSE_ENTROPY_SHARE: f64 = 0.3;
+
+/// Warns once when the policy's entropy falls below [`COLLAPSE_ENTROPY_SHARE`] of the
+/// first step's: a policy collapsing onto few answers gives groups of identical rewards
+/// (zero advantage) and stops learning.
+#[derive(Default)]
+struct EntropyWatch {
+    first: Option<f64>,
+    warned: bool,
+}
+
+impl EntropyWatch {
+    fn observe(&mut self, step: u64, entropy: f64) {
+        if !entropy.is_finite() {
+            return;
+        }
+        let first = *self.first.get_or_insert(entropy);
+        if !self.warned && entropy < COLLAPSE_ENTROPY_SHARE * first {
+            self.warned = true;
+            tracing::warn!(
+                step,
+                entropy,
+                first,
+                "the policy's entropy fell below {:.0}% of the first step's: it may be \
+                 collapsing onto few answers (watch the zero_advantage refusals; a \
+                 lower learning rate counters it)",
+                100.0 * COLLAPSE_ENTROPY_SHARE
+            );
+        }
+    }
 }
 
 /// Above this idle share the trainer is waiting for the actors: they are the bottleneck.
@@ -553,4 +588,22 @@ fn step_line(record: &StepRecord) -> Record {
     fields
         .into_iter()
         .fold(Record::new("step"), |line, (k, v)| line.with(&k, v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_entropy_watch_warns_once_on_a_collapse() {
+        let mut watch = EntropyWatch::default();
+        watch.observe(1, f64::NAN);
+        assert_eq!(watch.first, None, "a skipped step's entropy is no baseline");
+        watch.observe(2, 7.0);
+        watch.observe(3, 2.2);
+        assert!(!watch.warned, "2.2 is above 30 % of 7");
+        watch.observe(4, 2.0);
+        assert!(watch.warned);
+        assert_eq!(watch.first, Some(7.0));
+    }
 }
