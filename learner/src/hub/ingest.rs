@@ -83,8 +83,7 @@ impl Hub {
                 return Ok(duplicate);
             }
             Err(refusal) => {
-                self.waste.generated(tokens);
-                self.waste.discarded(tokens);
+                self.waste.refused(tokens);
                 self.rejections.count(refusal.reason);
                 tracing::warn!("rejected a scored group: {refusal}");
                 return Err(Status::invalid_argument(refusal.message));
@@ -118,8 +117,7 @@ impl Hub {
                 Ok(duplicate)
             }
             Err(e) => {
-                self.waste.generated(tokens);
-                self.waste.discarded(tokens);
+                self.waste.refused(tokens);
                 self.rejections.count(Rejection::UnknownLease);
                 Err(Status::invalid_argument(e.to_string()))
             }

@@ -145,9 +145,13 @@ impl Ledger {
         self.active.len() + self.queued
     }
 
-    /// Leases `member` holds.
-    pub fn held_by(&self, member: &str) -> usize {
-        self.active.values().filter(|l| l.member == member).count()
+    /// How many leases each member holds (members holding none are absent).
+    pub fn holdings(&self) -> HashMap<&str, usize> {
+        let mut held = HashMap::new();
+        for lease in self.active.values() {
+            *held.entry(lease.member.as_str()).or_default() += 1;
+        }
+        held
     }
 
     /// Prompts that are leased or waiting for re-issue: what a checkpoint must keep so
@@ -233,20 +237,16 @@ impl Leases {
         let mut guard = self.book.lock();
         let book = &mut *guard;
         book.ledger.expire(now);
+        let holdings = book.ledger.holdings();
+        let held = |m: &str| holdings.get(m).copied().unwrap_or(0);
         let pipeline = Pipeline {
             outstanding: book.ledger.in_pipeline(),
-            held: book.ledger.held_by(member),
+            held: held(member),
             actors: ask.actors,
         };
-        let ledger = &book.ledger;
-        let count = book.admission.grant(
-            member,
-            ask.count,
-            ask.lag,
-            pipeline,
-            |m| ledger.held_by(m),
-            now,
-        );
+        let count = book
+            .admission
+            .grant(member, ask.count, ask.lag, pipeline, held, now);
         let mut issued = Vec::new();
         for _ in 0..count {
             let prompt = match book.ledger.take_reissue() {
@@ -286,7 +286,8 @@ impl Leases {
     }
 
     /// Groups leased, or ingested and not yet retired.
-    pub fn in_pipeline(&self) -> usize {
+    #[cfg(test)]
+    pub(super) fn in_pipeline(&self) -> usize {
         self.book.lock().ledger.in_pipeline()
     }
 
@@ -658,7 +659,7 @@ mod tests {
         for lease in &first {
             hub.submit(testing::scored_group(lease, 2)).await.unwrap();
         }
-        assert_eq!(hub.in_pipeline(), 4, "queued groups still count");
+        assert_eq!(hub.leases.in_pipeline(), 4, "queued groups still count");
         assert!(hub.lease(ask(&a, 1, 0)).unwrap().leases.is_empty());
         let waiting = {
             let hub = std::sync::Arc::clone(&hub);
@@ -677,7 +678,7 @@ mod tests {
         // A step later an actor still on version 0 may only fill (1 + 1 − 1) · 2 groups.
         hub.retire(0);
         hub.publish(testing::blob(1));
-        assert_eq!(hub.in_pipeline(), 4);
+        assert_eq!(hub.leases.in_pipeline(), 4);
         let behind = hub.lease_or_wait(ask(&b, 1, 0), Duration::from_millis(20));
         assert!(behind.await.unwrap().leases.is_empty());
     }

@@ -143,11 +143,6 @@ impl Hub {
         self.room.notify_waiters();
     }
 
-    /// Groups leased, or ingested and not yet retired.
-    pub fn in_pipeline(&self) -> usize {
-        self.leases.in_pipeline()
-    }
-
     /// Tells every member to finish: no more leases, heartbeats answer `shutdown`.
     pub fn finish(&self) {
         self.finished.store(true, Ordering::SeqCst);

@@ -37,6 +37,13 @@ impl Waste {
         self.tokens.fetch_add(tokens, Ordering::Relaxed);
     }
 
+    /// Counts a group of `tokens` generated tokens that reached the learner and was
+    /// refused there.
+    pub fn refused(&self, tokens: u64) {
+        self.generated(tokens);
+        self.discarded(tokens);
+    }
+
     /// Counts `tokens` generated tokens thrown away.
     pub fn discarded(&self, tokens: u64) {
         self.discarded_tokens.fetch_add(tokens, Ordering::Relaxed);
@@ -61,8 +68,7 @@ mod tests {
         let waste = Waste::default();
         assert_eq!(waste.totals().discarded_share(), 0.0);
         waste.generated(30);
-        waste.generated(10);
-        waste.discarded(10);
+        waste.refused(10);
         let totals = waste.totals();
         assert_eq!((totals.groups, totals.tokens), (2, 40));
         assert_eq!(totals.discarded_share(), 0.25);

@@ -141,8 +141,8 @@ fn collect(
             batch
                 .staleness
                 .push(version.saturating_sub(sample.version_first) as f64);
-            batch.generated_tokens += sample.tokens.len();
         }
+        batch.generated_tokens += tokens as usize;
         if job.grpo.drop_zero_advantage_groups && group.advantages.iter().all(|a| a.abs() < 1e-8) {
             hub.drop_at_training(Rejection::ZeroAdvantage, tokens);
             continue;

@@ -366,22 +366,23 @@ fn train(
             checkpoint_seconds,
             elapsed: started.elapsed().as_secs_f64(),
         };
+        let metrics_of_step = StepMetrics {
+            rank_weight_spread: spread,
+            idle_share: ranked.idle_share,
+            bottleneck: if ranked.idle_share > BOTTLENECK_IDLE_SHARE {
+                "actors"
+            } else {
+                "learner"
+            }
+            .to_owned(),
+            mfu: ranked.mfu,
+            ..step_metrics(job, hub, &stats, &batch, &timing, &mut ledger)
+        };
         let record = StepRecord {
             version: stats.version,
             learner_ranks: world,
-            rejected: hub.rejections.snapshot(),
-            metrics: StepMetrics {
-                rank_weight_spread: spread,
-                idle_share: ranked.idle_share,
-                bottleneck: if ranked.idle_share > BOTTLENECK_IDLE_SHARE {
-                    "actors"
-                } else {
-                    "learner"
-                }
-                .to_owned(),
-                mfu: ranked.mfu,
-                ..step_metrics(job, hub, &stats, &batch, &timing, &mut ledger)
-            },
+            rejected: ledger.rejected.clone(),
+            metrics: metrics_of_step,
         };
         metrics.write(&step_line(&record))?;
         hub.set_step_record(record);
@@ -458,7 +459,8 @@ struct Timing {
     elapsed: f64,
 }
 
-/// The hub's waste counters at the previous step, for per-step differences.
+/// The hub's waste counters as of the latest step, for per-step differences (its
+/// `rejected` is also the step record's).
 struct WasteLedger {
     rejected: RejectionCounts,
     generated: u64,

@@ -7,14 +7,13 @@
 //! and renamed into place, so a crash never leaves a half checkpoint under a `step-` name.
 
 use crate::error::{LearnerError, Result};
-use crate::train::state_file;
+use crate::train::optim::OptimizerState;
 use crate::train::trainer::{Progress, Trainer};
 use quill_model::checkpoint::CheckpointReader;
 use quill_model::device::dtype_name;
 use quill_model::MAX_SHARD_BYTES;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,18 +44,6 @@ pub fn checkpoint_dir(root: &Path, step: u64) -> PathBuf {
     root.join(format!("{PREFIX}{step:08}"))
 }
 
-/// Saves `trainer` as the checkpoint of its current step under `root` (created if missing)
-/// and returns its directory. `tokenizer_files` are written next to the weights by name
-/// (plain file names only). An existing checkpoint of the same step is replaced.
-pub fn save(
-    root: &Path,
-    trainer: &Trainer,
-    tokenizer_files: &[(&str, &[u8])],
-    extra: Value,
-) -> Result<PathBuf> {
-    Snapshot::take(trainer, tokenizer_files, extra)?.write(root)
-}
-
 /// A checkpoint copied off the trainer: [`Self::take`] on the trainer's thread is a copy
 /// of the tensors, [`Self::write`] (the disk work) may run on another thread while
 /// training goes on.
@@ -64,8 +51,7 @@ pub struct Snapshot {
     state: TrainerState,
     config: Value,
     weights: Vec<(String, Tensor)>,
-    optimizer: Vec<(String, Tensor)>,
-    optimizer_metadata: HashMap<String, String>,
+    optimizer: OptimizerState,
     tokenizer_files: Vec<(String, Vec<u8>)>,
 }
 
@@ -86,7 +72,6 @@ impl Snapshot {
             ));
         }
         let model = trainer.model();
-        let (optimizer, optimizer_metadata) = trainer.optimizer().state();
         Ok(Snapshot {
             state: TrainerState {
                 progress: trainer.progress(),
@@ -98,8 +83,7 @@ impl Snapshot {
                 .into_iter()
                 .map(|(name, t)| (name, t.copy()))
                 .collect(),
-            optimizer,
-            optimizer_metadata,
+            optimizer: trainer.optimizer().state(),
             tokenizer_files: tokenizer_files
                 .iter()
                 .map(|(name, bytes)| ((*name).to_owned(), bytes.to_vec()))
@@ -149,11 +133,7 @@ impl Snapshot {
             let path = dir.join(name);
             std::fs::write(&path, bytes).map_err(|e| LearnerError::io(&path, e))?;
         }
-        state_file::write(
-            &dir.join(OPTIMIZER_FILE),
-            &self.optimizer,
-            self.optimizer_metadata.clone(),
-        )?;
+        self.optimizer.write(&dir.join(OPTIMIZER_FILE))?;
         let path = dir.join(STATE_FILE);
         let text = serde_json::to_string_pretty(&self.state).expect("JSON values always serialise");
         std::fs::write(&path, text + "\n").map_err(|e| LearnerError::io(&path, e))?;
@@ -281,6 +261,17 @@ fn sync_tree(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Saves `trainer` as the checkpoint of its current step under `root`, as the trainer
+    /// does (a snapshot, then the write).
+    fn save(
+        root: &Path,
+        trainer: &Trainer,
+        tokenizer_files: &[(&str, &[u8])],
+        extra: Value,
+    ) -> Result<PathBuf> {
+        Snapshot::take(trainer, tokenizer_files, extra)?.write(root)
+    }
     use crate::testing::{batch, tiny_model};
     use crate::train::trainer::TrainerConfig;
     use serde_json::json;

@@ -24,6 +24,20 @@ const EXP_AVG_SQ: &str = "exp_avg_sq.";
 /// Metadata key of the update count in the state file.
 const STEP_KEY: &str = "step";
 
+/// A copy of an [`AdamW`]'s state (both moments and the update count), detached from the
+/// optimizer so another thread can write it.
+pub struct OptimizerState {
+    tensors: Vec<(String, Tensor)>,
+    metadata: HashMap<String, String>,
+}
+
+impl OptimizerState {
+    /// Writes the state to a safetensors file, as [`AdamW::load`] reads it.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        state_file::write(path, &self.tensors, self.metadata.clone())
+    }
+}
+
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -247,25 +261,20 @@ impl AdamW {
         Ok(lr)
     }
 
-    /// Copies of both moments of every parameter (`exp_avg.<name>`, `exp_avg_sq.<name>`)
-    /// and the metadata (the update count) that [`Self::save`] writes.
-    pub fn state(&self) -> (Vec<(String, Tensor)>, HashMap<String, String>) {
+    /// A copy of both moments of every parameter (`exp_avg.<name>`, `exp_avg_sq.<name>`)
+    /// and the update count, to be written (possibly on another thread) as a checkpoint's
+    /// optimizer file.
+    pub fn state(&self) -> OptimizerState {
         let mut tensors = Vec::with_capacity(2 * self.slots.len());
         for slot in &self.slots {
             tensors.push((format!("{EXP_AVG}{}", slot.name), slot.exp_avg.copy()));
             tensors.push((format!("{EXP_AVG_SQ}{}", slot.name), slot.exp_avg_sq.copy()));
         }
         let metadata = HashMap::from([(STEP_KEY.to_owned(), self.steps.to_string())]);
-        (tensors, metadata)
+        OptimizerState { tensors, metadata }
     }
 
-    /// Writes [`Self::state`] to a safetensors file.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let (tensors, metadata) = self.state();
-        state_file::write(path, &tensors, metadata)
-    }
-
-    /// Restores the state written by [`Self::save`]. Every moment must be present with its
+    /// Restores the state written by [`OptimizerState::write`]. Every moment must be present with its
     /// parameter's shape and no other tensor may be in the file; on error nothing changes.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let (mut tensors, metadata) = state_file::read(path)?;
@@ -402,7 +411,7 @@ mod tests {
         let mut opt = AdamW::new(&vs, config()).unwrap();
         set_grad(&p, &[1.0, -1.0, 0.5]);
         opt.step().unwrap();
-        opt.save(&path).unwrap();
+        opt.state().write(&path).unwrap();
         let (vs2, _) = store(&[1.0, 2.0, 3.0]);
         let mut back = AdamW::new(&vs2, config()).unwrap();
         back.load(&path).unwrap();
