@@ -182,6 +182,53 @@ fn help_explains_every_flag() {
 }
 
 #[test]
+fn bench_rl_refuses_bad_flags_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("bench");
+    let out_arg = out_dir.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--group-size", "1"],
+            "--group-size must be at least 2, got 1",
+        ),
+        (&["--lr", "0"], "--temperature and --lr must be above 0"),
+        (
+            &["--steps", "0"],
+            "--steps, --prompts, --eval-samples and --window must be positive",
+        ),
+        (&["--systems", "async,vllm"], "invalid value 'vllm'"),
+    ];
+    for (flags, message) in cases {
+        let mut args = vec!["bench", "rl", "--out", out_arg];
+        args.extend_from_slice(flags);
+        let out = quill(&args);
+        assert!(!out.status.success(), "{flags:?} should fail");
+        assert!(
+            stderr(&out).contains(message),
+            "{flags:?}: {}",
+            stderr(&out)
+        );
+        assert!(
+            !out_dir.exists(),
+            "{flags:?}: nothing is written on a bad flag"
+        );
+    }
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::write(out_dir.join("results.json"), "{}").unwrap();
+    let out = quill(&["bench", "rl", "--out", out_arg]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("already holds files"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("results.json")).unwrap(),
+        "{}"
+    );
+}
+
+#[test]
 fn bad_flags_fail_with_clear_messages() {
     let cases: [(&[&str], &str); 6] = [
         (
