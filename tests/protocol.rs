@@ -210,8 +210,10 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
     assert!(!reply.accepted && reply.duplicate);
 
     // An actor still on version 0 takes a lease now, one step in (admission leaves room
-    // for one group at its lag); another actor's group moves the policy to version 2, and
-    // the version-0 samples are then too stale: the safety net behind admission.
+    // for one group at its lag). The batch trained at version 1 keeps a slot for its group
+    // until a submission under the lease is refused; then another actor's group moves the
+    // policy to version 2, and the corrected version-0 group is too stale: the safety net
+    // behind admission.
     let version_now = |mut client: LearnerClient<_>| async move {
         let status = client.status(StatusRequest {}).await.unwrap().into_inner();
         serde_json::from_str::<Value>(&status.json).unwrap()
@@ -226,6 +228,10 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
     }
     let stale = lease(client.clone(), member.clone(), 0).await;
     let second = lease(client.clone(), probe, 1).await;
+    let mut broken = group(&stale, 0);
+    broken.scores[0].total = f64::NAN;
+    let err = client.submit_scored(broken).await.unwrap_err();
+    assert!(err.message().contains("non-finite reward"), "{err:?}");
     assert!(
         client
             .submit_scored(group(&second, 1))
@@ -265,7 +271,7 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
         rejected["bad_logprob"].as_u64().unwrap_or(0) + rejected["malformed"].as_u64().unwrap(),
         3
     );
-    assert_eq!(rejected["nan_reward"], 2);
+    assert_eq!(rejected["nan_reward"], 3);
     assert_eq!(rejected["future_version"], 1);
     assert_eq!(rejected["too_stale"], 1);
     assert_eq!(status["duplicate_groups"], 1);

@@ -85,6 +85,7 @@ impl Hub {
             Err(refusal) => {
                 self.waste.refused(tokens);
                 self.rejections.count(refusal.reason);
+                self.settle_refused_lease(&group, refusal.reason);
                 tracing::warn!("rejected a scored group: {refusal}");
                 return Err(Status::invalid_argument(refusal.message));
             }
@@ -121,6 +122,23 @@ impl Hub {
                 self.rejections.count(Rejection::UnknownLease);
                 Err(Status::invalid_argument(e.to_string()))
             }
+        }
+    }
+
+    /// What a refusal does to the group's lease: a group too stale can never be
+    /// accepted, so its prompt goes back in line at once; after any other refusal the
+    /// lease stays open for a corrected submission, but the batcher no longer keeps a
+    /// slot for it.
+    fn settle_refused_lease(&self, group: &ScoredGroup, reason: Rejection) {
+        let Some(rollout) = &group.rollout else {
+            return;
+        };
+        if reason == Rejection::TooStale {
+            if self.leases.abandon(rollout.lease_id) {
+                self.room.notify_waiters();
+            }
+        } else {
+            self.leases.unreserve(rollout.lease_id);
         }
     }
 

@@ -42,8 +42,14 @@ pub struct Lease {
     pub prompt_id: u64,
     /// The member holding it.
     pub member: String,
+    /// The policy version the member ran when it took the lease: its group's samples
+    /// start at this version or a later one.
+    pub version: u64,
     /// When it expires.
     pub deadline: Instant,
+    /// Whether the batcher keeps a slot for its group in the batch that is its last
+    /// chance (cleared once a submission under it was refused).
+    pub reserved: bool,
 }
 
 /// The lease book.
@@ -55,6 +61,7 @@ pub struct Ledger {
     reissue: VecDeque<u64>,
     expired: u64,
     queued: usize,
+    unclaimed: HashMap<u64, u64>,
 }
 
 impl Ledger {
@@ -100,18 +107,63 @@ impl Ledger {
         self.reissue.pop_front()
     }
 
-    /// Records a new lease of `prompt_id` to `member` and returns its id.
-    pub fn issue(&mut self, prompt_id: u64, member: &str, ttl: Duration, now: Instant) -> u64 {
+    /// Records a new lease of `prompt_id` to `member`, running policy `version`, and
+    /// returns its id.
+    pub fn issue(
+        &mut self,
+        prompt_id: u64,
+        member: &str,
+        version: u64,
+        ttl: Duration,
+        now: Instant,
+    ) -> u64 {
         self.next_id += 1;
         self.active.insert(
             self.next_id,
             Lease {
                 prompt_id,
                 member: member.to_owned(),
+                version,
                 deadline: now + ttl,
+                reserved: true,
             },
         );
         self.next_id
+    }
+
+    /// Stops keeping a batch slot for this lease's group: a submission under it was
+    /// refused, so its group may never come (the lease stays open for a corrected one).
+    pub fn unreserve(&mut self, lease_id: u64) {
+        if let Some(lease) = self.active.get_mut(&lease_id) {
+            lease.reserved = false;
+        }
+    }
+
+    /// Ends an active lease whose group can never be accepted and puts its prompt back
+    /// in line at once; `false` when no such lease is active.
+    pub fn abandon(&mut self, lease_id: u64) -> bool {
+        let Some(lease) = self.active.remove(&lease_id) else {
+            return false;
+        };
+        self.reissue.push_back(lease.prompt_id);
+        true
+    }
+
+    /// Notes that the batcher has taken this lease's ingested group off the queue.
+    pub fn claim(&mut self, lease_id: u64) {
+        self.unclaimed.remove(&lease_id);
+    }
+
+    /// Groups the batcher has not taken yet (leased, or ingested and still queued) whose
+    /// lease version is `at - max_staleness`: trained at version `at` they are at their
+    /// staleness bound, so the batch trained at `at` is their last chance.
+    pub fn due(&self, at: u64, max_staleness: u64) -> usize {
+        let due = |version: u64| version + max_staleness == at;
+        self.active
+            .values()
+            .filter(|lease| lease.reserved && due(lease.version))
+            .count()
+            + self.unclaimed.values().filter(|&&v| due(v)).count()
     }
 
     /// The active lease with this id.
@@ -130,6 +182,7 @@ impl Ledger {
         self.get(lease_id)?;
         let lease = self.active.remove(&lease_id).expect("checked");
         self.ingested.insert(lease_id);
+        self.unclaimed.insert(lease_id, lease.version);
         self.queued += 1;
         Ok(lease.prompt_id)
     }
@@ -198,6 +251,8 @@ struct Book {
 struct Ask {
     /// Leases wanted.
     count: usize,
+    /// The policy version the asking actor runs.
+    version: u64,
     /// Versions the asking actor is behind.
     lag: u64,
     /// Live actors sharing the room.
@@ -258,7 +313,7 @@ impl Leases {
                 break;
             };
             issued.push(Issued {
-                lease_id: book.ledger.issue(prompt.id, member, ttl, now),
+                lease_id: book.ledger.issue(prompt.id, member, ask.version, ttl, now),
                 tokens: book.prompt_tokens.get(&prompt.id).cloned(),
                 prompt,
             });
@@ -291,10 +346,13 @@ impl Leases {
         self.book.lock().ledger.in_pipeline()
     }
 
-    /// Whether every prompt has been served and no lease is out.
+    /// Whether every prompt has been served, no lease is out and the batcher has taken
+    /// every ingested group.
     pub fn data_done(&self) -> bool {
         let book = self.book.lock();
-        book.data_exhausted && book.ledger.outstanding_prompts().is_empty()
+        book.data_exhausted
+            && book.ledger.outstanding_prompts().is_empty()
+            && book.ledger.unclaimed.is_empty()
     }
 
     /// The dataset cursor, the prompts leased or waiting, and the last lease id.
@@ -347,6 +405,27 @@ impl Leases {
     /// Marks a lease's group as ingested and returns its prompt id.
     pub fn complete(&self, lease_id: u64) -> Result<u64, LeaseError> {
         self.book.lock().ledger.complete(lease_id)
+    }
+
+    /// See [`Ledger::unreserve`].
+    pub fn unreserve(&self, lease_id: u64) {
+        self.book.lock().ledger.unreserve(lease_id);
+    }
+
+    /// See [`Ledger::abandon`].
+    pub fn abandon(&self, lease_id: u64) -> bool {
+        self.book.lock().ledger.abandon(lease_id)
+    }
+
+    /// Notes that the batcher took these leases' groups off the queue, then counts the
+    /// groups still to come whose last chance is the batch trained at `at`
+    /// ([`Ledger::due`]), under one lock.
+    pub fn claim_and_count_due(&self, claimed: &[u64], at: u64, max_staleness: u64) -> usize {
+        let mut book = self.book.lock();
+        for &lease_id in claimed {
+            book.ledger.claim(lease_id);
+        }
+        book.ledger.due(at, max_staleness)
     }
 
     /// Holds the book's lock and panics, as a failing handler would.
@@ -402,6 +481,7 @@ impl Hub {
         let deadline = unix_ms(SystemTime::now() + ttl);
         let ask = Ask {
             count: req.max_groups.min(MAX_LEASE_BATCH) as usize,
+            version: req.version,
             lag: current.saturating_sub(req.version),
             actors: self.members.live_actors().max(1),
         };
@@ -477,6 +557,7 @@ mod tests {
     fn ask(count: usize) -> Ask {
         Ask {
             count,
+            version: 0,
             lag: 0,
             actors: 1,
         }
@@ -486,7 +567,7 @@ mod tests {
     fn a_lease_completes_once() {
         let mut ledger = Ledger::default();
         let now = Instant::now();
-        let id = ledger.issue(5, "a", TTL, now);
+        let id = ledger.issue(5, "a", 0, TTL, now);
         assert_eq!(ledger.complete(id), Ok(5));
         assert_eq!(ledger.complete(id), Err(LeaseError::Duplicate(id)));
         assert_eq!(ledger.complete(999), Err(LeaseError::Unknown(999)));
@@ -496,8 +577,8 @@ mod tests {
     fn expired_leases_are_reissued_and_late_answers_refused() {
         let mut ledger = Ledger::default();
         let now = Instant::now();
-        let old = ledger.issue(3, "a", TTL, now);
-        let kept = ledger.issue(4, "b", TTL * 3, now);
+        let old = ledger.issue(3, "a", 0, TTL, now);
+        let kept = ledger.issue(4, "b", 0, TTL * 3, now);
         ledger.expire(now + TTL * 2);
         assert_eq!(ledger.take_reissue(), Some(3));
         assert_eq!(ledger.take_reissue(), None);
@@ -572,9 +653,16 @@ mod tests {
         outstanding.sort_unstable();
         assert_eq!(outstanding, vec![0, 1]);
         assert_eq!(last, 2);
+        let mut completed = Vec::new();
         for again in leases.issue("b", ask(5), TTL, now) {
             leases.complete(again.lease_id).unwrap();
+            completed.push(again.lease_id);
         }
+        assert!(
+            !leases.data_done(),
+            "the batcher has not taken the groups yet"
+        );
+        leases.claim_and_count_due(&completed, 0, 1);
         assert!(leases.data_done());
     }
 
@@ -619,9 +707,9 @@ mod tests {
     fn a_departed_member_gives_its_prompts_back() {
         let mut ledger = Ledger::starting_at(100);
         let now = Instant::now();
-        let a = ledger.issue(1, "a", TTL, now);
-        ledger.issue(2, "b", TTL, now);
-        ledger.issue(3, "a", TTL, now);
+        let a = ledger.issue(1, "a", 0, TTL, now);
+        ledger.issue(2, "b", 0, TTL, now);
+        ledger.issue(3, "a", 0, TTL, now);
         assert!(a > 100);
         ledger.release_member("a");
         let mut back = vec![

@@ -143,6 +143,14 @@ impl Hub {
         self.room.notify_waiters();
     }
 
+    /// Notes that the batcher took the groups of leases `claimed` off the queue, and
+    /// counts the groups still to come whose last chance under `max_staleness` is the
+    /// batch trained at version `at`: the slots that batch keeps for them.
+    pub fn claim_and_count_due(&self, claimed: &[u64], at: u64) -> usize {
+        self.leases
+            .claim_and_count_due(claimed, at, self.job.grpo.max_staleness)
+    }
+
     /// Tells every member to finish: no more leases, heartbeats answer `shutdown`.
     pub fn finish(&self) {
         self.finished.store(true, Ordering::SeqCst);
@@ -154,7 +162,8 @@ impl Hub {
         self.finished.load(Ordering::SeqCst)
     }
 
-    /// Whether every prompt has been served and no lease is out.
+    /// Whether every prompt has been served, no lease is out and every ingested group
+    /// has been taken off the queue.
     pub fn data_done(&self) -> bool {
         self.leases.data_done()
     }

@@ -10,6 +10,7 @@ use crate::hub::{Accepted, Hub};
 use crate::train::sample::TrainSample;
 use quill_config::job::JobConfig;
 use quill_proto::status::Rejection;
+use quill_proto::ScoredGroup;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as sync_mpsc, Arc};
@@ -65,8 +66,15 @@ impl Batcher {
         let thread = std::thread::Builder::new()
             .name("batcher".into())
             .spawn(move || {
+                let mut assembler = Assembler {
+                    job: &job,
+                    hub: &hub,
+                    ingest: &mut ingest,
+                    stop: &stopped,
+                    waiting: Vec::new(),
+                };
                 let mut version = version;
-                while let Some(batch) = collect(&job, &hub, &mut ingest, version, &stopped) {
+                while let Some(batch) = assembler.collect(version) {
                     if tx.send(batch).is_err() {
                         break;
                     }
@@ -97,70 +105,288 @@ impl Drop for Batcher {
     }
 }
 
-/// Takes groups off `ingest` until a batch of `prompts_per_step` groups, to be trained at
-/// `version`, is full; `None` when the data ran out (or the batcher is stopped) first.
-fn collect(
-    job: &JobConfig,
-    hub: &Hub,
-    ingest: &mut mpsc::Receiver<Accepted>,
-    version: u64,
-    stop: &AtomicBool,
-) -> Option<Batch> {
-    let mut batch = Batch::default();
-    while batch.groups < job.grpo.prompts_per_step {
-        let accepted = match ingest.try_recv() {
-            Ok(accepted) => accepted,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if stop.load(Ordering::SeqCst) || (hub.data_done() && batch.groups == 0) {
+/// A group taken off the queue and not yet in a batch.
+struct Waiting {
+    group: ScoredGroup,
+    /// The last version it may be trained at: its oldest sample's plus `max_staleness`.
+    deadline: u64,
+}
+
+/// The batcher's state between batches: the queue it drains and the groups that wait
+/// there for a later batch.
+struct Assembler<'a> {
+    job: &'a JobConfig,
+    hub: &'a Hub,
+    ingest: &'a mut mpsc::Receiver<Accepted>,
+    stop: &'a AtomicBool,
+    waiting: Vec<Waiting>,
+}
+
+impl Assembler<'_> {
+    /// Fills the batch trained at `version` with `prompts_per_step` groups, earliest
+    /// deadline first. Groups still to come whose last chance is this batch keep their
+    /// slots: a group that could wait for a later batch does not take one of them, so
+    /// a slow group is not overtaken by later, faster ones and then refused as too
+    /// stale. A partial batch goes out when the data has run out; `None` when nothing
+    /// is left (or the batcher is stopped).
+    fn collect(&mut self, version: u64) -> Option<Batch> {
+        let mut batch = Batch::default();
+        let want = self.job.grpo.prompts_per_step;
+        loop {
+            let claimed = self.drain()?;
+            let due = self.hub.claim_and_count_due(&claimed, version);
+            let before = batch.groups;
+            self.fill(&mut batch, version, due);
+            if batch.groups >= want {
+                return Some(batch);
+            }
+            if batch.groups == before && claimed.is_empty() {
+                if self.stop.load(Ordering::SeqCst) {
                     return None;
                 }
+                if self.hub.data_done() && self.waiting.is_empty() {
+                    return (batch.groups > 0).then_some(batch);
+                }
                 std::thread::sleep(POLL);
+            }
+        }
+    }
+
+    /// Moves every group on the queue to `waiting` and returns their lease ids; `None`
+    /// once the queue is closed.
+    fn drain(&mut self) -> Option<Vec<u64>> {
+        let mut claimed = Vec::new();
+        loop {
+            match self.ingest.try_recv() {
+                Ok(accepted) => {
+                    let rollout = accepted.group.rollout.as_ref().expect("the hub checked it");
+                    claimed.push(rollout.lease_id);
+                    let oldest = rollout.samples.iter().map(|s| s.version_first).min();
+                    self.waiting.push(Waiting {
+                        deadline: oldest.unwrap_or(0) + self.job.grpo.max_staleness,
+                        group: accepted.group,
+                    });
+                }
+                Err(mpsc::error::TryRecvError::Empty) => return Some(claimed),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Adds waiting groups to `batch`, earliest deadline first, leaving `due` slots for
+    /// groups still to come that must be trained at `version`; drops those already too
+    /// stale, or with nothing to teach.
+    fn fill(&mut self, batch: &mut Batch, version: u64, due: usize) {
+        let want = self.job.grpo.prompts_per_step;
+        self.waiting.sort_by_key(|w| w.deadline);
+        let mut kept = Vec::with_capacity(self.waiting.len());
+        for waiting in std::mem::take(&mut self.waiting) {
+            let full = batch.groups >= want;
+            let held_back = waiting.deadline > version && batch.groups + due >= want;
+            if full || held_back {
+                kept.push(waiting);
                 continue;
             }
-            Err(mpsc::error::TryRecvError::Disconnected) => return None,
-        };
-        let group = accepted.group;
-        let tokens = group_tokens(&group);
-        let rollout = group.rollout.expect("the hub checked it");
-        let oldest = rollout
-            .samples
-            .iter()
-            .map(|s| s.version_first)
-            .min()
-            .unwrap_or(version);
-        if version.saturating_sub(oldest) > job.grpo.max_staleness {
-            hub.drop_at_training(Rejection::TooStaleAtTrain, tokens);
-            continue;
+            let tokens = group_tokens(&waiting.group);
+            if waiting.deadline < version {
+                self.hub
+                    .drop_at_training(Rejection::TooStaleAtTrain, tokens);
+                continue;
+            }
+            add(self.job, self.hub, batch, waiting.group, version, tokens);
         }
-        for (score, sample) in group.scores.iter().zip(&rollout.samples) {
-            batch
-                .rewards
-                .push([score.total, score.length, score.format, score.quality]);
-            batch.words.push(f64::from(score.words));
-            batch.in_range.push(score.in_range);
-            batch
-                .staleness
-                .push(version.saturating_sub(sample.version_first) as f64);
-        }
-        batch.generated_tokens += tokens as usize;
-        if job.grpo.drop_zero_advantage_groups && group.advantages.iter().all(|a| a.abs() < 1e-8) {
-            hub.drop_at_training(Rejection::ZeroAdvantage, tokens);
-            continue;
-        }
-        batch.prompt_ids.push(rollout.prompt_id);
-        *batch
-            .groups_by_actor
-            .entry(rollout.actor_id.clone())
-            .or_default() += 1;
-        for (sample, advantage) in rollout.samples.into_iter().zip(&group.advantages) {
-            batch.samples.push(TrainSample {
-                prompt: rollout.prompt_tokens.clone(),
-                response: sample.tokens,
-                behaviour_logprobs: sample.logprobs,
-                advantage: *advantage,
-            });
-        }
-        batch.groups += 1;
+        self.waiting = kept;
     }
-    Some(batch)
+}
+
+/// Records `group`'s rewards in `batch` and trains it unless it has nothing to teach
+/// (zero advantage, when such groups are dropped).
+fn add(
+    job: &JobConfig,
+    hub: &Hub,
+    batch: &mut Batch,
+    group: ScoredGroup,
+    version: u64,
+    tokens: u64,
+) {
+    let rollout = group.rollout.expect("the hub checked it");
+    for (score, sample) in group.scores.iter().zip(&rollout.samples) {
+        batch
+            .rewards
+            .push([score.total, score.length, score.format, score.quality]);
+        batch.words.push(f64::from(score.words));
+        batch.in_range.push(score.in_range);
+        batch
+            .staleness
+            .push(version.saturating_sub(sample.version_first) as f64);
+    }
+    batch.generated_tokens += tokens as usize;
+    if job.grpo.drop_zero_advantage_groups && group.advantages.iter().all(|a| a.abs() < 1e-8) {
+        hub.drop_at_training(Rejection::ZeroAdvantage, tokens);
+        return;
+    }
+    batch.prompt_ids.push(rollout.prompt_id);
+    *batch
+        .groups_by_actor
+        .entry(rollout.actor_id.clone())
+        .or_default() += 1;
+    for (sample, advantage) in rollout.samples.into_iter().zip(&group.advantages) {
+        batch.samples.push(TrainSample {
+            prompt: rollout.prompt_tokens.clone(),
+            response: sample.tokens,
+            behaviour_logprobs: sample.logprobs,
+            advantage: *advantage,
+        });
+    }
+    batch.groups += 1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+    use quill_proto::{LeaseRequest, PromptLease, Role};
+    use std::time::Instant;
+
+    /// A group answering `lease` whose samples started at `version`.
+    fn group(lease: &PromptLease, version: u64) -> ScoredGroup {
+        let mut group = testing::scored_group(lease, 2);
+        for sample in &mut group.rollout.as_mut().unwrap().samples {
+            sample.version_first = version;
+            sample.version_last = version;
+        }
+        group
+    }
+
+    /// Stops the batcher when the test ends, so that a failing test cannot hang.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The hub test job with two prompts a step.
+    fn job() -> JobConfig {
+        let mut job = testing::hub_job();
+        job.grpo.prompts_per_step = 2;
+        job
+    }
+
+    fn prompts(batch: &Batch) -> Vec<u64> {
+        let mut ids = batch.prompt_ids.clone();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Two groups leased at version 0 and two at version 1, `max_staleness` 1 and two
+    /// prompts a step: the version-0 groups' last chance is the batch trained at 1.
+    #[test]
+    fn a_slow_group_keeps_its_slot_against_later_faster_ones() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (hub, mut queue) = runtime.block_on(async { testing::hub(job()) });
+        let actor = testing::register(&hub, Role::Actor);
+        let lease = |version| {
+            hub.lease(LeaseRequest {
+                member_id: actor.clone(),
+                max_groups: 2,
+                version,
+            })
+            .unwrap()
+            .leases
+        };
+        let old = lease(0);
+        hub.publish(testing::blob(1));
+        let new = lease(1);
+        assert_eq!((old.len(), new.len()), (2, 2));
+        let submit = |g| runtime.block_on(hub.submit(g)).unwrap().accepted;
+        for g in [group(&old[0], 0), group(&new[0], 1), group(&new[1], 1)] {
+            assert!(submit(g));
+        }
+        let job = job();
+        let stop = AtomicBool::new(false);
+        let hub = &hub;
+        let (first, second) = std::thread::scope(|scope| {
+            let _stops_the_assembler_on_a_failure = StopOnDrop(&stop);
+            let assembling = scope.spawn(|| {
+                let mut assembler = Assembler {
+                    job: &job,
+                    hub,
+                    ingest: &mut queue,
+                    stop: &stop,
+                    waiting: Vec::new(),
+                };
+                Some((assembler.collect(1)?, assembler.collect(2)?))
+            });
+            let started = Instant::now();
+            let waited = loop {
+                if assembling.is_finished() || started.elapsed() > Duration::from_millis(300) {
+                    break !assembling.is_finished();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            assert!(waited, "the batch did not wait for the slow group");
+            assert!(submit(group(&old[1], 0)));
+            assembling.join().unwrap().expect("two batches")
+        });
+        assert_eq!(prompts(&first), {
+            let mut ids = vec![old[0].prompt_id, old[1].prompt_id];
+            ids.sort_unstable();
+            ids
+        });
+        assert_eq!(first.staleness, vec![1.0; 4]);
+        assert_eq!(prompts(&second), {
+            let mut ids = vec![new[0].prompt_id, new[1].prompt_id];
+            ids.sort_unstable();
+            ids
+        });
+        assert!(hub.rejections.snapshot().is_empty());
+    }
+
+    /// A refused submission gives up its slot (the lease stays open for a corrected
+    /// one); a group refused as too stale puts its prompt back in line at once.
+    #[tokio::test]
+    async fn a_refused_group_gives_up_its_slot() {
+        let (hub, mut queue) = testing::hub(job());
+        let actor = testing::register(&hub, Role::Actor);
+        let leases = hub
+            .lease(LeaseRequest {
+                member_id: actor.clone(),
+                max_groups: 2,
+                version: 0,
+            })
+            .unwrap()
+            .leases;
+        assert_eq!(hub.claim_and_count_due(&[], 1), 2);
+        let mut bad = group(&leases[1], 0);
+        bad.advantages[0] = f32::NAN;
+        assert!(hub.submit(bad).await.is_err());
+        assert_eq!(hub.claim_and_count_due(&[], 1), 1);
+        assert!(hub.submit(group(&leases[0], 0)).await.unwrap().accepted);
+        let job = job();
+        let stop = AtomicBool::new(false);
+        let mut assembler = Assembler {
+            job: &job,
+            hub: &hub,
+            ingest: &mut queue,
+            stop: &stop,
+            waiting: Vec::new(),
+        };
+        assembler.drain().unwrap();
+        assert_eq!(hub.claim_and_count_due(&[leases[0].lease_id], 1), 0);
+
+        hub.publish(testing::blob(1));
+        hub.publish(testing::blob(2));
+        assert!(hub.submit(group(&leases[1], 0)).await.is_err());
+        let again = hub
+            .lease(LeaseRequest {
+                member_id: actor,
+                max_groups: 1,
+                version: 2,
+            })
+            .unwrap()
+            .leases;
+        assert_eq!(again[0].prompt_id, leases[1].prompt_id, "re-issued at once");
+    }
 }
