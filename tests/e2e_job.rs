@@ -78,6 +78,46 @@ fn the_default_job_learns() {
     }
 }
 
+/// A job limited by epochs whose prompts do not fill the last batch (five prompts, two a
+/// step) trains what is left and ends by itself, every prompt trained once.
+#[test]
+fn an_epoch_limited_job_with_a_partly_filled_last_batch_ends() {
+    let job = TestJob::new(|t| {
+        set(t, "grpo", "steps", 1000);
+        set(t, "grpo", "prompts_per_step", 2);
+        set(t, "grpo", "drop_zero_advantage_groups", false);
+        set(t, "sampling", "max_new_tokens", 16);
+        set(t, "data", "epochs", 1);
+    });
+    let prompts = job.dir.path().join("prompts.jsonl");
+    let lines: Vec<String> = ["sea", "moon", "city", "rain", "bread"]
+        .iter()
+        .map(|topic| format!(r#"{{"question": "Write about 20 words on the {topic}."}}"#))
+        .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let text = std::fs::read_to_string(&job.config).unwrap();
+    let mut table: toml::Table = text.parse().unwrap();
+    set(&mut table, "data", "path", prompts.display().to_string());
+    std::fs::write(&job.config, toml::to_string(&table).unwrap()).unwrap();
+    let mut launcher = launch(&job, &[]);
+    let status = launcher.wait(Duration::from_secs(300));
+    assert!(status.success(), "{}", launcher.log());
+    job.no_process_left();
+    let steps = job.steps();
+    let groups: Vec<usize> = steps
+        .iter()
+        .map(|r| r["prompt_ids"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(groups, vec![2, 2, 1], "the last batch is the partial one");
+    let trained: std::collections::BTreeSet<u64> = steps
+        .iter()
+        .flat_map(|r| r["prompt_ids"].as_array().unwrap().clone())
+        .map(|id| id.as_u64().unwrap())
+        .collect();
+    assert_eq!(trained.len(), 5, "every prompt trained once: {trained:?}");
+    assert_eq!(field(&steps[2], "generated_groups_total"), 5.0);
+}
+
 /// Two actors share the pipeline under staleness-aware admission: nothing they generate
 /// is refused as too stale, both contribute, and every prompt is trained exactly once
 /// per epoch.
@@ -138,31 +178,55 @@ fn state(job: &TestJob, step: u64) -> Value {
     .unwrap()
 }
 
+/// The learner process of `job` (`quill learner …`, started by the launcher).
+fn learner_pid(job: &TestJob) -> u32 {
+    let needle = job.dir.path().display().to_string();
+    processes_mentioning(&needle)
+        .into_iter()
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline.split(|&b| b == 0).nth(1) == Some(b"learner".as_slice())
+        })
+        .expect("the learner runs")
+}
+
 #[test]
-#[ignore = "slow tier: trains a job and resumes it (two launches)"]
-fn resume_continues_version_data_cursor_and_optimizer() {
+#[ignore = "slow tier: trains a job, stops it with SIGTERM and resumes it (two launches)"]
+fn sigterm_checkpoints_and_resume_continues_version_data_cursor_and_optimizer() {
     let job = TestJob::new(|t| {
-        set(t, "grpo", "steps", 3);
-        set(t, "checkpoint", "every_steps", 3);
+        set(t, "grpo", "steps", 1000);
+        set(t, "checkpoint", "every_steps", 1000);
         set(t, "grpo", "prompts_per_step", 2);
     });
     let mut first = launch(&job, &[]);
+    job.wait_for_steps(3, Duration::from_secs(300), &mut [&mut first]);
+    // SAFETY: signalling a process of this test's job.
+    unsafe {
+        libc::kill(learner_pid(&job) as i32, libc::SIGTERM);
+    }
     assert!(
-        first.wait(Duration::from_secs(600)).success(),
+        first.wait(Duration::from_secs(120)).success(),
         "{}",
         first.log()
     );
-    let at3 = state(&job, 3);
-    assert_eq!(
-        (at3["step"].as_u64(), at3["version"].as_u64()),
-        (Some(3), Some(3)),
-        "{at3}"
+    assert!(
+        first.log().contains("asked to stop (SIGTERM or SIGINT)"),
+        "{}",
+        first.log()
     );
-    let cursor3 = at3["extra"]["cursor"]["position"].as_u64().unwrap();
+    let stopped = job.steps().len() as u64;
+    let at_stop = state(&job, stopped);
+    assert_eq!(
+        (at_stop["step"].as_u64(), at_stop["version"].as_u64()),
+        (Some(stopped), Some(stopped)),
+        "the final checkpoint is the last step: {at_stop}"
+    );
+    let cursor_at_stop = at_stop["extra"]["cursor"]["position"].as_u64().unwrap();
 
+    let end = stopped + 2;
     let text = std::fs::read_to_string(&job.config)
         .unwrap()
-        .replace("steps = 3", "steps = 5");
+        .replace("steps = 1000", &format!("steps = {end}"));
     std::fs::write(&job.config, text).unwrap();
     let mut second = launch(&job, &["--resume"]);
     assert!(
@@ -171,17 +235,17 @@ fn resume_continues_version_data_cursor_and_optimizer() {
         second.log()
     );
     assert!(second.log().contains("resumed"), "{}", second.log());
-    let at5 = state(&job, 5);
+    let at_end = state(&job, end);
     assert_eq!(
-        (at5["step"].as_u64(), at5["version"].as_u64()),
-        (Some(5), Some(5)),
-        "{at5}"
+        (at_end["step"].as_u64(), at_end["version"].as_u64()),
+        (Some(end), Some(end)),
+        "{at_end}"
     );
-    let cursor5 = at5["extra"]["cursor"]["position"].as_u64().unwrap();
-    let epoch5 = at5["extra"]["cursor"]["epoch"].as_u64().unwrap();
+    let cursor_at_end = at_end["extra"]["cursor"]["position"].as_u64().unwrap();
+    let epoch_at_end = at_end["extra"]["cursor"]["epoch"].as_u64().unwrap();
     assert!(
-        epoch5 > 0 || cursor5 > cursor3,
-        "the data cursor moved on from {cursor3}: {at5}"
+        epoch_at_end > 0 || cursor_at_end > cursor_at_stop,
+        "the data cursor moved on from {cursor_at_stop}: {at_end}"
     );
     let recorded: Vec<u64> = job
         .steps()
@@ -190,19 +254,23 @@ fn resume_continues_version_data_cursor_and_optimizer() {
         .collect();
     assert_eq!(
         recorded,
-        vec![1, 2, 3, 4, 5],
+        (1..=end).collect::<Vec<_>>(),
         "the resumed run continues the step count"
     );
     let optimizer = job
         .out()
-        .join("checkpoints/step-00000005/optimizer.safetensors");
+        .join(format!("checkpoints/step-{end:08}/optimizer.safetensors"));
     let bytes = std::fs::read(optimizer).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let step = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get("step").cloned());
-    assert_eq!(step.as_deref(), Some("5"), "AdamW's step count continued");
+    assert_eq!(
+        step.as_deref(),
+        Some(end.to_string().as_str()),
+        "AdamW's step count continued"
+    );
     job.no_process_left();
 }
 

@@ -195,6 +195,16 @@ async fn bad_protocol_input_is_refused_counted_and_survived() {
         );
     }
 
+    // A request past the job's limit is refused from its length prefix.
+    let mut huge = group(&first, 0);
+    huge.rollout.as_mut().unwrap().question = "x".repeat(quill_proto::rpc::SMALL_REQUEST_BYTES * 2);
+    let err = client.submit_scored(huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(
+        err.message().contains("message length too large"),
+        "{err:?}"
+    );
+
     // The good group is accepted once; a redelivery is a no-op, not a second count.
     let reply = client
         .submit_scored(group(&first, 0))

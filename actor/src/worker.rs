@@ -226,6 +226,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         listener,
         options.token.clone(),
         WeightRelayServer::new(RelayService(relay)),
+        rpc::SMALL_REQUEST_BYTES,
         std::future::pending(),
     ));
     let first = member

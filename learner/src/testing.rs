@@ -172,6 +172,8 @@ pub fn scored_group(lease: &PromptLease, n: usize) -> ScoredGroup {
             prompt_id: lease.prompt_id,
             question: lease.question.clone(),
             prompt_tokens: lease.prompt_tokens.clone(),
+            length_lo: lease.length_lo,
+            length_hi: lease.length_hi,
             samples,
             actor_id: "actor-1".into(),
             ..RolloutGroup::default()

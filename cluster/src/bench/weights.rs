@@ -195,6 +195,7 @@ fn spawn_relay(listener: tokio::net::TcpListener, node: Arc<RelayNode>, token: &
         listener,
         token.to_owned(),
         WeightRelayServer::new(RelayService(node)),
+        rpc::SMALL_REQUEST_BYTES,
         std::future::pending(),
     ));
 }

@@ -6,6 +6,7 @@ use anyhow::Context;
 use quill_config::job::JobConfig;
 use quill_learner::process::rank::{run_rank, RankOptions};
 use quill_learner::process::run::{run as run_learner, LearnerOptions};
+use quill_learner::process::stop;
 use std::path::PathBuf;
 
 /// Flags of `quill learner`.
@@ -49,7 +50,8 @@ pub struct Args {
     pub device: Option<String>,
 }
 
-/// Runs the learner until training ends.
+/// Runs the learner until training ends (rank 0: or until SIGTERM or SIGINT, after a
+/// final checkpoint).
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.world_size == 0 {
         bail!("--world-size must be at least 1");
@@ -100,5 +102,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         world_size: args.world_size,
         metrics_listen: args.metrics_listen,
     };
+    stop::catch_signals();
     run_learner(job, options).context("learner")
 }

@@ -1,9 +1,10 @@
 //! `quill launch local`: a whole job on this machine, as separate processes on loopback.
 
-use crate::launch::supervisor::{catch_interrupts, interrupted, stop_all, wait_all, Process};
+use crate::launch::supervisor::{stop_all, wait_all, Process};
 use anyhow::{bail, Context};
 use quill_config::job::JobConfig;
 use quill_learner::process::run::address_file;
+use quill_learner::process::stop;
 use rand::RngCore;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -69,7 +70,7 @@ fn wait_for_address(path: &Path, learner: &mut Process) -> anyhow::Result<String
         if let Some(status) = learner.poll() {
             bail!("the learner exited during start-up ({status})");
         }
-        if interrupted() {
+        if stop::requested() {
             bail!("interrupted");
         }
         if started.elapsed() > Duration::from_secs(300) {
@@ -98,7 +99,7 @@ pub fn run(args: LocalArgs) -> anyhow::Result<()> {
     let token = token.to_str().context("token file path is not UTF-8")?;
     let addr_file = address_file(&job);
     let _ = std::fs::remove_file(&addr_file);
-    catch_interrupts();
+    stop::catch_signals();
     let config = args.config.to_str().context("config path is not UTF-8")?;
     let output_dir = job
         .job
@@ -161,7 +162,7 @@ pub fn run(args: LocalArgs) -> anyhow::Result<()> {
     }
     let mut reported = vec![false; processes.len()];
     let learner_status = loop {
-        if interrupted() {
+        if stop::requested() {
             println!("[launcher] interrupted: stopping every process");
             stop_all(&mut processes, Duration::from_secs(10));
             bail!("interrupted");

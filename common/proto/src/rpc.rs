@@ -32,8 +32,28 @@ use tonic::Status;
 /// Heartbeat periods without an answer after which a member decides the learner is gone.
 pub const LEARNER_SILENCE_HEARTBEATS: u32 = 10;
 
-/// Largest gRPC message any role sends or accepts (a scored group of long samples).
+/// Largest gRPC message any role sends (a weight chunk, a learner rank's shard).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Largest request a server takes that carries no rollouts (registrations, heartbeats,
+/// weight requests), and the least any server takes.
+pub const SMALL_REQUEST_BYTES: usize = 1 << 20;
+
+/// Largest request a learner or reward worker takes in a job whose groups hold
+/// `group_size` samples of at most `max_new_tokens` tokens after a prompt of at most
+/// `context` tokens: per generated token 10 bytes of id, 4 of log-prob and up to 32 of
+/// text, per prompt token 10 bytes, 64 KiB for the question and the rest, all doubled;
+/// never under [`SMALL_REQUEST_BYTES`]. A larger request is refused (`OUT_OF_RANGE`) from
+/// its length prefix, before its body is read.
+pub fn group_request_bytes(group_size: usize, max_new_tokens: usize, context: usize) -> usize {
+    let sample = max_new_tokens.saturating_mul(10 + 4 + 32) + 256;
+    let group = group_size
+        .saturating_mul(sample)
+        .saturating_add(context.saturating_mul(10))
+        .saturating_add(64 << 10);
+    group
+        .saturating_mul(2)
+        .clamp(SMALL_REQUEST_BYTES, MAX_MESSAGE_BYTES)
+}
 /// HTTP/2 per-stream window: large, so a weight stream is not throttled by acks.
 const STREAM_WINDOW: u32 = 16 << 20;
 /// HTTP/2 per-connection window.
@@ -92,16 +112,16 @@ pub trait GrpcServer:
     + Sync
     + 'static
 {
-    /// The server with both the decoding and the encoding limit set to `bytes`.
-    fn limit_messages(self, bytes: usize) -> Self;
+    /// The server with its decoding (request) and encoding (reply) limits.
+    fn limit_messages(self, decode: usize, encode: usize) -> Self;
 }
 
 macro_rules! grpc_servers {
     ($($server:ident<$handler:ident>),*) => {$(
         impl<T: $handler> GrpcServer for $server<T> {
-            fn limit_messages(self, bytes: usize) -> Self {
-                self.max_decoding_message_size(bytes)
-                    .max_encoding_message_size(bytes)
+            fn limit_messages(self, decode: usize, encode: usize) -> Self {
+                self.max_decoding_message_size(decode)
+                    .max_encoding_message_size(encode)
             }
         }
     )*};
@@ -114,7 +134,8 @@ grpc_servers!(
 );
 
 /// Serves `service` on `listener` until `shutdown` resolves: every call must carry the
-/// job `token` (else `UNAUTHENTICATED`), messages up to [`MAX_MESSAGE_BYTES`], wide HTTP/2
+/// job `token` (else `UNAUTHENTICATED`), requests up to `max_request_bytes` (a larger one
+/// is `OUT_OF_RANGE`), replies up to [`MAX_MESSAGE_BYTES`], wide HTTP/2
 /// windows and frames, and a handler that panics answers `INTERNAL` ("handler panicked:
 /// …") while the server goes on serving. (A panic while a server stream is being sent,
 /// after the handler returned, still ends that stream's connection.)
@@ -122,10 +143,11 @@ pub async fn serve(
     listener: TcpListener,
     token: String,
     service: impl GrpcServer,
+    max_request_bytes: usize,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let service = InterceptedService::new(
-        CatchPanic(service.limit_messages(MAX_MESSAGE_BYTES)),
+        CatchPanic(service.limit_messages(max_request_bytes, MAX_MESSAGE_BYTES)),
         require_token(token),
     );
     Server::builder()
@@ -251,6 +273,7 @@ pub(crate) mod tests {
             listener,
             "right".into(),
             service,
+            SMALL_REQUEST_BYTES,
             std::future::pending(),
         ));
         addr
@@ -292,5 +315,29 @@ pub(crate) mod tests {
         );
         let next = reward.score(lease(2)).await.unwrap().into_inner();
         assert!(next.accepted);
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_limit_is_refused_before_it_is_read() {
+        let mut reward = client("right").await;
+        let mut huge = lease(3);
+        huge.question = "x".repeat(SMALL_REQUEST_BYTES + 1);
+        let refused = reward.score(huge).await.unwrap_err();
+        assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+        assert!(
+            refused.message().contains("message length too large"),
+            "{}",
+            refused.message()
+        );
+        assert!(reward.score(lease(4)).await.unwrap().into_inner().accepted);
+    }
+
+    #[test]
+    fn the_request_limit_follows_the_job() {
+        assert_eq!(group_request_bytes(8, 160, 512), SMALL_REQUEST_BYTES);
+        let long = group_request_bytes(16, 16_384, 32_768);
+        assert_eq!(long, 2 * (16 * (16_384 * 46 + 256) + 327_680 + 65_536));
+        assert!(long < 32 << 20, "{long}");
+        assert_eq!(group_request_bytes(usize::MAX, 1, 1), MAX_MESSAGE_BYTES);
     }
 }

@@ -8,7 +8,7 @@ use crate::hub::leases::LeaseError;
 use quill_proto::status::{Rejection, RejectionCounts};
 use quill_proto::{ScoredGroup, SubmitReply};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tonic::Status;
 
 /// The generated tokens of a group's samples.
@@ -27,6 +27,11 @@ pub struct Accepted {
     /// When it was accepted.
     pub at: Instant,
 }
+
+/// The lowest behaviour log-prob a sampled token may carry. A sampled token that
+/// unlikely (p < 2e-22) does not occur in practice, and `exp(logp − μ)` of the importance
+/// ratio stays finite in f32 only while `μ` is above about −88.
+pub const MIN_LOGPROB: f32 = -50.0;
 
 /// Why a scored group was refused: the counted reason and a message for the sender.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -127,8 +132,8 @@ impl Hub {
 
     /// What a refusal does to the group's lease: a group too stale can never be
     /// accepted, so its prompt goes back in line at once; after any other refusal the
-    /// lease stays open for a corrected submission, but the batcher no longer keeps a
-    /// slot for it.
+    /// lease stays open for a corrected submission for `rpc_timeout_seconds` at most
+    /// (then its prompt is re-issued), and the batcher no longer keeps a slot for it.
     fn settle_refused_lease(&self, group: &ScoredGroup, reason: Rejection) {
         let Some(rollout) = &group.rollout else {
             return;
@@ -138,16 +143,29 @@ impl Hub {
                 self.room.notify_waiters();
             }
         } else {
-            self.leases.unreserve(rollout.lease_id);
+            let grace = Duration::from_secs_f64(self.job.cluster.rpc_timeout_seconds);
+            self.leases.unreserve(rollout.lease_id, grace);
         }
     }
 
-    /// Counts a group the trainer dropped for `reason` (its `tokens` thrown away) and
-    /// takes it out of the pipeline.
-    pub fn drop_at_training(&self, reason: Rejection, tokens: u64) {
+    /// Counts the group of lease `lease_id` that the trainer dropped for `reason` (its
+    /// `tokens` thrown away) and takes it out of the pipeline. A group dropped as too
+    /// stale puts its prompt back in line; one with nothing to teach is used up.
+    pub fn drop_at_training(&self, reason: Rejection, tokens: u64, lease_id: u64) {
         self.rejections.count(reason);
         self.waste.discarded(tokens);
+        if reason == Rejection::TooStaleAtTrain {
+            self.leases.requeue_untrained(lease_id);
+        } else {
+            self.leases.consumed(&[lease_id]);
+        }
         self.retire(1);
+    }
+
+    /// Notes that the groups of these leases were trained: a checkpoint from now on no
+    /// longer keeps their prompts to train again.
+    pub fn trained(&self, lease_ids: &[u64]) {
+        self.leases.consumed(lease_ids);
     }
 
     /// Checks a scored group against its lease and the protocol's limits.
@@ -158,8 +176,7 @@ impl Hub {
             .as_ref()
             .ok_or_else(|| malformed("no rollout in the group".to_owned()))?;
         let lease_id = rollout.lease_id;
-        self.leases
-            .check(lease_id, rollout.prompt_id, &rollout.prompt_tokens)?;
+        self.leases.check(rollout)?;
         let n = rollout.samples.len();
         let group_size = self.job.sampling.group_size;
         if n != group_size {
@@ -201,11 +218,11 @@ impl Hub {
             if let Some(lp) = sample
                 .logprobs
                 .iter()
-                .find(|lp| !lp.is_finite() || **lp > 1e-3)
+                .find(|lp| !lp.is_finite() || **lp > 1e-3 || **lp < MIN_LOGPROB)
             {
                 return Err(Refusal::new(
                     Rejection::BadLogprob,
-                    format!("{at}: log-prob {lp} is not a finite value <= 0"),
+                    format!("{at}: log-prob {lp} is not a finite value in [{MIN_LOGPROB}, 0]"),
                 ));
             }
             if sample.version_first > sample.version_last || sample.version_last > current {
@@ -254,18 +271,22 @@ mod tests {
     use crate::testing;
     use quill_proto::{LeaseRequest, PromptLease, Role};
 
+    /// `max_groups` leases for a newly registered actor on version 0.
+    fn lease_new_actor(hub: &Hub, max_groups: u32) -> Vec<PromptLease> {
+        let actor = testing::register(hub, Role::Actor);
+        hub.lease(LeaseRequest {
+            member_id: actor,
+            max_groups,
+            version: 0,
+        })
+        .unwrap()
+        .leases
+    }
+
     /// A hub with two prompts leased to an actor (`max_staleness` 1, group size 2).
     fn leased() -> (Hub, tokio::sync::mpsc::Receiver<Accepted>, Vec<PromptLease>) {
         let (hub, queue) = testing::hub(testing::hub_job());
-        let actor = testing::register(&hub, Role::Actor);
-        let leases = hub
-            .lease(LeaseRequest {
-                member_id: actor,
-                max_groups: 2,
-                version: 0,
-            })
-            .unwrap()
-            .leases;
+        let leases = lease_new_actor(&hub, 2);
         (hub, queue, leases)
     }
 
@@ -310,12 +331,47 @@ mod tests {
         assert_eq!(reason(&|g| sample(g).tokens[0] = -1), TokenOutOfVocab);
         assert_eq!(reason(&|g| sample(g).logprobs[0] = 0.5), BadLogprob);
         assert_eq!(reason(&|g| sample(g).logprobs[0] = f32::NAN), BadLogprob);
+        assert_eq!(reason(&|g| sample(g).logprobs[0] = -1e4), BadLogprob);
+        assert_eq!(
+            reason(&|g| g.rollout.as_mut().unwrap().length_hi += 1),
+            Malformed
+        );
         assert_eq!(reason(&|g| sample(g).version_last = 1), FutureVersion);
         assert_eq!(reason(&|g| g.scores[1].quality = f64::NAN), NanReward);
         assert_eq!(reason(&|g| g.advantages[0] = f32::INFINITY), NanReward);
         hub.publish(testing::blob(1));
         hub.publish(testing::blob(2));
         assert_eq!(hub.check_group(&valid).unwrap_err().reason, TooStale);
+    }
+
+    /// A checkpoint keeps every prompt whose group was ingested but not trained; a
+    /// group dropped as too stale at training puts its prompt back in line.
+    #[tokio::test]
+    async fn prompts_stay_owned_until_their_group_is_trained() {
+        let (hub, _queue, leases) = leased();
+        for lease in &leases {
+            let group = testing::scored_group(lease, 2);
+            assert!(hub.submit(group).await.unwrap().accepted);
+        }
+        let kept = |hub: &Hub| {
+            let (_, mut prompts, _) = hub.data_state();
+            prompts.sort_unstable();
+            prompts
+        };
+        let mut both = vec![leases[0].prompt_id, leases[1].prompt_id];
+        both.sort_unstable();
+        assert_eq!(kept(&hub), both, "ingested, not trained");
+        hub.trained(&[leases[0].lease_id]);
+        assert_eq!(kept(&hub), vec![leases[1].prompt_id]);
+        hub.drop_at_training(Rejection::TooStaleAtTrain, 10, leases[1].lease_id);
+        assert_eq!(kept(&hub), vec![leases[1].prompt_id], "back in line");
+        let again = lease_new_actor(&hub, 1);
+        assert_eq!(again[0].prompt_id, leases[1].prompt_id, "re-issued first");
+        assert!(again[0].lease_id > leases[1].lease_id);
+        let zero = testing::scored_group(&again[0], 2);
+        assert!(hub.submit(zero).await.unwrap().accepted);
+        hub.drop_at_training(Rejection::ZeroAdvantage, 10, again[0].lease_id);
+        assert!(kept(&hub).is_empty(), "nothing to teach: used up");
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use super::Hub;
 use crate::data::{Cursor, Dataset, Prompt, PromptText};
 use parking_lot::Mutex;
 use quill_proto::status::Rejection;
-use quill_proto::{LeaseReply, LeaseRequest, PromptLease};
+use quill_proto::{LeaseReply, LeaseRequest, PromptLease, Role, RolloutGroup};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tonic::Status;
@@ -62,6 +62,7 @@ pub struct Ledger {
     expired: u64,
     queued: usize,
     unclaimed: HashMap<u64, u64>,
+    untrained: HashMap<u64, u64>,
 }
 
 impl Ledger {
@@ -131,11 +132,13 @@ impl Ledger {
         self.next_id
     }
 
-    /// Stops keeping a batch slot for this lease's group: a submission under it was
-    /// refused, so its group may never come (the lease stays open for a corrected one).
-    pub fn unreserve(&mut self, lease_id: u64) {
+    /// Stops keeping a batch slot for this lease's group, and ends the lease at `until`
+    /// if it would run longer: a submission under it was refused, so its group may never
+    /// come; the lease stays open that long for a corrected one.
+    pub fn unreserve(&mut self, lease_id: u64, until: Instant) {
         if let Some(lease) = self.active.get_mut(&lease_id) {
             lease.reserved = false;
+            lease.deadline = lease.deadline.min(until);
         }
     }
 
@@ -183,6 +186,7 @@ impl Ledger {
         let lease = self.active.remove(&lease_id).expect("checked");
         self.ingested.insert(lease_id);
         self.unclaimed.insert(lease_id, lease.version);
+        self.untrained.insert(lease_id, lease.prompt_id);
         self.queued += 1;
         Ok(lease.prompt_id)
     }
@@ -207,12 +211,35 @@ impl Ledger {
         held
     }
 
-    /// Prompts that are leased or waiting for re-issue: what a checkpoint must keep so
-    /// that a resumed job still trains them.
+    /// Prompts that are leased or waiting for re-issue.
     pub fn outstanding_prompts(&self) -> Vec<u64> {
         let mut out: Vec<u64> = self.reissue.iter().copied().collect();
         out.extend(self.active.values().map(|l| l.prompt_id));
         out
+    }
+
+    /// Prompts a checkpoint must keep so that a resumed job still trains them: those
+    /// outstanding and those whose groups were ingested but not yet trained.
+    pub fn untrained_prompts(&self) -> Vec<u64> {
+        let mut out = self.outstanding_prompts();
+        out.extend(self.untrained.values());
+        out
+    }
+
+    /// Notes that these leases' ingested groups were used up: trained, or dropped with
+    /// nothing to teach.
+    pub fn consumed(&mut self, lease_ids: &[u64]) {
+        for lease_id in lease_ids {
+            self.untrained.remove(lease_id);
+        }
+    }
+
+    /// Puts the prompt of an ingested group that was dropped untrained (too stale by the
+    /// time it could be trained) back in line.
+    pub fn requeue_untrained(&mut self, lease_id: u64) {
+        if let Some(prompt_id) = self.untrained.remove(&lease_id) {
+            self.reissue.push_back(prompt_id);
+        }
     }
 
     /// Queues prompts for (re-)issue, e.g. the outstanding prompts of a checkpoint.
@@ -257,6 +284,8 @@ struct Ask {
     lag: u64,
     /// Live actors sharing the room.
     actors: usize,
+    /// Most leases one member may hold (`cluster.leases_per_actor`).
+    cap: usize,
 }
 
 /// One prompt handed out: its lease, the prompt, and its tokens when already encoded.
@@ -299,9 +328,10 @@ impl Leases {
             held: held(member),
             actors: ask.actors,
         };
+        let want = ask.count.min(ask.cap.saturating_sub(pipeline.held));
         let count = book
             .admission
-            .grant(member, ask.count, ask.lag, pipeline, held, now);
+            .grant(member, want, ask.lag, pipeline, held, now);
         let mut issued = Vec::new();
         for _ in 0..count {
             let prompt = match book.ledger.take_reissue() {
@@ -355,14 +385,25 @@ impl Leases {
             && book.ledger.unclaimed.is_empty()
     }
 
-    /// The dataset cursor, the prompts leased or waiting, and the last lease id.
+    /// The dataset cursor, the prompts not yet trained (leased, waiting for re-issue, or
+    /// ingested and untrained), and the last lease id.
     pub fn data_state(&self) -> (Cursor, Vec<u64>, u64) {
         let book = self.book.lock();
         (
             book.dataset.cursor(),
-            book.ledger.outstanding_prompts(),
+            book.ledger.untrained_prompts(),
             book.ledger.last_id(),
         )
+    }
+
+    /// See [`Ledger::consumed`].
+    pub fn consumed(&self, lease_ids: &[u64]) {
+        self.book.lock().ledger.consumed(lease_ids);
+    }
+
+    /// See [`Ledger::requeue_untrained`].
+    pub fn requeue_untrained(&self, lease_id: u64) {
+        self.book.lock().ledger.requeue_untrained(lease_id);
     }
 
     /// Leases out now and leases expired so far.
@@ -371,33 +412,37 @@ impl Leases {
         (book.ledger.active_count(), book.ledger.expired_count())
     }
 
-    /// Checks that lease `lease_id` is active, for `prompt_id`, whose tokens are
-    /// `prompt_tokens`.
-    pub fn check(
-        &self,
-        lease_id: u64,
-        prompt_id: u64,
-        prompt_tokens: &[i64],
-    ) -> Result<(), Refusal> {
+    /// Checks that the group's lease is active and for the group's prompt: the same
+    /// prompt id, prompt tokens and target range as leased.
+    pub fn check(&self, rollout: &RolloutGroup) -> Result<(), Refusal> {
+        let lease_id = rollout.lease_id;
+        let prompt_id = rollout.prompt_id;
         let book = self.book.lock();
         let lease = book.ledger.get(lease_id).map_err(|e| match e {
             LeaseError::Duplicate(_) => Refusal::new(Rejection::Duplicate, e.to_string()),
             LeaseError::Unknown(_) => Refusal::new(Rejection::UnknownLease, e.to_string()),
         })?;
+        let malformed = |message: String| Err(Refusal::new(Rejection::Malformed, message));
         if lease.prompt_id != prompt_id {
-            return Err(Refusal::new(
-                Rejection::Malformed,
-                format!(
-                    "lease {lease_id} is for prompt {}, not {prompt_id}",
-                    lease.prompt_id
-                ),
+            return malformed(format!(
+                "lease {lease_id} is for prompt {}, not {prompt_id}",
+                lease.prompt_id
             ));
         }
-        if book.prompt_tokens.get(&prompt_id).map(Vec::as_slice) != Some(prompt_tokens) {
-            return Err(Refusal::new(
-                Rejection::Malformed,
-                format!("lease {lease_id}: the prompt tokens differ from the leased prompt"),
+        if book.prompt_tokens.get(&prompt_id) != Some(&rollout.prompt_tokens) {
+            return malformed(format!(
+                "lease {lease_id}: the prompt tokens differ from the leased prompt"
             ));
+        }
+        if let Some(prompt) = book.dataset.get(prompt_id) {
+            let (lo, hi) = (prompt.range.lo(), prompt.range.hi());
+            if (rollout.length_lo, rollout.length_hi) != (lo, hi) {
+                return malformed(format!(
+                    "lease {lease_id}: target range {}..{} words, the leased prompt's is \
+                     {lo}..{hi}",
+                    rollout.length_lo, rollout.length_hi
+                ));
+            }
         }
         Ok(())
     }
@@ -407,9 +452,10 @@ impl Leases {
         self.book.lock().ledger.complete(lease_id)
     }
 
-    /// See [`Ledger::unreserve`].
-    pub fn unreserve(&self, lease_id: u64) {
-        self.book.lock().ledger.unreserve(lease_id);
+    /// See [`Ledger::unreserve`]: the lease stays open for `grace` at most.
+    pub fn unreserve(&self, lease_id: u64, grace: Duration) {
+        let until = Instant::now() + grace;
+        self.book.lock().ledger.unreserve(lease_id, until);
     }
 
     /// See [`Ledger::abandon`].
@@ -464,7 +510,7 @@ impl Hub {
     /// size and seed.
     pub fn lease(&self, req: LeaseRequest) -> Result<LeaseReply, Status> {
         let current = self.version();
-        self.members.check(&req.member_id)?;
+        self.members.check_role(&req.member_id, Role::Actor)?;
         if self.is_finished() {
             return Ok(LeaseReply {
                 finished: true,
@@ -484,6 +530,7 @@ impl Hub {
             version: req.version,
             lag: current.saturating_sub(req.version),
             actors: self.members.live_actors().max(1),
+            cap: self.job.cluster.leases_per_actor,
         };
         let issued = self.leases.issue(&req.member_id, ask, ttl, Instant::now());
         let mut leases = Vec::with_capacity(issued.len());
@@ -554,12 +601,25 @@ mod tests {
     }
 
     /// A request for `count` leases from the only actor, up to date.
+    /// A rollout answering lease `lease_id` of `prompt`, with `tokens`.
+    fn rollout(lease_id: u64, prompt: &Prompt, tokens: &[i64]) -> RolloutGroup {
+        RolloutGroup {
+            lease_id,
+            prompt_id: prompt.id,
+            prompt_tokens: tokens.to_vec(),
+            length_lo: prompt.range.lo(),
+            length_hi: prompt.range.hi(),
+            ..RolloutGroup::default()
+        }
+    }
+
     fn ask(count: usize) -> Ask {
         Ask {
             count,
             version: 0,
             lag: 0,
             actors: 1,
+            cap: usize::MAX,
         }
     }
 
@@ -618,7 +678,7 @@ mod tests {
         assert_eq!(later[0].tokens, Some(tokens.clone()));
         assert!(later[0].lease_id > first[1].lease_id);
         assert_eq!(leases.counts(), (1, 2));
-        let refusal = leases.check(again.lease_id, again.prompt.id, &tokens);
+        let refusal = leases.check(&rollout(again.lease_id, &again.prompt, &tokens));
         assert_eq!(refusal.unwrap_err().reason, Rejection::UnknownLease);
     }
 
@@ -628,13 +688,26 @@ mod tests {
         let issued = leases.issue("a", ask(1), TTL, Instant::now()).remove(0);
         let (id, prompt) = (issued.lease_id, issued.prompt.id);
         leases.remember(prompt, vec![3, 4]);
-        let reason =
-            |prompt_id, tokens: &[i64]| leases.check(id, prompt_id, tokens).unwrap_err().reason;
-        assert_eq!(reason(prompt + 1, &[3, 4]), Rejection::Malformed);
-        assert_eq!(reason(prompt, &[3]), Rejection::Malformed);
-        leases.check(id, prompt, &[3, 4]).unwrap();
+        let leased = rollout(id, &issued.prompt, &[3, 4]);
+        let reason = |change: &dyn Fn(&mut RolloutGroup)| {
+            let mut group = leased.clone();
+            change(&mut group);
+            leases.check(&group).unwrap_err()
+        };
+        assert_eq!(reason(&|g| g.prompt_id += 1).reason, Rejection::Malformed);
+        assert_eq!(
+            reason(&|g| g.prompt_tokens.pop().map(drop).unwrap()).reason,
+            Rejection::Malformed
+        );
+        let wrong_range = reason(&|g| g.length_hi += 1);
+        assert_eq!(wrong_range.reason, Rejection::Malformed);
+        assert!(
+            wrong_range.message.contains("target range"),
+            "{wrong_range}"
+        );
+        leases.check(&leased).unwrap();
         assert_eq!(leases.complete(id), Ok(prompt));
-        assert_eq!(reason(prompt, &[3, 4]), Rejection::Duplicate);
+        assert_eq!(reason(&|_| {}).reason, Rejection::Duplicate);
     }
 
     #[test]
@@ -667,9 +740,27 @@ mod tests {
     }
 
     #[test]
+    fn a_member_holds_at_most_its_cap_and_only_actors_lease() {
+        let (hub, _queue) = testing::hub(testing::hub_job());
+        let actor = testing::register(&hub, quill_proto::Role::Actor);
+        let ask = |member_id: &str| LeaseRequest {
+            member_id: member_id.to_owned(),
+            max_groups: 64,
+            version: 0,
+        };
+        let cap = hub.job.cluster.leases_per_actor;
+        assert_eq!(hub.lease(ask(&actor)).unwrap().leases.len(), cap);
+        assert!(hub.lease(ask(&actor)).unwrap().leases.is_empty());
+        let reward = testing::register(&hub, quill_proto::Role::Reward);
+        let err = hub.lease(ask(&reward)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
     fn the_hub_hands_out_encoded_prompts_and_holds_back_stale_actors() {
         let mut job = testing::hub_job();
         job.grpo.max_staleness = 1;
+        job.cluster.leases_per_actor = 100;
         let (hub, _queue) = testing::hub(job);
         let actor = testing::register(&hub, quill_proto::Role::Actor);
         let ask = |max_groups, version| LeaseRequest {

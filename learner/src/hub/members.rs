@@ -15,6 +15,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tonic::Status;
 
+/// Longest name or address a member may register with, in bytes.
+pub const MAX_FIELD_BYTES: usize = 256;
+/// Most live members a hub takes; a registration beyond is refused.
+pub const MAX_MEMBERS: usize = 4096;
+/// Most members set aside for silence that the hub remembers (the longest-silent are
+/// forgotten first; a forgotten member must register again).
+pub const MAX_DEPARTED: usize = 1024;
+
 struct Member {
     name: String,
     address: String,
@@ -51,6 +59,19 @@ struct Book {
 }
 
 impl Book {
+    /// Forgets the longest-silent departed members beyond [`MAX_DEPARTED`].
+    fn prune_departed(&mut self) {
+        while self.departed.len() > MAX_DEPARTED {
+            let oldest = self
+                .departed
+                .iter()
+                .min_by_key(|(_, m)| m.last_seen)
+                .map(|(id, _)| id.clone())
+                .expect("not empty");
+            self.departed.remove(&oldest);
+        }
+    }
+
     /// Checks that `id` registered; a member that was set aside for silence is taken back.
     fn check(&mut self, id: &str) -> Result<&mut Member, Status> {
         if let Some(mut member) = self.departed.remove(id) {
@@ -88,6 +109,18 @@ impl Members {
                 "register: role must be actor or reward",
             ));
         };
+        for (field, value) in [
+            ("name", &req.name),
+            ("address", &req.address),
+            ("relay_address", &req.relay_address),
+        ] {
+            if value.len() > MAX_FIELD_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "register: {field} is {} bytes, at most {MAX_FIELD_BYTES} are allowed",
+                    value.len()
+                )));
+            }
+        }
         if !req.relay_address.is_empty() && req.relay_address.parse::<SocketAddr>().is_err() {
             return Err(Status::invalid_argument(format!(
                 "register: relay_address `{}` is not HOST:PORT",
@@ -106,6 +139,11 @@ impl Members {
             "reward"
         };
         let mut book = self.book.lock();
+        if book.live.len() >= MAX_MEMBERS {
+            return Err(Status::resource_exhausted(format!(
+                "register: the job already has {MAX_MEMBERS} live members"
+            )));
+        }
         book.joined += 1;
         let joined = book.joined;
         let id = format!("{prefix}-{joined}");
@@ -129,6 +167,20 @@ impl Members {
     /// Checks that `id` registered (taking a member set aside for silence back).
     pub fn check(&self, id: &str) -> Result<(), Status> {
         self.book.lock().check(id).map(|_| ())
+    }
+
+    /// Checks that `id` registered in `role` (else `PERMISSION_DENIED`, naming both).
+    pub fn check_role(&self, id: &str, role: Role) -> Result<(), Status> {
+        let mut book = self.book.lock();
+        let has = book.check(id)?.reported.role();
+        if has != role {
+            return Err(Status::permission_denied(format!(
+                "member `{id}` registered as {}, and only {}s may do this",
+                role_name(has),
+                role_name(role)
+            )));
+        }
+        Ok(())
     }
 
     /// Records a heartbeat and answers with the live reward workers and, for an actor,
@@ -195,6 +247,7 @@ impl Members {
             let member = book.live.remove(id).expect("listed above");
             book.departed.insert(id.clone(), member);
         }
+        book.prune_departed();
         gone
     }
 
@@ -236,6 +289,15 @@ impl Members {
     pub(super) fn hold_and_panic(&self) {
         let _held = self.book.lock();
         panic!("a handler panicked while holding the member book");
+    }
+}
+
+/// A role as the job file and the logs name it.
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Actor => "actor",
+        Role::Reward => "reward",
+        Role::Unspecified => "unspecified",
     }
 }
 
@@ -337,6 +399,46 @@ mod tests {
         let statuses = members.statuses();
         assert_eq!(statuses[0].version, 2);
         assert_eq!(statuses[1].reported, RoleMetrics::Reward(None));
+    }
+
+    #[test]
+    fn registration_is_bounded_and_roles_are_checked() {
+        let members = Members::default();
+        let long = "x".repeat(MAX_FIELD_BYTES + 1);
+        let err = members
+            .register(RegisterRequest {
+                role: Role::Actor as i32,
+                name: long,
+                address: String::new(),
+                relay_address: String::new(),
+            })
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("name is 257 bytes"), "{err:?}");
+        let reward = register(&members, Role::Reward, "127.0.0.1:5");
+        let actor = register(&members, Role::Actor, "");
+        members.check_role(&actor, Role::Actor).unwrap();
+        let err = members.check_role(&reward, Role::Actor).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(
+            err.message()
+                .contains("registered as reward, and only actors"),
+            "{err:?}"
+        );
+        for _ in 2..MAX_MEMBERS {
+            register(&members, Role::Actor, "");
+        }
+        let err = members
+            .register(RegisterRequest {
+                role: Role::Actor as i32,
+                ..RegisterRequest::default()
+            })
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(members.evict_silent(Duration::ZERO).len(), MAX_MEMBERS);
+        assert_eq!(members.book.lock().departed.len(), MAX_DEPARTED);
+        register(&members, Role::Actor, "");
     }
 
     #[test]

@@ -168,7 +168,8 @@ impl Hub {
         self.leases.data_done()
     }
 
-    /// The dataset cursor and the prompts that are leased or waiting, for checkpoints.
+    /// The dataset cursor, the prompts not yet trained (leased, waiting for re-issue, or
+    /// ingested and untrained) and the last lease id: what a checkpoint keeps.
     pub fn data_state(&self) -> (crate::data::Cursor, Vec<u64>, u64) {
         self.leases.data_state()
     }

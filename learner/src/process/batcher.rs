@@ -7,6 +7,7 @@
 
 use crate::hub::ingest::group_tokens;
 use crate::hub::{Accepted, Hub};
+use crate::process::stop;
 use crate::train::sample::TrainSample;
 use quill_config::job::JobConfig;
 use quill_proto::status::Rejection;
@@ -20,6 +21,8 @@ use tokio::sync::mpsc;
 
 /// How often the batcher looks at an empty queue again.
 const POLL: Duration = Duration::from_millis(2);
+/// How often a trainer waiting for a batch checks for a stop request.
+const STOP_POLL: Duration = Duration::from_millis(100);
 
 /// One optimiser step's worth of groups and what they said about the rollouts.
 #[derive(Debug, Default)]
@@ -40,6 +43,8 @@ pub struct Batch {
     pub generated_tokens: usize,
     /// The trained groups' prompt ids.
     pub prompt_ids: Vec<u64>,
+    /// The trained groups' lease ids.
+    pub lease_ids: Vec<u64>,
     /// Trained groups by actor.
     pub groups_by_actor: BTreeMap<String, u64>,
 }
@@ -89,9 +94,17 @@ impl Batcher {
         }
     }
 
-    /// The next batch, once it is ready; `None` when the prompts ran out.
+    /// The next batch, once it is ready; `None` when the prompts ran out or a stop was
+    /// requested ([`stop::requested`]) while waiting.
     pub fn next(&self) -> Option<Batch> {
-        self.batches.as_ref()?.recv().ok()
+        let batches = self.batches.as_ref()?;
+        loop {
+            match batches.recv_timeout(STOP_POLL) {
+                Ok(batch) => return Some(batch),
+                Err(sync_mpsc::RecvTimeoutError::Timeout) if !stop::requested() => {}
+                Err(_) => return None,
+            }
+        }
     }
 }
 
@@ -189,8 +202,9 @@ impl Assembler<'_> {
             }
             let tokens = group_tokens(&waiting.group);
             if waiting.deadline < version {
+                let lease_id = waiting.group.rollout.as_ref().map_or(0, |r| r.lease_id);
                 self.hub
-                    .drop_at_training(Rejection::TooStaleAtTrain, tokens);
+                    .drop_at_training(Rejection::TooStaleAtTrain, tokens, lease_id);
                 continue;
             }
             add(self.job, self.hub, batch, waiting.group, version, tokens);
@@ -222,10 +236,11 @@ fn add(
     }
     batch.generated_tokens += tokens as usize;
     if job.grpo.drop_zero_advantage_groups && group.advantages.iter().all(|a| a.abs() < 1e-8) {
-        hub.drop_at_training(Rejection::ZeroAdvantage, tokens);
+        hub.drop_at_training(Rejection::ZeroAdvantage, tokens, rollout.lease_id);
         return;
     }
     batch.prompt_ids.push(rollout.prompt_id);
+    batch.lease_ids.push(rollout.lease_id);
     *batch
         .groups_by_actor
         .entry(rollout.actor_id.clone())
@@ -267,10 +282,11 @@ mod tests {
         }
     }
 
-    /// The hub test job with two prompts a step.
+    /// The hub test job with two prompts a step, an actor holding up to four.
     fn job() -> JobConfig {
         let mut job = testing::hub_job();
         job.grpo.prompts_per_step = 2;
+        job.cluster.leases_per_actor = 4;
         job
     }
 

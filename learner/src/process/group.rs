@@ -7,7 +7,7 @@ use crate::train::grpo::{self, LossAggregation};
 use crate::train::sample::TrainSample;
 use quill_config::job::{CollectiveKind, JobConfig};
 use quill_proto::TrainSample as WireSample;
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
 use tch::Device;
 
 /// The backend a job's learner ranks use on `device` (`auto`: NCCL on CUDA, else the ring).
@@ -20,25 +20,63 @@ pub fn backend(job: &JobConfig, device: Device) -> Backend {
     }
 }
 
-/// A listener for this rank's ring connections (any interface, a free port).
-pub fn ring_listener() -> Result<TcpListener, RunError> {
-    TcpListener::bind("0.0.0.0:0").map_err(|e| RunError::Io("<collective listener>".into(), e))
+/// A listener for this rank's ring connections on `ip` (the address the other ranks
+/// reach this rank at, not every interface) and a free port.
+pub fn ring_listener(ip: IpAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(SocketAddr::new(ip, 0))
+        .map_err(|e| RunError::Io(format!("<collective listener on {ip}>"), e))
 }
 
-/// Joins the group as `rank`: a ring over `addresses` or NCCL with `nccl_id`.
+/// The local address this host reaches `addr` (`HOST:PORT`) from: where a rank > 0
+/// listens for the ring, since rank 0 sees it at that address. Nothing is sent.
+pub fn route_to(addr: &str) -> Result<IpAddr, RunError> {
+    let io = |e| RunError::Io(format!("<route to {addr}>"), e);
+    let target = addr
+        .to_socket_addrs()
+        .map_err(io)?
+        .next()
+        .ok_or_else(|| RunError::Startup(format!("{addr} resolves to no address")))?;
+    let unspecified: IpAddr = if target.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind(SocketAddr::new(unspecified, 0)).map_err(io)?;
+    socket.connect(target).map_err(io)?;
+    Ok(socket.local_addr().map_err(io)?.ip())
+}
+
+/// How a rank joins the group: the backend, the ring's addresses (by rank) or NCCL's id,
+/// and the job token that ring ranks prove themselves with.
+pub struct Membership<'a> {
+    /// The backend rank 0 chose.
+    pub backend: Backend,
+    /// Where every rank's ring listener is, by rank.
+    pub addresses: &'a [String],
+    /// NCCL's unique id (empty for the ring).
+    pub nccl_id: &'a [u8],
+    /// The job token.
+    pub token: &'a str,
+}
+
+/// Joins the group as `rank`: a ring over the membership's addresses, or NCCL.
 pub fn connect(
     job: &JobConfig,
     rank: usize,
-    backend: Backend,
-    addresses: &[String],
-    nccl_id: &[u8],
+    membership: Membership<'_>,
     listener: TcpListener,
     device: Device,
 ) -> Result<GradSync, RunError> {
+    let Membership {
+        backend,
+        addresses,
+        nccl_id,
+        token,
+    } = membership;
     let timeout = job.parallel.timeout();
     let collective: Box<dyn crate::parallel::collective::Collective> = match backend {
         Backend::Ring => Box::new(
-            RingCollective::connect(rank, listener, addresses, timeout)
+            RingCollective::connect(rank, listener, addresses, timeout, token.as_bytes())
                 .map_err(crate::LearnerError::from)?,
         ),
         Backend::Nccl => {
@@ -121,6 +159,15 @@ pub fn from_wire(samples: Vec<WireSample>) -> (Vec<TrainSample>, Vec<f64>) {
 mod tests {
     use super::*;
     use crate::testing::batch;
+
+    #[test]
+    fn the_ring_listens_where_the_other_ranks_reach_this_rank() {
+        let ip = route_to("127.0.0.1:9").unwrap();
+        assert_eq!(ip, IpAddr::from(Ipv4Addr::LOCALHOST));
+        let listener = ring_listener(ip).unwrap();
+        assert_eq!(listener.local_addr().unwrap().ip(), ip);
+        assert!(route_to("127.0.0.1").is_err(), "no port");
+    }
 
     #[test]
     fn shards_balance_tokens_and_keep_global_weights() {

@@ -3,7 +3,8 @@
 //! step runs (`batcher`), the threads that publish weights and write checkpoints off the
 //! step's critical path (`offload`), how a step's groups become training samples and
 //! shards (`group`), a rank > 0 (`rank`), what each rank reports about its steps
-//! (`rank_metrics`), and their error type (`error`).
+//! (`rank_metrics`), SIGTERM as a request to stop (`stop`), and their error type
+//! (`error`).
 
 pub mod batcher;
 pub mod error;
@@ -12,4 +13,5 @@ pub mod offload;
 pub mod rank;
 pub mod rank_metrics;
 pub mod run;
+pub mod stop;
 pub mod train_loop;

@@ -42,7 +42,7 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
         .enable_all()
         .build()
         .map_err(|e| RunError::Io("<tokio runtime>".into(), e))?;
-    let listener = group::ring_listener()?;
+    let listener = group::ring_listener(group::route_to(&options.learner)?)?;
     let port = listener
         .local_addr()
         .map_err(|e| RunError::Io("<collective listener>".into(), e))?
@@ -72,15 +72,13 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
     let (model, reference, _) = load_models(&job)?;
     let device = model.device();
     let mut trainer = Trainer::new(model, reference, trainer_config(&job))?;
-    let sync = group::connect(
-        &job,
-        options.rank,
-        reply.backend(),
-        &reply.ring_addresses,
-        &reply.nccl_id,
-        listener,
-        device,
-    )?;
+    let membership = group::Membership {
+        backend: reply.backend(),
+        addresses: &reply.ring_addresses,
+        nccl_id: &reply.nccl_id,
+        token: &options.token,
+    };
+    let sync = group::connect(&job, options.rank, membership, listener, device)?;
     trainer.attach(sync)?;
     tracing::info!(
         rank = options.rank,

@@ -64,6 +64,11 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
                 .unwrap_or(RunError::Startup("trainer thread exited".into())))
         }
     };
+    let max_request_bytes = rpc::group_request_bytes(
+        job.sampling.group_size,
+        job.sampling.max_new_tokens,
+        boot.info.context,
+    );
     let mut dataset = Dataset::new(prompts, job.job.seed, job.data.shuffle, job.data.epochs);
     dataset.restore(boot.data.cursor);
     let mut ledger = Ledger::starting_at(boot.data.last_lease);
@@ -115,6 +120,7 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
         listener,
         token,
         LearnerServer::new(LearnerService(Arc::clone(&hub))),
+        max_request_bytes,
         async {
             let _ = stop_rx.await;
         },

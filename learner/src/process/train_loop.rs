@@ -11,15 +11,17 @@ use crate::process::error::RunError;
 use crate::process::group;
 use crate::process::offload::Offload;
 use crate::process::rank_metrics::RankMeter;
+use crate::process::stop;
 use crate::train::checkpoint::{self, Snapshot};
 use crate::train::sample::validate_batch;
 use crate::train::schedule::LrSchedule;
 use crate::train::trainer::{StepStats, Trainer, TrainerConfig};
-use crate::LearnerError;
 use crate::{AdamWConfig, GrpoConfig};
+use crate::{LearnerError, TrainerState};
 use quill_config::job::{self, JobConfig};
 use quill_model::device::{parse_device, parse_dtype};
 use quill_model::{default_model, load_pretrained, Qwen2, Tokenizer};
+use quill_proto::auth;
 use quill_proto::blob::WeightBlob;
 use quill_proto::status::{Rejection, RejectionCounts, StepMetrics, StepRecord};
 use quill_telemetry::{MetricsWriter, Record};
@@ -47,7 +49,8 @@ pub struct Boot {
 pub struct DataState {
     /// Where the dataset stood.
     pub cursor: Cursor,
-    /// Prompts leased or waiting at checkpoint time (trained after a resume).
+    /// Prompts not yet trained at checkpoint time: leased, waiting for re-issue, or
+    /// ingested and untrained (all leased again after a resume).
     pub outstanding: Vec<u64>,
     /// The last lease id issued (new ids continue after it).
     pub last_lease: u64,
@@ -133,15 +136,15 @@ pub(crate) fn load_models(job: &JobConfig) -> Result<(Qwen2, Option<Qwen2>, Toke
 /// state to the others. A failure is also reported to the ranks waiting to join.
 fn form_group(job: &JobConfig, hub: &Hub, trainer: &mut Trainer) -> Result<(), RunError> {
     let formed = (|| {
-        let listener = group::ring_listener()?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| RunError::Io("<collective listener>".into(), e))?
-            .port();
         let (host, mut addresses) = hub
             .ranks
             .wait_for_ranks(job.parallel.timeout())
             .map_err(RunError::Startup)?;
+        let listener = group::ring_listener(host)?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| RunError::Io("<collective listener>".into(), e))?
+            .port();
         addresses[0] = std::net::SocketAddr::new(host, port).to_string();
         let device = trainer.model().device();
         let backend = group::backend(job, device);
@@ -155,7 +158,14 @@ fn form_group(job: &JobConfig, hub: &Hub, trainer: &mut Trainer) -> Result<(), R
             backend,
             nccl_id: nccl_id.clone(),
         });
-        let sync = group::connect(job, 0, backend, &addresses, &nccl_id, listener, device)?;
+        let token = auth::load_token(job.job.token_file.as_deref())?;
+        let membership = group::Membership {
+            backend,
+            addresses: &addresses,
+            nccl_id: &nccl_id,
+            token: &token,
+        };
+        let sync = group::connect(job, 0, membership, listener, device)?;
         trainer.attach(sync)?;
         tracing::info!(
             ranks = addresses.len(),
@@ -199,10 +209,20 @@ pub fn trainer_main(
     let root = job.job.output_dir.join("checkpoints");
     let mut data = DataState::default();
     if resume {
-        match checkpoint::latest_checkpoint(&root) {
-            Some(dir) => {
-                let state = checkpoint::load(&dir, &mut trainer)?;
-                data = serde_json::from_value(state.extra).unwrap_or_default();
+        let read_data = |dir: &Path, state: &TrainerState| {
+            serde_json::from_value::<DataState>(state.extra.clone()).map_err(|e| {
+                LearnerError::state(
+                    dir.join("trainer_state.json"),
+                    format!(
+                        "its data state is unreadable ({e}); resuming without it would \
+                         train prompts twice or skip them"
+                    ),
+                )
+            })
+        };
+        match checkpoint::load_newest(&root, &mut trainer, read_data)? {
+            Some((dir, state, read)) => {
+                data = read;
                 tracing::info!(checkpoint = %dir.display(), step = state.progress.step, version = state.progress.version, "resumed");
             }
             None => tracing::info!(
@@ -299,8 +319,20 @@ fn train(
     let mut entropy = EntropyWatch::default();
     while trainer.progress().step < job.grpo.steps {
         let waited = Instant::now();
-        let Some(mut batch) = batcher.next() else {
-            tracing::info!("no more prompts: training ends early");
+        let next = if stop::requested() {
+            None
+        } else {
+            batcher.next()
+        };
+        let Some(mut batch) = next else {
+            if stop::requested() {
+                tracing::warn!(
+                    step = trainer.progress().step,
+                    "asked to stop (SIGTERM or SIGINT): writing a final checkpoint"
+                );
+            } else {
+                tracing::info!("no more prompts: training ends early");
+            }
             break;
         };
         let wait_seconds = waited.elapsed().as_secs_f64();
@@ -338,6 +370,7 @@ fn train(
                 "non-finite loss or gradient: the update was skipped"
             );
         }
+        hub.trained(&batch.lease_ids);
         let publish_started = Instant::now();
         let weights =
             (!stats.skipped).then(|| (stats.version, weights_copy(trainer, publish_kind)));

@@ -158,6 +158,38 @@ pub fn load(dir: &Path, trainer: &mut Trainer) -> Result<TrainerState> {
     Ok(state)
 }
 
+/// Restores `trainer` from the newest checkpoint under `root` that loads and whose state
+/// `accept` takes (it reads the caller's part of the state), falling back to older ones
+/// when a newer one is damaged: each failure is logged with its reason. `None` when
+/// there is no checkpoint; the newest one's error when none loads.
+pub fn load_newest<T>(
+    root: &Path,
+    trainer: &mut Trainer,
+    accept: impl Fn(&Path, &TrainerState) -> Result<T>,
+) -> Result<Option<(PathBuf, TrainerState, T)>> {
+    if !root.exists() {
+        return Ok(None);
+    }
+    let mut newest_error = None;
+    for (_, dir) in checkpoints(root)?.into_iter().rev() {
+        let loaded = load(&dir, trainer).and_then(|state| {
+            let taken = accept(&dir, &state)?;
+            Ok((state, taken))
+        });
+        match loaded {
+            Ok((state, taken)) => return Ok(Some((dir, state, taken))),
+            Err(e) => {
+                tracing::warn!(
+                    checkpoint = %dir.display(),
+                    "cannot resume from this checkpoint, trying the one before: {e}"
+                );
+                newest_error.get_or_insert(e);
+            }
+        }
+    }
+    newest_error.map_or(Ok(None), Err)
+}
+
 /// The checkpoint with the highest step under `root`, if any. Scratch directories of
 /// unfinished writes are ignored.
 pub fn latest_checkpoint(root: &Path) -> Option<PathBuf> {
@@ -326,6 +358,48 @@ mod tests {
         original.step(&batch()).unwrap();
         restored.step(&batch()).unwrap();
         assert!(same_weights(&original, &restored));
+    }
+
+    #[test]
+    fn resume_falls_back_past_damaged_checkpoints() {
+        let root = tempfile::tempdir().unwrap();
+        let mut t = trainer(2);
+        for _ in 0..3 {
+            t.step(&batch()).unwrap();
+            save(root.path(), &t, &[], Value::Null).unwrap();
+        }
+        let model = |step: u64| checkpoint_dir(root.path(), step).join("model.safetensors");
+        let bytes = std::fs::read(model(3)).unwrap();
+        std::fs::write(model(3), &bytes[..bytes.len() / 2]).unwrap();
+        let accept_all = |_: &Path, _: &TrainerState| Ok(());
+        let mut restored = trainer(2);
+        let (dir, state, ()) = load_newest(root.path(), &mut restored, accept_all)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            dir,
+            checkpoint_dir(root.path(), 2),
+            "the truncated newest is skipped"
+        );
+        assert_eq!((state.progress.step, restored.progress().step), (2, 2));
+        let refuse_step_2 = |dir: &Path, state: &TrainerState| {
+            if state.progress.step == 2 {
+                Err(LearnerError::state(dir, "unreadable data state"))
+            } else {
+                Ok(())
+            }
+        };
+        let (dir, _, ()) = load_newest(root.path(), &mut trainer(2), refuse_step_2)
+            .unwrap()
+            .unwrap();
+        assert_eq!(dir, checkpoint_dir(root.path(), 1));
+        std::fs::write(model(1), b"").unwrap();
+        std::fs::write(model(2), b"").unwrap();
+        let err = load_newest(root.path(), &mut trainer(2), accept_all).unwrap_err();
+        assert!(err.to_string().contains("step-00000003"), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        let none = load_newest(&empty.path().join("absent"), &mut trainer(2), accept_all);
+        assert!(none.unwrap().is_none());
     }
 
     #[test]

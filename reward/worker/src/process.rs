@@ -62,6 +62,11 @@ pub async fn serve(args: RewardOptions, token: String) -> Result<(), RewardWorke
     )
     .await?;
     let job: JobConfig = serde_json::from_str(&reply.job_json).map_err(RewardWorkerError::Job)?;
+    let max_request_bytes = rpc::group_request_bytes(
+        job.sampling.group_size,
+        job.sampling.max_new_tokens,
+        model_context(&reply.model_config_json),
+    );
     let quality = match &job.rewards.quality_model {
         Some(dir) if job.rewards.quality_weight > 0.0 => Some(QualityScorer::start(
             dir.as_ref(),
@@ -98,6 +103,7 @@ pub async fn serve(args: RewardOptions, token: String) -> Result<(), RewardWorke
         listener,
         token,
         RewardServer::new(RewardService(Arc::clone(&worker))),
+        max_request_bytes,
         async {
             let _ = stop_rx.await;
         },
@@ -150,4 +156,13 @@ fn metrics_page(worker: &RewardWorker) -> String {
         .with(&labels, worker.scored.load(Ordering::Relaxed) as f64),
     );
     render_prometheus(&families)
+}
+
+/// Prompt tokens a request may carry: the model's context (`max_position_embeddings` of
+/// the config the learner sent), else 128 Ki tokens.
+fn model_context(config_json: &str) -> usize {
+    serde_json::from_str::<serde_json::Value>(config_json)
+        .ok()
+        .and_then(|config| config["max_position_embeddings"].as_u64())
+        .map_or(128 << 10, |context| context as usize)
 }

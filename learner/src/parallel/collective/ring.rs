@@ -5,12 +5,114 @@
 //! step fail loudly. Socket timeouts bound every wait; a closed socket names the rank.
 
 use super::{Collective, CollectiveError, ReduceOp, Result};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 const MAGIC: u32 = 0x5155_494c; // "QUIL"
+/// Bytes of the nonce an accepting rank sends.
+const NONCE_BYTES: usize = 16;
+/// Bytes of a hello: magic, rank, world size.
+const HELLO_BYTES: usize = 12;
+/// Bytes of a hello and its HMAC-SHA256 tag.
+const SIGNED_HELLO_BYTES: usize = HELLO_BYTES + 32;
+/// How long an accepted connection has to prove it is the previous rank.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who a connecting rank says it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hello {
+    rank: usize,
+    world: usize,
+}
+
+impl Hello {
+    fn bytes(self) -> [u8; HELLO_BYTES] {
+        let mut hello = [0u8; HELLO_BYTES];
+        hello[..4].copy_from_slice(&MAGIC.to_le_bytes());
+        hello[4..8].copy_from_slice(&(self.rank as u32).to_le_bytes());
+        hello[8..].copy_from_slice(&(self.world as u32).to_le_bytes());
+        hello
+    }
+
+    fn mac(nonce: &[u8], hello: &[u8], key: &[u8]) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+        mac.update(nonce);
+        mac.update(hello);
+        mac
+    }
+
+    /// The hello with its tag over `nonce`.
+    fn signed(self, nonce: &[u8], key: &[u8]) -> [u8; SIGNED_HELLO_BYTES] {
+        let hello = self.bytes();
+        let tag = Hello::mac(nonce, &hello, key).finalize().into_bytes();
+        let mut signed = [0u8; SIGNED_HELLO_BYTES];
+        signed[..HELLO_BYTES].copy_from_slice(&hello);
+        signed[HELLO_BYTES..].copy_from_slice(&tag);
+        signed
+    }
+
+    /// Checks that `answer` is this hello, signed over `nonce` with `key`.
+    fn check(
+        self,
+        nonce: &[u8],
+        answer: &[u8; SIGNED_HELLO_BYTES],
+        key: &[u8],
+    ) -> std::result::Result<(), String> {
+        let (hello, tag) = answer.split_at(HELLO_BYTES);
+        let word = |i: usize| u32::from_le_bytes(hello[i..i + 4].try_into().expect("4 bytes"));
+        if word(0) != MAGIC {
+            return Err("not a quill ring hello".into());
+        }
+        if hello != self.bytes() {
+            return Err(format!("it claims rank {} of {}", word(4), word(8)));
+        }
+        Hello::mac(nonce, hello, key)
+            .verify_slice(tag)
+            .map_err(|_| "its hello is not signed with the job token".to_owned())
+    }
+}
+
+/// A connected ring socket: blocking, no Nagle delay, `timeout` on every read and write.
+fn configure(stream: TcpStream, timeout: Duration) -> Result<TcpStream> {
+    let setup = |e: std::io::Error| CollectiveError::Setup(format!("socket: {e}"));
+    stream.set_nonblocking(false).map_err(setup)?;
+    stream.set_nodelay(true).map_err(setup)?;
+    stream.set_read_timeout(Some(timeout)).map_err(setup)?;
+    stream.set_write_timeout(Some(timeout)).map_err(setup)?;
+    Ok(stream)
+}
+
+/// Challenges an accepted connection and keeps it only if it proves to be `expected`
+/// within [`HANDSHAKE_TIMEOUT`]; why not otherwise.
+fn admit(
+    stream: TcpStream,
+    expected: Hello,
+    key: &[u8],
+    timeout: Duration,
+) -> std::result::Result<TcpStream, String> {
+    let handshake = HANDSHAKE_TIMEOUT.min(timeout);
+    let mut stream = configure(stream, handshake).map_err(|e| e.to_string())?;
+    let nonce: [u8; NONCE_BYTES] = rand::random();
+    stream.write_all(&nonce).map_err(|e| e.to_string())?;
+    let mut answer = [0u8; SIGNED_HELLO_BYTES];
+    stream
+        .read_exact(&mut answer)
+        .map_err(|e| format!("no hello ({e})"))?;
+    expected.check(&nonce, &answer, key)?;
+    configure(stream, timeout).map_err(|e| e.to_string())
+}
+
+/// The nonce the accepting rank sends first (zeros if it sends none: the answer is then
+/// refused there, and the connection closed).
+fn read_nonce(stream: &mut TcpStream) -> [u8; NONCE_BYTES] {
+    let mut nonce = [0u8; NONCE_BYTES];
+    let _ = stream.read_exact(&mut nonce);
+    nonce
+}
 const HEADER_BYTES: usize = 16;
 const BROADCAST_CHUNK: usize = 4 << 20;
 
@@ -59,12 +161,17 @@ fn io_error(
 impl RingCollective {
     /// Joins the ring: `listener` is this rank's bound socket and `addresses[r]` the address
     /// every rank `r` listens on. Connects to the next rank and accepts the previous one,
-    /// both within `timeout`.
+    /// both within `timeout`. Ranks prove who they are with `key` (the job token): the
+    /// accepting rank sends a fresh nonce and the connecting rank answers with its hello
+    /// (rank, world size) and an HMAC-SHA256 of nonce and hello. A connection that sends
+    /// anything else, or nothing within [`HANDSHAKE_TIMEOUT`], is dropped and the rank
+    /// goes on waiting for the true previous rank.
     pub fn connect(
         rank: usize,
         listener: TcpListener,
         addresses: &[String],
         timeout: Duration,
+        key: &[u8],
     ) -> Result<Self> {
         let world = addresses.len();
         if rank >= world {
@@ -90,73 +197,65 @@ impl RingCollective {
             .set_nonblocking(true)
             .map_err(|e| CollectiveError::Setup(format!("listener: {e}")))?;
         let next_addr = &addresses[next_rank];
-        while ring.next.is_none() || ring.prev.is_none() {
-            if Instant::now() > deadline {
-                let missing = if ring.next.is_none() {
-                    format!("could not connect to rank {next_rank} at {next_addr}")
-                } else {
-                    format!("rank {prev_rank} did not connect")
-                };
-                return Err(CollectiveError::Setup(format!(
-                    "rank {rank}: {missing} within {:.0} s",
-                    timeout.as_secs_f64()
-                )));
-            }
-            if ring.next.is_none() {
-                if let Some(stream) = try_connect(next_addr)? {
-                    ring.next = Some(ring.configure(stream)?);
-                    let mut hello = [0u8; 12];
-                    hello[..4].copy_from_slice(&MAGIC.to_le_bytes());
-                    hello[4..8].copy_from_slice(&(rank as u32).to_le_bytes());
-                    hello[8..].copy_from_slice(&(world as u32).to_le_bytes());
-                    ring.next_stream()
-                        .write_all(&hello)
-                        .map_err(|e| io_error("connect", next_rank, timeout, e))?;
-                }
-            }
-            if ring.prev.is_none() {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let mut stream = ring.configure(stream)?;
-                        let mut hello = [0u8; 12];
-                        stream
-                            .read_exact(&mut hello)
-                            .map_err(|e| io_error("connect", prev_rank, timeout, e))?;
-                        let word = |i: usize| {
-                            u32::from_le_bytes(hello[i..i + 4].try_into().expect("4 bytes"))
-                        };
-                        if word(0) != MAGIC
-                            || word(4) as usize != prev_rank
-                            || word(8) as usize != world
-                        {
-                            return Err(CollectiveError::Setup(format!(
-                                "rank {rank} expected rank {prev_rank} of {world}, got a connection claiming rank {} of {}",
-                                word(4),
-                                word(8)
-                            )));
-                        }
-                        ring.prev = Some(stream);
+        let within = |missing: String| {
+            CollectiveError::Setup(format!(
+                "rank {rank}: {missing} within {:.0} s",
+                timeout.as_secs_f64()
+            ))
+        };
+        // Connecting waits for the next rank's nonce, which it sends only once it accepts:
+        // each side runs on its own thread, or a ring of ranks that all connect first
+        // would wait on each other.
+        let (next, prev) = std::thread::scope(|scope| {
+            let connecting = scope.spawn(|| -> Result<TcpStream> {
+                loop {
+                    if Instant::now() > deadline {
+                        return Err(within(format!(
+                            "could not connect to rank {next_rank} at {next_addr}"
+                        )));
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(CollectiveError::Setup(format!("accept: {e}"))),
+                    if let Some(stream) = try_connect(next_addr)? {
+                        let mut stream = configure(stream, timeout)?;
+                        let hello = Hello { rank, world }.signed(&read_nonce(&mut stream), key);
+                        stream
+                            .write_all(&hello)
+                            .map_err(|e| io_error("connect", next_rank, timeout, e))?;
+                        return Ok(stream);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-            }
-            if ring.next.is_none() || ring.prev.is_none() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+            });
+            let expected = Hello {
+                rank: prev_rank,
+                world,
+            };
+            let prev = loop {
+                if Instant::now() > deadline {
+                    break Err(within(format!("rank {prev_rank} did not connect")));
+                }
+                match listener.accept() {
+                    Ok((stream, peer)) => match admit(stream, expected, key, timeout) {
+                        Ok(stream) => break Ok(stream),
+                        Err(why) => tracing::warn!(
+                            rank,
+                            %peer,
+                            "ring: refused a connection claiming to be rank {prev_rank}: {why}"
+                        ),
+                    },
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => break Err(CollectiveError::Setup(format!("accept: {e}"))),
+                }
+            };
+            let next = connecting
+                .join()
+                .expect("the connecting thread does not panic");
+            (next, prev)
+        });
+        ring.next = Some(next?);
+        ring.prev = Some(prev?);
         Ok(ring)
-    }
-
-    fn configure(&self, stream: TcpStream) -> Result<TcpStream> {
-        let setup = |e: std::io::Error| CollectiveError::Setup(format!("socket: {e}"));
-        stream.set_nonblocking(false).map_err(setup)?;
-        stream.set_nodelay(true).map_err(setup)?;
-        stream.set_read_timeout(Some(self.timeout)).map_err(setup)?;
-        stream
-            .set_write_timeout(Some(self.timeout))
-            .map_err(setup)?;
-        Ok(stream)
     }
 
     fn next_stream(&mut self) -> &mut TcpStream {
@@ -430,6 +529,23 @@ impl Collective for RingCollective {
     }
 }
 
+/// The job token of the loopback test rings.
+#[cfg(test)]
+const KEY: &[u8] = b"test-token";
+
+/// `world` listeners on free loopback ports and their addresses.
+#[cfg(test)]
+fn loopback_listeners(world: usize) -> (Vec<TcpListener>, Vec<String>) {
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addresses = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    (listeners, addresses)
+}
+
 /// Runs `body` on `world` ranks (threads), each with a ring over loopback, and returns
 /// what each rank returned, by rank.
 #[cfg(test)]
@@ -438,13 +554,7 @@ pub(crate) fn on_loopback_ranks<T: Send>(
     timeout: Duration,
     body: impl Fn(RingCollective) -> T + Sync,
 ) -> Vec<T> {
-    let listeners: Vec<TcpListener> = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addresses: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
+    let (listeners, addresses) = loopback_listeners(world);
     std::thread::scope(|scope| {
         let handles: Vec<_> = listeners
             .into_iter()
@@ -452,7 +562,7 @@ pub(crate) fn on_loopback_ranks<T: Send>(
             .map(|(rank, listener)| {
                 let (addresses, body) = (&addresses, &body);
                 scope.spawn(move || {
-                    body(RingCollective::connect(rank, listener, addresses, timeout).unwrap())
+                    body(RingCollective::connect(rank, listener, addresses, timeout, KEY).unwrap())
                 })
             })
             .collect();
@@ -570,12 +680,78 @@ mod tests {
         assert!(waited < Duration::from_millis(800), "{waited:?}");
     }
 
+    /// Garbage, a silent connection and a hello signed with the wrong token reach rank
+    /// 1's listener before rank 0 does: each is refused, and the true ring still forms.
+    #[test]
+    fn impostors_are_refused_and_the_ring_still_forms() {
+        let (listeners, addresses) = loopback_listeners(2);
+        let mut garbage = TcpStream::connect(&addresses[1]).unwrap();
+        garbage.write_all(&[0x42; SIGNED_HELLO_BYTES]).unwrap();
+        let _silent = TcpStream::connect(&addresses[1]).unwrap();
+        let forger = {
+            let address = addresses[1].clone();
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(address).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let nonce = read_nonce(&mut stream);
+                let forged = Hello { rank: 0, world: 2 }.signed(&nonce, b"not-the-token");
+                stream.write_all(&forged).unwrap();
+                let mut rest = Vec::new();
+                let _ = stream.read_to_end(&mut rest);
+            })
+        };
+        let sums = std::thread::scope(|scope| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let addresses = &addresses;
+                    scope.spawn(move || {
+                        let mut ring = RingCollective::connect(
+                            rank,
+                            listener,
+                            addresses,
+                            Duration::from_secs(10),
+                            KEY,
+                        )
+                        .unwrap();
+                        let mut sum = vec![rank as f32 + 1.0];
+                        ring.all_reduce_f32(&mut sum, ReduceOp::Sum).unwrap();
+                        sum[0]
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(sums, vec![3.0, 3.0]);
+        forger.join().unwrap();
+        let hello = Hello { rank: 0, world: 2 };
+        let nonce = [7u8; NONCE_BYTES];
+        assert!(hello.check(&nonce, &hello.signed(&nonce, KEY), KEY).is_ok());
+        let other = Hello { rank: 1, world: 2 }.signed(&nonce, KEY);
+        assert!(hello
+            .check(&nonce, &other, KEY)
+            .unwrap_err()
+            .contains("claims rank 1 of 2"));
+        let replayed = hello.signed(&[8u8; NONCE_BYTES], KEY);
+        assert!(hello
+            .check(&nonce, &replayed, KEY)
+            .unwrap_err()
+            .contains("not signed with the job token"));
+    }
+
     #[test]
     fn bad_set_up_is_refused_clearly() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let err = RingCollective::connect(3, listener, &["a:1".into()], Duration::from_secs(1))
-            .err()
-            .unwrap();
+        let err =
+            RingCollective::connect(3, listener, &["a:1".into()], Duration::from_secs(1), KEY)
+                .err()
+                .unwrap();
         assert!(
             err.to_string().contains("rank 3 is outside a world of 1"),
             "{err}"
@@ -587,7 +763,7 @@ mod tests {
             unreachable.local_addr().unwrap().to_string(),
         ];
         drop(unreachable);
-        let err = RingCollective::connect(0, listener, &addresses, Duration::from_millis(300))
+        let err = RingCollective::connect(0, listener, &addresses, Duration::from_millis(300), KEY)
             .err()
             .unwrap();
         assert!(
