@@ -89,16 +89,11 @@ fn an_epoch_limited_job_with_a_partly_filled_last_batch_ends() {
         set(t, "sampling", "max_new_tokens", 16);
         set(t, "data", "epochs", 1);
     });
-    let prompts = job.dir.path().join("prompts.jsonl");
     let lines: Vec<String> = ["sea", "moon", "city", "rain", "bread"]
         .iter()
         .map(|topic| format!(r#"{{"question": "Write about 20 words on the {topic}."}}"#))
         .collect();
-    std::fs::write(&prompts, lines.join("\n")).unwrap();
-    let text = std::fs::read_to_string(&job.config).unwrap();
-    let mut table: toml::Table = text.parse().unwrap();
-    set(&mut table, "data", "path", prompts.display().to_string());
-    std::fs::write(&job.config, toml::to_string(&table).unwrap()).unwrap();
+    job.use_prompts(&lines);
     let mut launcher = launch(&job, &[]);
     let status = launcher.wait(Duration::from_secs(300));
     assert!(status.success(), "{}", launcher.log());

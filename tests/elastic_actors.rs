@@ -32,17 +32,10 @@ fn an_actor_joins_mid_run_and_a_killed_one_loses_no_prompt() {
         set(t, "sampling", "max_new_tokens", 40);
         set(t, "data", "epochs", 1);
     });
-    let data = job.dir.path().join("prompts.jsonl");
     let lines: Vec<String> = (0..PROMPTS)
         .map(|i| format!(r#"{{"question": "Write about topic {i}.", "length": 30}}"#))
         .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    let mut table: toml::Table = std::fs::read_to_string(&job.config)
-        .unwrap()
-        .parse()
-        .unwrap();
-    set(&mut table, "data", "path", data.display().to_string());
-    std::fs::write(&job.config, toml::to_string(&table).unwrap()).unwrap();
+    job.use_prompts(&lines);
 
     let mut learner = job.start_learner(&[]);
     let addr = job.learner_addr(&mut learner);

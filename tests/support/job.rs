@@ -44,6 +44,19 @@ impl TestJob {
         TestJob { dir, config, token }
     }
 
+    /// Writes `lines` (JSON objects) to `prompts.jsonl` in the job's directory and makes
+    /// it the job's `data.path`.
+    pub fn use_prompts(&self, lines: &[String]) {
+        let prompts = self.dir.path().join("prompts.jsonl");
+        std::fs::write(&prompts, lines.join("\n")).unwrap();
+        let mut table: toml::Table = std::fs::read_to_string(&self.config)
+            .unwrap()
+            .parse()
+            .unwrap();
+        set(&mut table, "data", "path", prompts.display().to_string());
+        std::fs::write(&self.config, toml::to_string(&table).unwrap()).unwrap();
+    }
+
     /// The job's output directory.
     pub fn out(&self) -> PathBuf {
         self.dir.path().join("out")

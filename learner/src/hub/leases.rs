@@ -61,8 +61,17 @@ pub struct Ledger {
     reissue: VecDeque<u64>,
     expired: u64,
     queued: usize,
-    unclaimed: HashMap<u64, u64>,
-    untrained: HashMap<u64, u64>,
+    untrained: HashMap<u64, Untrained>,
+}
+
+/// An ingested group the trainer has not used up yet.
+#[derive(Debug, Clone, Copy)]
+struct Untrained {
+    prompt_id: u64,
+    /// Its lease's version.
+    version: u64,
+    /// Whether the batcher has taken it off the ingest queue.
+    claimed: bool,
 }
 
 impl Ledger {
@@ -154,7 +163,9 @@ impl Ledger {
 
     /// Notes that the batcher has taken this lease's ingested group off the queue.
     pub fn claim(&mut self, lease_id: u64) {
-        self.unclaimed.remove(&lease_id);
+        if let Some(group) = self.untrained.get_mut(&lease_id) {
+            group.claimed = true;
+        }
     }
 
     /// Groups the batcher has not taken yet (leased, or ingested and still queued) whose
@@ -166,7 +177,11 @@ impl Ledger {
             .values()
             .filter(|lease| lease.reserved && due(lease.version))
             .count()
-            + self.unclaimed.values().filter(|&&v| due(v)).count()
+            + self
+                .untrained
+                .values()
+                .filter(|g| !g.claimed && due(g.version))
+                .count()
     }
 
     /// The active lease with this id.
@@ -185,8 +200,14 @@ impl Ledger {
         self.get(lease_id)?;
         let lease = self.active.remove(&lease_id).expect("checked");
         self.ingested.insert(lease_id);
-        self.unclaimed.insert(lease_id, lease.version);
-        self.untrained.insert(lease_id, lease.prompt_id);
+        self.untrained.insert(
+            lease_id,
+            Untrained {
+                prompt_id: lease.prompt_id,
+                version: lease.version,
+                claimed: false,
+            },
+        );
         self.queued += 1;
         Ok(lease.prompt_id)
     }
@@ -222,7 +243,7 @@ impl Ledger {
     /// outstanding and those whose groups were ingested but not yet trained.
     pub fn untrained_prompts(&self) -> Vec<u64> {
         let mut out = self.outstanding_prompts();
-        out.extend(self.untrained.values());
+        out.extend(self.untrained.values().map(|g| g.prompt_id));
         out
     }
 
@@ -237,8 +258,8 @@ impl Ledger {
     /// Puts the prompt of an ingested group that was dropped untrained (too stale by the
     /// time it could be trained) back in line.
     pub fn requeue_untrained(&mut self, lease_id: u64) {
-        if let Some(prompt_id) = self.untrained.remove(&lease_id) {
-            self.reissue.push_back(prompt_id);
+        if let Some(group) = self.untrained.remove(&lease_id) {
+            self.reissue.push_back(group.prompt_id);
         }
     }
 
@@ -382,7 +403,7 @@ impl Leases {
         let book = self.book.lock();
         book.data_exhausted
             && book.ledger.outstanding_prompts().is_empty()
-            && book.ledger.unclaimed.is_empty()
+            && book.ledger.untrained.values().all(|g| g.claimed)
     }
 
     /// The dataset cursor, the prompts not yet trained (leased, waiting for re-issue, or
@@ -600,7 +621,6 @@ mod tests {
         Admission::new(bound, TTL)
     }
 
-    /// A request for `count` leases from the only actor, up to date.
     /// A rollout answering lease `lease_id` of `prompt`, with `tokens`.
     fn rollout(lease_id: u64, prompt: &Prompt, tokens: &[i64]) -> RolloutGroup {
         RolloutGroup {
@@ -613,6 +633,7 @@ mod tests {
         }
     }
 
+    /// A request for `count` leases from the only actor, up to date.
     fn ask(count: usize) -> Ask {
         Ask {
             count,

@@ -61,14 +61,18 @@ struct Book {
 impl Book {
     /// Forgets the longest-silent departed members beyond [`MAX_DEPARTED`].
     fn prune_departed(&mut self) {
-        while self.departed.len() > MAX_DEPARTED {
-            let oldest = self
-                .departed
-                .iter()
-                .min_by_key(|(_, m)| m.last_seen)
-                .map(|(id, _)| id.clone())
-                .expect("not empty");
-            self.departed.remove(&oldest);
+        let excess = self.departed.len().saturating_sub(MAX_DEPARTED);
+        if excess == 0 {
+            return;
+        }
+        let mut by_silence: Vec<(Instant, String)> = self
+            .departed
+            .iter()
+            .map(|(id, m)| (m.last_seen, id.clone()))
+            .collect();
+        by_silence.sort_unstable();
+        for (_, id) in by_silence.into_iter().take(excess) {
+            self.departed.remove(&id);
         }
     }
 

@@ -95,14 +95,17 @@ impl Batcher {
     }
 
     /// The next batch, once it is ready; `None` when the prompts ran out or a stop was
-    /// requested ([`stop::requested`]) while waiting.
+    /// requested ([`stop::requested`]), before or while waiting.
     pub fn next(&self) -> Option<Batch> {
         let batches = self.batches.as_ref()?;
         loop {
+            if stop::requested() {
+                return None;
+            }
             match batches.recv_timeout(STOP_POLL) {
                 Ok(batch) => return Some(batch),
-                Err(sync_mpsc::RecvTimeoutError::Timeout) if !stop::requested() => {}
-                Err(_) => return None,
+                Err(sync_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(sync_mpsc::RecvTimeoutError::Disconnected) => return None,
             }
         }
     }

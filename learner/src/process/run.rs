@@ -54,7 +54,19 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
     let trainer_job = job.clone();
     let trainer = std::thread::Builder::new()
         .name("quill-trainer".into())
-        .spawn(move || trainer_main(trainer_job, options.resume, boot_tx, hub_rx, ingest_rx))
+        .spawn({
+            let token = token.clone();
+            move || {
+                trainer_main(
+                    trainer_job,
+                    token,
+                    options.resume,
+                    boot_tx,
+                    hub_rx,
+                    ingest_rx,
+                )
+            }
+        })
         .map_err(|e| RunError::Io("<trainer thread>".into(), e))?;
     let boot: Boot = match boot_rx.recv() {
         Ok(result) => result?,

@@ -21,7 +21,6 @@ use crate::{LearnerError, TrainerState};
 use quill_config::job::{self, JobConfig};
 use quill_model::device::{parse_device, parse_dtype};
 use quill_model::{default_model, load_pretrained, Qwen2, Tokenizer};
-use quill_proto::auth;
 use quill_proto::blob::WeightBlob;
 use quill_proto::status::{Rejection, RejectionCounts, StepMetrics, StepRecord};
 use quill_telemetry::{MetricsWriter, Record};
@@ -133,8 +132,14 @@ pub(crate) fn load_models(job: &JobConfig) -> Result<(Qwen2, Option<Qwen2>, Toke
 
 /// Makes rank 0's trainer the root of the data-parallel group: waits for every other
 /// rank to join, fixes the group (addresses, backend, NCCL id), connects, and copies its
-/// state to the others. A failure is also reported to the ranks waiting to join.
-fn form_group(job: &JobConfig, hub: &Hub, trainer: &mut Trainer) -> Result<(), RunError> {
+/// state to the others; ring ranks prove themselves with the job `token`. A failure is
+/// also reported to the ranks waiting to join.
+fn form_group(
+    job: &JobConfig,
+    hub: &Hub,
+    trainer: &mut Trainer,
+    token: &str,
+) -> Result<(), RunError> {
     let formed = (|| {
         let (host, mut addresses) = hub
             .ranks
@@ -158,12 +163,11 @@ fn form_group(job: &JobConfig, hub: &Hub, trainer: &mut Trainer) -> Result<(), R
             backend,
             nccl_id: nccl_id.clone(),
         });
-        let token = auth::load_token(job.job.token_file.as_deref())?;
         let membership = group::Membership {
             backend,
             addresses: &addresses,
             nccl_id: &nccl_id,
-            token: &token,
+            token,
         };
         let sync = group::connect(job, 0, membership, listener, device)?;
         trainer.attach(sync)?;
@@ -181,9 +185,11 @@ fn form_group(job: &JobConfig, hub: &Hub, trainer: &mut Trainer) -> Result<(), R
     formed
 }
 
-/// Runs the trainer thread until the job's steps are done or the data runs out.
+/// Runs the trainer thread until the job's steps are done or the data runs out; `token`
+/// is the job token (for the learner ranks' ring).
 pub fn trainer_main(
     job: JobConfig,
+    token: String,
     resume: bool,
     boot: std::sync::mpsc::Sender<Result<Boot, RunError>>,
     hub: std::sync::mpsc::Receiver<Arc<Hub>>,
@@ -263,7 +269,7 @@ pub fn trainer_main(
     };
     let world = hub.ranks.world_size();
     if world > 1 {
-        form_group(&job, &hub, &mut trainer)?;
+        form_group(&job, &hub, &mut trainer, &token)?;
     }
     let mut checkpoints = {
         let root = root.clone();
@@ -319,12 +325,7 @@ fn train(
     let mut entropy = EntropyWatch::default();
     while trainer.progress().step < job.grpo.steps {
         let waited = Instant::now();
-        let next = if stop::requested() {
-            None
-        } else {
-            batcher.next()
-        };
-        let Some(mut batch) = next else {
+        let Some(mut batch) = batcher.next() else {
             if stop::requested() {
                 tracing::warn!(
                     step = trainer.progress().step,
