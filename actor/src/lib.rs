@@ -3,6 +3,7 @@
 //! stop strings) and its threaded front end.
 
 pub mod engine;
+pub mod held;
 pub mod worker;
 
 pub use engine::handle::EngineHandle;

@@ -9,7 +9,10 @@
 //! Tensors never touch this async code: weights travel as byte blobs to the engine
 //! thread, which builds its tensors itself.
 
-use crate::{EngineConfig, EngineHandle, GenerationRequest, GroupOutput, SamplingParams};
+use crate::held::HeldLeases;
+use crate::{
+    EngineConfig, EngineHandle, GenerationError, GenerationRequest, GroupOutput, SamplingParams,
+};
 use quill_config::job::JobConfig;
 use quill_model::device::parse_dtype;
 use quill_model::{ModelConfig, Qwen2, Tokenizer};
@@ -19,7 +22,7 @@ use quill_proto::rpc::{self, endpoint, reward_client, RewardConn};
 use quill_proto::weight_relay_server::WeightRelayServer;
 use quill_proto::{
     ActorMetrics, HeartbeatReply, HeartbeatRequest, LeaseRequest, PromptLease, RegisterRequest,
-    Role, RolloutGroup, Sample, WeightSource,
+    ReleaseRequest, Role, RolloutGroup, Sample, WeightSource,
 };
 use quill_relay::{Fetcher, RelayError, RelayNode, RelayService};
 use quill_telemetry::http;
@@ -27,7 +30,7 @@ use quill_telemetry::{gauge_families, Family};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tonic::Code;
 
@@ -57,6 +60,10 @@ pub enum ActorError {
     /// The weight relay could not be served.
     #[error("weight relay: {0}")]
     Relay(String),
+    /// The generation engine stopped, or a group's task panicked: the actor gave its
+    /// leases back and stops.
+    #[error("{0}; the actor gave its leases back and stops")]
+    Generation(String),
 }
 
 /// How an actor joins.
@@ -96,6 +103,15 @@ struct Shared {
     from_relays: AtomicU64,
     corrupt_chunks: AtomicU64,
     reported: Mutex<ActorMetrics>,
+    /// The newest version the learner announced and its SHA-256.
+    announced: Mutex<(u64, Vec<u8>)>,
+    /// A fetched version did not match the learner's digest: fetch the next one from the
+    /// learner itself, not from relays.
+    learner_only: AtomicBool,
+    /// The leases being generated or delivered.
+    held: HeldLeases,
+    /// Why the engine stopped, once it has.
+    engine_failure: Mutex<Option<String>>,
 }
 
 /// Serves the actor's own gauges: what its last heartbeat reported, its weights version
@@ -138,6 +154,7 @@ async fn serve_metrics(
         "metrics.member_prometheus_addr",
         job.metrics.member_prometheus_addr.clone(),
         render,
+        http::Access::new(&options.token, job.metrics.require_token),
     )
     .await
     .map_err(|e| ActorError::Metrics(e.to_string()))?;
@@ -220,6 +237,10 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         from_relays: AtomicU64::new(0),
         corrupt_chunks: AtomicU64::new(0),
         reported: Mutex::default(),
+        announced: Mutex::default(),
+        learner_only: AtomicBool::new(false),
+        held: HeldLeases::default(),
+        engine_failure: Mutex::new(None),
     });
     serve_metrics(&options, &job, &member.id, &engine, &shared).await?;
     let relay_server = tokio::spawn(rpc::serve(
@@ -227,6 +248,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         options.token.clone(),
         WeightRelayServer::new(RelayService(relay)),
         rpc::SMALL_REQUEST_BYTES,
+        job.cluster.idle_connection(),
         std::future::pending(),
     ));
     let first = member
@@ -269,9 +291,10 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
                     }
                     for lease in reply.leases {
                         shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                        shared.held.take(lease.lease_id, lease.deadline_unix_ms);
                         groups.spawn(generate_and_deliver(
                             lease,
-                            member.id.clone(),
+                            member.clone(),
                             Arc::clone(&engine),
                             Arc::clone(&shared),
                             job.clone(),
@@ -287,10 +310,25 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
                 Err(status) => tracing::warn!("lease failed: {}", status.message()),
             }
         }
-        if groups.is_empty() {
+        let failure = if groups.is_empty() {
             tokio::time::sleep(hb / 4).await;
+            None
         } else {
-            let _ = tokio::time::timeout(hb / 4, groups.join_next()).await;
+            match tokio::time::timeout(hb / 4, groups.join_next()).await {
+                Ok(Some(Err(e))) if e.is_panic() => Some(format!(
+                    "a group's task panicked: {}",
+                    rpc::panic_message(e.into_panic().as_ref())
+                )),
+                _ => None,
+            }
+        };
+        let failure = failure.or_else(|| shared.engine_failure.lock().expect("poisoned").clone());
+        if let Some(failure) = failure {
+            groups.abort_all();
+            release(&member, &shared.held.ids(), &failure).await;
+            heartbeat.abort();
+            relay_server.abort();
+            return Err(ActorError::Generation(failure));
         }
     }
     groups.abort_all();
@@ -334,6 +372,7 @@ fn relay_address(
 /// when it is sent).
 fn heartbeat_request(shared: &Shared, metrics: ActorMetrics) -> HeartbeatRequest {
     HeartbeatRequest {
+        held_leases: shared.held.ids(),
         member_id: String::new(),
         version: shared.version.load(Ordering::SeqCst),
         metrics: Some(MemberMetrics::Actor(metrics)),
@@ -342,22 +381,38 @@ fn heartbeat_request(shared: &Shared, metrics: ActorMetrics) -> HeartbeatRequest
     }
 }
 
-/// Takes the reward workers, the weight sources and the newest version from a reply.
+/// Takes the reward workers, the weight sources and the newest version and its digest
+/// from a reply.
 fn take_reply(shared: &Shared, reply: &HeartbeatReply) {
     *shared.rewards.lock().expect("poisoned") = reply.reward_addresses.clone();
     *shared.sources.lock().expect("poisoned") = reply.weight_sources.clone();
+    *shared.announced.lock().expect("poisoned") =
+        (reply.latest_version, reply.latest_sha256.clone());
     shared.relay.set_latest(reply.latest_version);
 }
 
 /// Fetches `version` from the sources the learner named (resuming from the next source
-/// when one fails), relaying it to children meanwhile, and swaps it into the engine.
+/// when one fails), relaying it to children meanwhile, checks it against the learner's
+/// digest, and swaps it into the engine. A version that fails the digest is dropped and
+/// the next try fetches from the learner alone.
 async fn sync_weights(
     version: u64,
     engine: &Arc<EngineHandle>,
     shared: &Shared,
 ) -> Result<(), String> {
     let started = Instant::now();
-    let sources = shared.sources.lock().expect("poisoned").clone();
+    let expected = match &*shared.announced.lock().expect("poisoned") {
+        (announced, digest) if *announced == version => digest.clone(),
+        (announced, _) => {
+            return Err(format!(
+                "no digest for weights v{version} (the learner announced v{announced})"
+            ))
+        }
+    };
+    let mut sources = shared.sources.lock().expect("poisoned").clone();
+    if shared.learner_only.load(Ordering::SeqCst) {
+        sources.retain(|s| s.member_id == quill_relay::LEARNER_SOURCE);
+    }
     let transfer = shared.relay.begin(version);
     shared.receiving.store(version, Ordering::SeqCst);
     let fetched = shared.fetcher.fetch(&transfer, &sources, 3).await;
@@ -380,18 +435,32 @@ async fn sync_weights(
     shared
         .corrupt_chunks
         .fetch_add(report.corrupt_chunks, Ordering::Relaxed);
+    let report_source = report.source.clone();
     *shared.source.lock().expect("poisoned") = report.source;
     let bytes = transfer.received() as f64;
     let engine = Arc::clone(engine);
     let held = Arc::clone(&transfer);
-    tokio::task::spawn_blocking(move || {
-        let blob = held.to_blob().map_err(|e| e.to_string())?;
+    let checked = tokio::task::spawn_blocking(move || {
+        let blob = held.to_blob().map_err(|e| (e.to_string(), false))?;
+        blob.check_digest(&expected)
+            .map_err(|e| (e.to_string(), true))?;
         engine
             .update_weights(Arc::new(blob))
-            .map_err(|e| e.to_string())
+            .map_err(|e| (e.to_string(), false))
     })
     .await
-    .map_err(|e| e.to_string())??;
+    .map_err(|e| e.to_string())?;
+    if let Err((e, forged)) = checked {
+        if forged {
+            shared.relay.give_up(version);
+            shared.learner_only.store(true, Ordering::SeqCst);
+            return Err(format!(
+                "{e} (last bytes from {report_source}): fetching it again from the learner"
+            ));
+        }
+        return Err(e);
+    }
+    shared.learner_only.store(false, Ordering::SeqCst);
     shared.relay.promote(&transfer);
     shared.version.store(version, Ordering::SeqCst);
     let seconds = started.elapsed().as_secs_f64();
@@ -449,6 +518,11 @@ async fn heartbeats(
     };
     let take = |sent: &HeartbeatRequest, reply: HeartbeatReply| {
         take_reply(&shared, &reply);
+        shared.held.renewed(
+            &sent.held_leases,
+            &reply.lost_leases,
+            reply.lease_deadline_unix_ms,
+        );
         if reply.latest_version > sent.version {
             spawn_sync(reply.latest_version, &engine, &shared);
         }
@@ -460,7 +534,7 @@ async fn heartbeats(
 #[allow(clippy::too_many_arguments)]
 async fn generate_and_deliver(
     lease: PromptLease,
-    member: String,
+    member: Member,
     engine: Arc<EngineHandle>,
     shared: Arc<Shared>,
     job: JobConfig,
@@ -484,14 +558,26 @@ async fn generate_and_deliver(
         },
     };
     let group = tokio::task::spawn_blocking(move || engine.submit(request).recv()).await;
-    let group: GroupOutput = match group {
-        Ok(Ok(Ok(group))) => group,
-        Ok(Ok(Err(e))) => {
-            tracing::warn!(lease = lease.lease_id, "generation failed: {e}");
-            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-            return;
+    let group: Result<GroupOutput, String> = match group {
+        Ok(Ok(Ok(group))) => Ok(group),
+        Ok(Ok(Err(GenerationError::ShutDown))) | Ok(Err(_)) => {
+            let reason = "the generation engine stopped".to_owned();
+            shared
+                .engine_failure
+                .lock()
+                .expect("poisoned")
+                .get_or_insert_with(|| reason.clone());
+            Err(reason)
         }
-        _ => {
+        Ok(Ok(Err(e))) => Err(format!("generation failed: {e}")),
+        Err(e) => Err(format!("generation task: {e}")),
+    };
+    let group = match group {
+        Ok(group) => group,
+        Err(reason) => {
+            tracing::warn!(lease = lease.lease_id, "{reason}");
+            release(&member, &[lease.lease_id], &reason).await;
+            shared.held.done(lease.lease_id);
             shared.in_flight.fetch_sub(1, Ordering::Relaxed);
             return;
         }
@@ -515,11 +601,36 @@ async fn generate_and_deliver(
                 text: s.text,
             })
             .collect(),
-        actor_id: member,
+        actor_id: member.id.clone(),
         generate_seconds: started.elapsed().as_secs_f64(),
+        lease_key: lease.key,
     };
     deliver(rollout, &lease, &shared, &channels, &token, &job).await;
+    shared.held.done(lease.lease_id);
     shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Gives `lease_ids` back to the learner (logged; a learner that cannot be reached lets
+/// them expire instead).
+async fn release(member: &Member, lease_ids: &[u64], reason: &str) {
+    if lease_ids.is_empty() {
+        return;
+    }
+    let request = ReleaseRequest {
+        member_id: member.id.clone(),
+        lease_ids: lease_ids.to_vec(),
+        reason: reason.to_owned(),
+    };
+    match member.learner.clone().release_leases(request).await {
+        Ok(reply) => tracing::warn!(
+            released = reply.into_inner().released,
+            "gave leases back: {reason}"
+        ),
+        Err(status) => tracing::warn!(
+            "could not give leases back ({}); they expire instead",
+            status.message()
+        ),
+    }
 }
 
 /// Sends a group to a reward worker, trying each known worker in turn until one takes it
@@ -535,14 +646,10 @@ async fn deliver(
     let timeout = Duration::from_secs_f64(job.cluster.rpc_timeout_seconds);
     let mut attempt = lease.lease_id as usize;
     loop {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        if now_ms > lease.deadline_unix_ms || shared.shutdown.load(Ordering::SeqCst) {
+        if !shared.held.is_live(lease.lease_id) || shared.shutdown.load(Ordering::SeqCst) {
             tracing::warn!(
                 lease = lease.lease_id,
-                "gave up delivering: lease expired or job over"
+                "gave up delivering: lease expired or lost, or job over"
             );
             return;
         }

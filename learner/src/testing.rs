@@ -176,6 +176,7 @@ pub fn scored_group(lease: &PromptLease, n: usize) -> ScoredGroup {
             length_hi: lease.length_hi,
             samples,
             actor_id: "actor-1".into(),
+            lease_key: lease.key,
             ..RolloutGroup::default()
         }),
         scores: vec![SampleScores::default(); n],

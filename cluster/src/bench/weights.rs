@@ -196,6 +196,9 @@ fn spawn_relay(listener: tokio::net::TcpListener, node: Arc<RelayNode>, token: &
         token.to_owned(),
         WeightRelayServer::new(RelayService(node)),
         rpc::SMALL_REQUEST_BYTES,
+        quill_config::job::JobConfig::default()
+            .cluster
+            .idle_connection(),
         std::future::pending(),
     ));
 }

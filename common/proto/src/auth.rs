@@ -1,6 +1,10 @@
 //! The job's shared token: every RPC carries it as `authorization: Bearer <token>`.
+//! A registered member (or learner rank) also carries the session secret the learner gave
+//! it, as `x-quill-session: <secret>`, which binds it to its member id and role.
 
+use rand::RngCore;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
@@ -43,7 +47,19 @@ pub fn load_token(file: Option<&Path>) -> Result<String, AuthError> {
     Ok(token)
 }
 
-/// A server interceptor that rejects calls without the right token.
+/// The metadata entry that carries a member's (or rank's) session secret.
+pub const SESSION_HEADER: &str = "x-quill-session";
+
+/// Calls this process refused for a missing or wrong job token.
+static REFUSED_TOKENS: AtomicU64 = AtomicU64::new(0);
+
+/// How many calls this process's servers refused for a missing or wrong job token.
+pub fn refused_token_calls() -> u64 {
+    REFUSED_TOKENS.load(Ordering::Relaxed)
+}
+
+/// A server interceptor that rejects calls without the right token (counted, see
+/// [`refused_token_calls`]).
 pub fn require_token(token: String) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     let expected = format!("Bearer {token}");
     move |request: Request<()>| {
@@ -55,29 +71,68 @@ pub fn require_token(token: String) -> impl Fn(Request<()>) -> Result<Request<()
         if constant_time_eq(given, expected.as_bytes()) {
             Ok(request)
         } else {
+            REFUSED_TOKENS.fetch_add(1, Ordering::Relaxed);
             Err(Status::unauthenticated("missing or wrong job token"))
         }
     }
 }
 
-/// A client interceptor that adds the token to every call.
+/// A new session secret: 32 random bytes as 64 hex digits.
+pub fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The session secret a call carries (empty when it carries none).
+pub fn session_of<T>(request: &Request<T>) -> &str {
+    request
+        .metadata()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// Whether `given` is the session secret `expected` (in constant time; an empty secret
+/// never matches).
+pub fn session_matches(given: &str, expected: &str) -> bool {
+    !expected.is_empty() && constant_time_eq(given.as_bytes(), expected.as_bytes())
+}
+
+/// A client interceptor that adds the token, and the session secret once there is one,
+/// to every call.
 #[derive(Debug, Clone)]
-pub struct AttachToken(MetadataValue<Ascii>);
+pub struct AttachToken {
+    token: MetadataValue<Ascii>,
+    session: Option<MetadataValue<Ascii>>,
+}
 
 /// The interceptor that sends `token` with every call.
 pub fn attach_token(token: &str) -> AttachToken {
-    AttachToken(
-        format!("Bearer {token}")
+    AttachToken {
+        token: format!("Bearer {token}")
             .parse()
             .expect("printable ASCII tokens are valid metadata"),
-    )
+        session: None,
+    }
+}
+
+/// The interceptor that sends `token` and the session secret `session` with every call
+/// (a secret that is not printable ASCII is not sent, and the server refuses the calls).
+pub fn attach_session(token: &str, session: &str) -> AttachToken {
+    AttachToken {
+        session: session.parse().ok(),
+        ..attach_token(token)
+    }
 }
 
 impl Interceptor for AttachToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
+        let metadata = request.metadata_mut();
+        metadata.insert("authorization", self.token.clone());
+        if let Some(session) = &self.session {
+            metadata.insert(SESSION_HEADER, session.clone());
+        }
         Ok(request)
     }
 }
@@ -99,6 +154,20 @@ mod tests {
         let refused = check(wrong.call(Request::new(())).unwrap()).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
         assert!(check(Request::new(())).is_err());
+    }
+
+    #[test]
+    fn sessions_ride_along_and_must_match() {
+        let secret = new_secret();
+        assert_eq!(secret.len(), 64);
+        assert_ne!(secret, new_secret());
+        let request = attach_session("t", &secret).call(Request::new(())).unwrap();
+        assert_eq!(session_of(&request), secret);
+        assert!(session_matches(session_of(&request), &secret));
+        assert!(!session_matches(session_of(&request), &new_secret()));
+        let plain = attach_token("t").call(Request::new(())).unwrap();
+        assert_eq!(session_of(&plain), "");
+        assert!(!session_matches("", ""));
     }
 
     #[test]

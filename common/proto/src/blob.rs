@@ -41,6 +41,17 @@ pub enum BlobError {
         /// The blob's version.
         version: u64,
     },
+    /// The blob is not the one the learner published: its SHA-256 differs from the
+    /// digest the learner announced (whoever relayed it).
+    #[error("weights v{version}: SHA-256 {got} differs from the learner's digest {expected}")]
+    Digest {
+        /// The blob's version.
+        version: u64,
+        /// The digest of what arrived, in hex.
+        got: String,
+        /// The learner's digest, in hex.
+        expected: String,
+    },
     /// A manifest entry names a dtype the format does not carry.
     #[error("weights v{version}: unknown weight dtype `{dtype}` in manifest")]
     UnknownDtype {
@@ -59,6 +70,11 @@ pub enum BlobError {
     },
 }
 
+/// Bytes as lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Bytes per element of a manifest dtype, `None` for a dtype the format does not carry.
 pub fn dtype_size(dtype: &str) -> Option<u64> {
     match dtype {
@@ -69,6 +85,32 @@ pub fn dtype_size(dtype: &str) -> Option<u64> {
 }
 
 impl WeightBlob {
+    /// SHA-256 over the version, the manifest and the bytes: the digest the learner
+    /// announces for each version it publishes.
+    pub fn sha256(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let manifest = serde_json::to_vec(&self.manifest).expect("a manifest serialises");
+        let mut hasher = Sha256::new();
+        hasher.update(self.version.to_le_bytes());
+        hasher.update((manifest.len() as u64).to_le_bytes());
+        hasher.update(&manifest);
+        hasher.update(&self.bytes);
+        hasher.finalize().into()
+    }
+
+    /// Checks the blob against the digest the learner announced for its version.
+    pub fn check_digest(&self, expected: &[u8]) -> Result<(), BlobError> {
+        let got = self.sha256();
+        if got.as_slice() == expected {
+            return Ok(());
+        }
+        Err(BlobError::Digest {
+            version: self.version,
+            got: hex(&got),
+            expected: hex(expected),
+        })
+    }
+
     /// Checks a received blob against its manifest and checksum.
     pub fn verify(&self) -> Result<(), BlobError> {
         let version = self.version;
@@ -151,5 +193,25 @@ mod tests {
         let mut bad = blob();
         bad.manifest[0].dtype = "i8".into();
         assert!(bad.verify().unwrap_err().to_string().contains("`i8`"));
+    }
+
+    #[test]
+    fn the_digest_covers_version_manifest_and_bytes() {
+        let digest = blob().sha256();
+        assert_eq!(blob().check_digest(&digest), Ok(()));
+        // A relay that forges the bytes and their CRC32 passes `verify` but not the digest.
+        let mut forged = blob();
+        forged.bytes[3] ^= 0x40;
+        forged.crc32 = crc32fast::hash(&forged.bytes);
+        assert_eq!(forged.verify(), Ok(()));
+        let err = forged.check_digest(&digest).unwrap_err().to_string();
+        assert!(err.contains("differs from the learner's digest"), "{err}");
+        let mut renamed = blob();
+        renamed.manifest[0].name = "c".into();
+        assert!(renamed.check_digest(&digest).is_err());
+        let mut older = blob();
+        older.version = 2;
+        assert!(older.check_digest(&digest).is_err());
+        assert!(blob().check_digest(&[]).is_err());
     }
 }

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod blob;
 mod generated;
+pub mod incoming;
 pub mod member;
 pub mod metrics;
 pub mod rpc;

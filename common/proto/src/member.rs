@@ -4,7 +4,8 @@
 //! What a heartbeat carries and what a member does with each reply is the member's own.
 
 use crate::rpc::{
-    connect_retrying, endpoint, learner_client, LearnerConn, LEARNER_SILENCE_HEARTBEATS,
+    connect_retrying, endpoint, learner_client, learner_client_in_session, LearnerConn,
+    LEARNER_SILENCE_HEARTBEATS,
 };
 use crate::{HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest};
 use std::time::{Duration, Instant};
@@ -48,7 +49,7 @@ pub enum Stopped {
 pub struct Member {
     /// The learner's `HOST:PORT`.
     pub addr: String,
-    /// The learner client (carries the job token).
+    /// The learner client (carries the job token and the member's session secret).
     pub learner: LearnerConn,
     /// The id the learner gave this member.
     pub id: String,
@@ -56,7 +57,8 @@ pub struct Member {
 
 impl Member {
     /// Connects to the learner at `addr` (retrying for up to [`LEARNER_TIMEOUT`]) and
-    /// registers; returns the member and the learner's answer (job, model, tokenizer).
+    /// registers; returns the member (whose calls carry the session secret it was given)
+    /// and the learner's answer (job, model, tokenizer).
     pub async fn join(
         addr: &str,
         token: &str,
@@ -70,8 +72,7 @@ impl Member {
         let channel = connect_retrying(&endpoint, LEARNER_TIMEOUT, Duration::from_millis(200))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let mut learner = learner_client(channel, token);
-        let reply = learner
+        let reply = learner_client(channel.clone(), token)
             .register(request)
             .await
             .map_err(|status| MemberError::Refused {
@@ -81,7 +82,7 @@ impl Member {
             .into_inner();
         let member = Member {
             addr: addr.to_owned(),
-            learner,
+            learner: learner_client_in_session(channel, token, &reply.session),
             id: reply.member_id.clone(),
         };
         Ok((member, reply))
@@ -158,12 +159,14 @@ mod tests {
         async fn register(&self, _: Request<RegisterRequest>) -> Answer<RegisterReply> {
             Ok(Response::new(RegisterReply {
                 member_id: "m7".into(),
+                session: "s7".into(),
                 ..RegisterReply::default()
             }))
         }
 
         async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Answer<HeartbeatReply> {
             assert_eq!(request.get_ref().member_id, "m7");
+            assert_eq!(crate::auth::session_of(&request), "s7");
             let n = self.heartbeats.fetch_add(1, Ordering::SeqCst) + 1;
             if n > self.answered {
                 return Err(Status::unavailable("learner busy elsewhere"));
@@ -180,6 +183,10 @@ mod tests {
         }
 
         async fn submit_scored(&self, _: Request<ScoredGroup>) -> Answer<SubmitReply> {
+            unused()
+        }
+
+        async fn release_leases(&self, _: Request<ReleaseRequest>) -> Answer<ReleaseReply> {
             unused()
         }
 

@@ -6,7 +6,8 @@
 //! and turns a panic in a handler into a gRPC `INTERNAL` answer ("handler panicked: …")
 //! instead of a dropped connection; the server keeps serving.
 
-use crate::auth::{attach_token, require_token, AttachToken};
+use crate::auth::{attach_session, attach_token, require_token, AttachToken};
+use crate::incoming;
 use crate::learner_client::LearnerClient;
 use crate::learner_server::{Learner, LearnerServer};
 use crate::reward_client::RewardClient;
@@ -21,7 +22,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
 use tonic::codegen::{http, Service};
 use tonic::server::NamedService;
@@ -54,6 +54,8 @@ pub fn group_request_bytes(group_size: usize, max_new_tokens: usize, context: us
         .saturating_mul(2)
         .clamp(SMALL_REQUEST_BYTES, MAX_MESSAGE_BYTES)
 }
+/// Most calls in flight at once on one connection.
+pub const MAX_STREAMS: u32 = 256;
 /// HTTP/2 per-stream window: large, so a weight stream is not throttled by acks.
 const STREAM_WINDOW: u32 = 16 << 20;
 /// HTTP/2 per-connection window.
@@ -139,11 +141,17 @@ grpc_servers!(
 /// windows and frames, and a handler that panics answers `INTERNAL` ("handler panicked:
 /// …") while the server goes on serving. (A panic while a server stream is being sent,
 /// after the handler returned, still ends that stream's connection.)
+///
+/// Connections are bounded ([`incoming::bounded`]): at most half the process's file
+/// descriptors, each closed after `idle` without a byte from the peer (the server pings
+/// every `idle / 4`, which live clients answer), at most [`MAX_STREAMS`] calls at once on
+/// one connection.
 pub async fn serve(
     listener: TcpListener,
     token: String,
     service: impl GrpcServer,
     max_request_bytes: usize,
+    idle: Duration,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let service = InterceptedService::new(
@@ -154,8 +162,14 @@ pub async fn serve(
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .max_frame_size(Some(MAX_FRAME))
+        .max_concurrent_streams(Some(MAX_STREAMS))
+        .http2_keepalive_interval(Some(idle / 4))
+        .http2_keepalive_timeout(Some(idle / 4))
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            incoming::bounded(listener, incoming::Limits::for_process(idle)),
+            shutdown,
+        )
         .await
 }
 
@@ -209,7 +223,7 @@ where
 }
 
 /// The message a panic was raised with.
-fn panic_message(panic: &(dyn Any + Send)) -> &str {
+pub fn panic_message(panic: &(dyn Any + Send)) -> &str {
     if let Some(text) = panic.downcast_ref::<&str>() {
         text
     } else if let Some(text) = panic.downcast_ref::<String>() {
@@ -221,7 +235,17 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 
 /// A learner client over `channel` with the job token and the message limits.
 pub fn learner_client(channel: Channel, token: &str) -> LearnerConn {
-    LearnerClient::with_interceptor(channel, attach_token(token))
+    learner_client_with(channel, attach_token(token))
+}
+
+/// A learner client for a registered member or a joined rank: it also sends the session
+/// secret `session` the learner gave it.
+pub fn learner_client_in_session(channel: Channel, token: &str, session: &str) -> LearnerConn {
+    learner_client_with(channel, attach_session(token, session))
+}
+
+fn learner_client_with(channel: Channel, credentials: AttachToken) -> LearnerConn {
+    LearnerClient::with_interceptor(channel, credentials)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
@@ -274,6 +298,7 @@ pub(crate) mod tests {
             "right".into(),
             service,
             SMALL_REQUEST_BYTES,
+            Duration::from_secs(60),
             std::future::pending(),
         ));
         addr

@@ -39,11 +39,14 @@ pub enum Rejection {
     TooStaleAtTrain,
     /// Every advantage is zero: no learning signal (dropped when the job asks).
     ZeroAdvantage,
+    /// The group does not carry its lease's key: it does not come from the lease's
+    /// holder (the lease is left as it was).
+    WrongLeaseKey,
 }
 
 impl Rejection {
     /// Every reason, in counting order.
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 11] = [
         Rejection::Malformed,
         Rejection::Duplicate,
         Rejection::UnknownLease,
@@ -54,6 +57,7 @@ impl Rejection {
         Rejection::NanReward,
         Rejection::TooStaleAtTrain,
         Rejection::ZeroAdvantage,
+        Rejection::WrongLeaseKey,
     ];
 
     /// The reason's snake_case name.
@@ -69,6 +73,7 @@ impl Rejection {
             Rejection::NanReward => "nan_reward",
             Rejection::TooStaleAtTrain => "too_stale_at_train",
             Rejection::ZeroAdvantage => "zero_advantage",
+            Rejection::WrongLeaseKey => "wrong_lease_key",
         }
     }
 
@@ -208,6 +213,19 @@ pub struct ClusterTotals {
     pub queue_depth: usize,
     /// The ingest queue's bound.
     pub queue_capacity: usize,
+}
+
+/// Calls the learner refused for bad credentials, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedCalls {
+    /// Without the job token, or with a wrong one (`UNAUTHENTICATED`).
+    pub wrong_token: u64,
+    /// Under a member id (or a learner rank) without that member's session secret
+    /// (`UNAUTHENTICATED`).
+    pub wrong_session: u64,
+    /// By a member outside its role, e.g. a reward worker asking for leases
+    /// (`PERMISSION_DENIED`).
+    pub outside_role: u64,
 }
 
 /// What the learner serves of its weights.
@@ -382,6 +400,9 @@ pub struct StatusDocument {
     pub leases_active: usize,
     /// Leases that expired so far.
     pub leases_expired: u64,
+    /// Leases their holders gave back so far (a failed generation, a stopping actor).
+    #[serde(default)]
+    pub leases_released: u64,
     /// The weights the learner serves.
     pub weights: WeightsStatus,
     /// Whether the job is over.
@@ -390,6 +411,9 @@ pub struct StatusDocument {
     pub accepted_groups: u64,
     /// Scored groups delivered again (no-ops).
     pub duplicate_groups: u64,
+    /// Calls refused for bad credentials.
+    #[serde(default)]
+    pub refused_calls: RefusedCalls,
 }
 
 /// Reads a number that was written as `null` because it was not finite, as NaN.

@@ -2,12 +2,19 @@
 //! (or `HEAD`) answers the text exposition format produced by the caller's render
 //! function, any other path is `404`, any other method `405`, a malformed request `400`.
 //! One request per connection (`Connection: close`), which is all a scraper needs.
+//!
+//! Scrapes may need the job token (`Authorization: Bearer <token>`, else `401`): by
+//! default when the endpoint listens on an address other than loopback ([`Access`]). At
+//! most [`MAX_CONNECTIONS`] are served at once (more are closed at once), a client gets
+//! [`READ_TIMEOUT`] to send its request, and running out of file descriptors pauses the
+//! accept loop instead of spinning it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 /// Produces the `/metrics` body (Prometheus text format) on each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -19,7 +26,45 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const MAX_HEAD_BYTES: usize = 8 * 1024;
 
 /// How long a client may take to send its request head.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most scrapes served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long the accept loop pauses after an error (e.g. out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Who may scrape: anyone, or only callers with the job token.
+#[derive(Debug, Clone)]
+pub struct Access {
+    token: String,
+    require: Option<bool>,
+}
+
+impl Access {
+    /// Scrapes carry `token` when `require` says so; when it is `None`, only an endpoint
+    /// bound to a non-loopback address requires it.
+    pub fn new(token: &str, require: Option<bool>) -> Self {
+        Access {
+            token: token.to_owned(),
+            require,
+        }
+    }
+
+    /// No token needed, wherever the endpoint listens.
+    pub fn open() -> Self {
+        Access {
+            token: String::new(),
+            require: Some(false),
+        }
+    }
+
+    /// The `Authorization` value scrapes of an endpoint bound to `bound` must carry.
+    fn expected(&self, bound: SocketAddr) -> Option<String> {
+        let require = self.require.unwrap_or(!bound.ip().is_loopback());
+        require.then(|| format!("Bearer {}", self.token))
+    }
+}
 
 /// The endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +95,7 @@ pub async fn start_configured(
     field: &'static str,
     configured: Option<String>,
     render: Render,
+    access: Access,
 ) -> Result<Option<SocketAddr>, ConfiguredError> {
     let (addr, setting) = match flag {
         Some(addr) => (addr, "--metrics-listen"),
@@ -58,16 +104,22 @@ pub async fn start_configured(
             None => return Ok(None),
         },
     };
-    let bound = start(&addr, render)
+    let bound = start(&addr, render, access.clone())
         .await
         .map_err(|error| ConfiguredError { setting, error })?;
-    tracing::info!("Prometheus metrics at http://{bound}/metrics");
+    let token = if access.expected(bound).is_some() {
+        " (the job token required)"
+    } else {
+        ""
+    };
+    tracing::info!("Prometheus metrics at http://{bound}/metrics{token}");
     Ok(Some(bound))
 }
 
-/// Binds `addr` (`HOST:PORT`, port 0 picks a free port) and serves `render` on the current
-/// tokio runtime until the runtime stops; returns the bound address.
-pub async fn start(addr: &str, render: Render) -> Result<SocketAddr, ServeError> {
+/// Binds `addr` (`HOST:PORT`, port 0 picks a free port) and serves `render` to callers
+/// `access` lets in, on the current tokio runtime until the runtime stops; returns the
+/// bound address.
+pub async fn start(addr: &str, render: Render, access: Access) -> Result<SocketAddr, ServeError> {
     let error = |source| ServeError {
         addr: addr.to_owned(),
         source,
@@ -80,14 +132,24 @@ pub async fn start(addr: &str, render: Render) -> Result<SocketAddr, ServeError>
     })?;
     let listener = TcpListener::bind(parsed).await.map_err(error)?;
     let bound = listener.local_addr().map_err(error)?;
+    let expected: Arc<Option<String>> = Arc::new(access.expected(bound));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                 continue;
             };
-            let render = Arc::clone(&render);
+            let (render, expected) = (Arc::clone(&render), Arc::clone(&expected));
             tokio::spawn(async move {
-                let _ = answer(stream, &render).await;
+                let _ = answer(stream, &render, expected.as_deref()).await;
+                drop(slot);
             });
         }
     });
@@ -95,12 +157,16 @@ pub async fn start(addr: &str, render: Render) -> Result<SocketAddr, ServeError>
 }
 
 /// Reads one request head and writes the answer.
-async fn answer(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    render: &Render,
+    expected: Option<&str>,
+) -> std::io::Result<()> {
     let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
         Ok(head) => head?,
         Err(_) => return Ok(()),
     };
-    let (status, extra, body) = respond(head.as_deref(), render);
+    let (status, extra, body) = respond(head.as_deref(), render, expected);
     let is_head = head.as_deref().is_some_and(|h| h.starts_with("HEAD "));
     let content_type = if status == "200 OK" {
         CONTENT_TYPE
@@ -136,8 +202,13 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
     Ok(String::from_utf8(buf).ok())
 }
 
-/// Status line, extra headers and body for a request head.
-fn respond(head: Option<&str>, render: &Render) -> (&'static str, &'static str, String) {
+/// Status line, extra headers and body for a request head; `expected` is the
+/// `Authorization` value required, if any.
+fn respond(
+    head: Option<&str>,
+    render: &Render,
+    expected: Option<&str>,
+) -> (&'static str, &'static str, String) {
     let line = head.and_then(|h| h.lines().next()).unwrap_or_default();
     let parts: Vec<&str> = line.split(' ').collect();
     let [method, target, version] = parts[..] else {
@@ -161,7 +232,31 @@ fn respond(head: Option<&str>, render: &Render) -> (&'static str, &'static str, 
             format!("{method} is not allowed: use GET\n"),
         );
     }
+    if let Some(expected) = expected {
+        let given = head
+            .into_iter()
+            .flat_map(str::lines)
+            .skip(1)
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("authorization")
+                    .then_some(value.trim())
+            })
+            .unwrap_or_default();
+        if !same_bytes(given.as_bytes(), expected.as_bytes()) {
+            return (
+                "401 Unauthorized",
+                "WWW-Authenticate: Bearer realm=\"quill\"\r\n",
+                "send the job token: Authorization: Bearer <token>\n".into(),
+            );
+        }
+    }
     ("200 OK", "", render())
+}
+
+/// Whether `a` equals `b`, in time that depends only on their lengths.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -181,7 +276,7 @@ mod tests {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             let render: Render = Arc::new(|| "quill_up 1\n".to_owned());
-            let addr = start("127.0.0.1:0", render).await.unwrap();
+            let addr = start("127.0.0.1:0", render, Access::open()).await.unwrap();
             assert_ne!(addr.port(), 0);
             let ok = request(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
             assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
@@ -213,10 +308,16 @@ mod tests {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             let render: Render = Arc::new(String::new);
-            let err = start("localhost", Arc::clone(&render)).await.unwrap_err();
+            let err = start("localhost", Arc::clone(&render), Access::open())
+                .await
+                .unwrap_err();
             assert!(err.to_string().contains("on localhost"), "{err}");
-            let taken = start("127.0.0.1:0", Arc::clone(&render)).await.unwrap();
-            let err = start(&taken.to_string(), render).await.unwrap_err();
+            let taken = start("127.0.0.1:0", Arc::clone(&render), Access::open())
+                .await
+                .unwrap();
+            let err = start(&taken.to_string(), render, Access::open())
+                .await
+                .unwrap_err();
             assert!(err.to_string().contains(&taken.to_string()), "{err}");
         });
     }
@@ -227,25 +328,70 @@ mod tests {
         runtime.block_on(async {
             let render: Render = Arc::new(String::new);
             let field = "metrics.prometheus_addr";
-            let none = start_configured(None, field, None, Arc::clone(&render)).await;
+            let none =
+                start_configured(None, field, None, Arc::clone(&render), Access::open()).await;
             assert!(none.unwrap().is_none());
-            let from_field =
-                start_configured(None, field, Some("127.0.0.1:0".into()), Arc::clone(&render))
-                    .await;
+            let from_field = start_configured(
+                None,
+                field,
+                Some("127.0.0.1:0".into()),
+                Arc::clone(&render),
+                Access::open(),
+            )
+            .await;
             assert!(from_field.unwrap().is_some());
-            let bad_field = start_configured(None, field, Some("x".into()), Arc::clone(&render))
-                .await
-                .unwrap_err();
+            let bad_field = start_configured(
+                None,
+                field,
+                Some("x".into()),
+                Arc::clone(&render),
+                Access::open(),
+            )
+            .await
+            .unwrap_err();
             assert!(bad_field.to_string().starts_with(field), "{bad_field}");
-            let bad_flag =
-                start_configured(Some("y".into()), field, Some("127.0.0.1:0".into()), render)
-                    .await
-                    .unwrap_err();
+            let bad_flag = start_configured(
+                Some("y".into()),
+                field,
+                Some("127.0.0.1:0".into()),
+                render,
+                Access::open(),
+            )
+            .await
+            .unwrap_err();
             assert!(
                 bad_flag.to_string().starts_with("--metrics-listen: ")
                     && bad_flag.to_string().contains("on y"),
                 "{bad_flag}"
             );
+        });
+    }
+
+    #[test]
+    fn the_token_is_required_off_loopback_or_when_asked() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let render: Render = Arc::new(|| "quill_up 1\n".to_owned());
+            let loopback: SocketAddr = "127.0.0.1:9".parse().unwrap();
+            let wide: SocketAddr = "10.1.2.3:9".parse().unwrap();
+            assert_eq!(Access::new("t", None).expected(loopback), None);
+            assert_eq!(
+                Access::new("t", None).expected(wide).as_deref(),
+                Some("Bearer t")
+            );
+            assert_eq!(Access::new("t", Some(false)).expected(wide), None);
+            let addr = start("127.0.0.1:0", render, Access::new("s3cret", Some(true)))
+                .await
+                .unwrap();
+            let get = "GET /metrics HTTP/1.1\r\n";
+            let none = request(addr, &format!("{get}\r\n")).await;
+            assert!(none.starts_with("HTTP/1.1 401 Unauthorized"), "{none}");
+            assert!(none.contains("WWW-Authenticate: Bearer"), "{none}");
+            let wrong = request(addr, &format!("{get}Authorization: Bearer nope\r\n\r\n")).await;
+            assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+            let right = request(addr, &format!("{get}authorization: Bearer s3cret\r\n\r\n")).await;
+            assert!(right.starts_with("HTTP/1.1 200 OK"), "{right}");
+            assert!(right.ends_with("quill_up 1\n"), "{right}");
         });
     }
 }

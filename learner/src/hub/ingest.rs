@@ -92,7 +92,11 @@ impl Hub {
                 self.rejections.count(refusal.reason);
                 self.settle_refused_lease(&group, refusal.reason);
                 tracing::warn!("rejected a scored group: {refusal}");
-                return Err(Status::invalid_argument(refusal.message));
+                return Err(if refusal.reason == Rejection::WrongLeaseKey {
+                    Status::permission_denied(refusal.message)
+                } else {
+                    Status::invalid_argument(refusal.message)
+                });
             }
         }
         let permit = self
@@ -138,6 +142,9 @@ impl Hub {
         let Some(rollout) = &group.rollout else {
             return;
         };
+        if reason == Rejection::WrongLeaseKey {
+            return;
+        }
         if reason == Rejection::TooStale {
             if self.leases.abandon(rollout.lease_id) {
                 self.room.notify_waiters();

@@ -16,7 +16,9 @@ use super::Hub;
 use crate::data::{Cursor, Dataset, Prompt, PromptText};
 use parking_lot::Mutex;
 use quill_proto::status::Rejection;
-use quill_proto::{LeaseReply, LeaseRequest, PromptLease, Role, RolloutGroup};
+use quill_proto::{
+    LeaseReply, LeaseRequest, PromptLease, ReleaseReply, ReleaseRequest, Role, RolloutGroup,
+};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tonic::Status;
@@ -60,6 +62,7 @@ pub struct Ledger {
     ingested: HashSet<u64>,
     reissue: VecDeque<u64>,
     expired: u64,
+    released: u64,
     queued: usize,
     untrained: HashMap<u64, Untrained>,
 }
@@ -149,6 +152,44 @@ impl Ledger {
             lease.reserved = false;
             lease.deadline = lease.deadline.min(until);
         }
+    }
+
+    /// Extends to `until` the leases among `lease_ids` that `member` holds (and that
+    /// still keep a batch slot); returns those among `lease_ids` it no longer holds.
+    pub fn renew(&mut self, member: &str, lease_ids: &[u64], until: Instant) -> Vec<u64> {
+        let mut lost = Vec::new();
+        for id in lease_ids {
+            match self.active.get_mut(id) {
+                Some(lease) if lease.member == member => {
+                    if lease.reserved {
+                        lease.deadline = lease.deadline.max(until);
+                    }
+                }
+                _ if self.ingested.contains(id) => {}
+                _ => lost.push(*id),
+            }
+        }
+        lost
+    }
+
+    /// Ends the leases among `lease_ids` that `member` holds and puts their prompts at
+    /// the front of the line; returns how many it held.
+    pub fn release(&mut self, member: &str, lease_ids: &[u64]) -> usize {
+        let mut released = 0;
+        for id in lease_ids {
+            if self.active.get(id).is_some_and(|l| l.member == member) {
+                let lease = self.active.remove(id).expect("checked");
+                self.reissue.push_front(lease.prompt_id);
+                released += 1;
+            }
+        }
+        self.released += released as u64;
+        released
+    }
+
+    /// Leases released by their holders so far.
+    pub fn released_count(&self) -> u64 {
+        self.released
     }
 
     /// Ends an active lease whose group can never be accepted and puts its prompt back
@@ -316,9 +357,10 @@ struct Issued {
     tokens: Option<Vec<i64>>,
 }
 
-/// The prompts and their leases, under one lock.
+/// The prompts and their leases, under one lock, and the secret lease keys derive from.
 pub struct Leases {
     book: Mutex<Book>,
+    key_secret: [u8; 32],
 }
 
 impl Leases {
@@ -333,7 +375,19 @@ impl Leases {
                 prompt_tokens: HashMap::new(),
                 data_exhausted: false,
             }),
+            key_secret: rand::random(),
         }
+    }
+
+    /// The key of lease `lease_id`: an HMAC of its id under this learner's secret, given
+    /// only to the actor the lease is issued to, which must send it back with the group.
+    pub fn key(&self, lease_id: u64) -> u64 {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&self.key_secret)
+            .expect("HMAC takes a key of any length");
+        mac.update(&lease_id.to_le_bytes());
+        let tag = mac.finalize().into_bytes();
+        u64::from_le_bytes(tag[..8].try_into().expect("8 of 32 bytes"))
     }
 
     /// Issues up to `ask.count` leases to `member` (expired ones' prompts first, then new
@@ -427,14 +481,30 @@ impl Leases {
         self.book.lock().ledger.requeue_untrained(lease_id);
     }
 
-    /// Leases out now and leases expired so far.
-    pub fn counts(&self) -> (usize, u64) {
+    /// Leases out now, leases expired so far and leases their holders released.
+    pub fn counts(&self) -> (usize, u64, u64) {
         let book = self.book.lock();
-        (book.ledger.active_count(), book.ledger.expired_count())
+        (
+            book.ledger.active_count(),
+            book.ledger.expired_count(),
+            book.ledger.released_count(),
+        )
     }
 
-    /// Checks that the group's lease is active and for the group's prompt: the same
-    /// prompt id, prompt tokens and target range as leased.
+    /// See [`Ledger::renew`]: the renewed leases last `ttl` from now.
+    pub fn renew(&self, member: &str, lease_ids: &[u64], ttl: Duration) -> Vec<u64> {
+        let until = Instant::now() + ttl;
+        self.book.lock().ledger.renew(member, lease_ids, until)
+    }
+
+    /// See [`Ledger::release`].
+    pub fn release(&self, member: &str, lease_ids: &[u64]) -> usize {
+        self.book.lock().ledger.release(member, lease_ids)
+    }
+
+    /// Checks that the group's lease is active, that the group carries the lease's key,
+    /// and that it is for the group's prompt: the same prompt id, prompt tokens and target
+    /// range as leased.
     pub fn check(&self, rollout: &RolloutGroup) -> Result<(), Refusal> {
         let lease_id = rollout.lease_id;
         let prompt_id = rollout.prompt_id;
@@ -443,6 +513,15 @@ impl Leases {
             LeaseError::Duplicate(_) => Refusal::new(Rejection::Duplicate, e.to_string()),
             LeaseError::Unknown(_) => Refusal::new(Rejection::UnknownLease, e.to_string()),
         })?;
+        if rollout.lease_key != self.key(lease_id) {
+            return Err(Refusal::new(
+                Rejection::WrongLeaseKey,
+                format!(
+                    "lease {lease_id}: the group does not carry the lease's key (only the \
+                     actor the lease was issued to can answer it)"
+                ),
+            ));
+        }
         let malformed = |message: String| Err(Refusal::new(Rejection::Malformed, message));
         if lease.prompt_id != prompt_id {
             return malformed(format!(
@@ -582,12 +661,26 @@ impl Hub {
                 group_size: self.job.sampling.group_size as u32,
                 deadline_unix_ms: deadline,
                 seed: self.job.job.seed ^ lease_id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                key: self.leases.key(lease_id),
             });
         }
         Ok(LeaseReply {
             leases,
             ..LeaseReply::default()
         })
+    }
+
+    /// Answers a `ReleaseLeases` call: the leases the member holds end now and their
+    /// prompts are leased again first.
+    pub fn release(&self, req: &ReleaseRequest) -> ReleaseReply {
+        let released = self.leases.release(&req.member_id, &req.lease_ids);
+        if released > 0 {
+            tracing::warn!(member = %req.member_id, released, reason = %req.reason, "leases released");
+            self.room.notify_waiters();
+        }
+        ReleaseReply {
+            released: released as u32,
+        }
     }
 
     /// The text a prompt is encoded from: a question in the job's template, or a raw prompt.
@@ -599,7 +692,8 @@ impl Hub {
     }
 }
 
-fn unix_ms(at: SystemTime) -> u64 {
+/// Milliseconds since the Unix epoch at `at` (0 before it).
+pub(super) fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
@@ -668,6 +762,43 @@ mod tests {
         assert_eq!(ledger.complete(kept), Ok(4));
     }
 
+    #[test]
+    fn holders_renew_and_release_their_leases() {
+        let mut ledger = Ledger::default();
+        let now = Instant::now();
+        ledger.issue(3, "a", 0, TTL, now);
+        let b = ledger.issue(4, "b", 0, TTL, now);
+        let gone = ledger.issue(5, "a", 0, TTL, now);
+        ledger.expire(now + TTL);
+        let mut again: Vec<u64> = std::iter::from_fn(|| ledger.take_reissue()).collect();
+        again.sort_unstable();
+        assert_eq!(again, [3, 4, 5]);
+        // Renewed before the deadline, a lease outlives it; another member's lease is not
+        // renewed (nor released), and an expired one is reported lost.
+        let a = ledger.issue(3, "a", 0, TTL, now + TTL);
+        let b2 = ledger.issue(4, "b", 0, TTL, now + TTL);
+        assert_eq!(
+            ledger.renew("a", &[a, b2, gone], now + TTL * 3),
+            vec![b2, gone]
+        );
+        ledger.expire(now + TTL * 2 + Duration::from_millis(1));
+        assert_eq!(ledger.take_reissue(), Some(4));
+        assert_eq!(ledger.active_count(), 1);
+        // An unreserved lease (a refused submission) is not extended past its grace.
+        ledger.unreserve(a, now + TTL * 2);
+        ledger.renew("a", &[a], now + TTL * 9);
+        ledger.expire(now + TTL * 2);
+        assert_eq!(ledger.take_reissue(), Some(3));
+        // Releasing puts prompts first in line; only the holder releases.
+        let c = ledger.issue(6, "a", 0, TTL, now);
+        let d = ledger.issue(7, "b", 0, TTL, now);
+        ledger.requeue([9]);
+        assert_eq!(ledger.release("a", &[c, d, b]), 1);
+        assert_eq!(ledger.take_reissue(), Some(6));
+        assert_eq!(ledger.take_reissue(), Some(9));
+        assert_eq!(ledger.released_count(), 1);
+    }
+
     fn leases() -> Leases {
         Leases::new(
             Dataset::new(crate::data::default_prompts(), 1, false, 1),
@@ -698,7 +829,7 @@ mod tests {
         };
         assert_eq!(later[0].tokens, Some(tokens.clone()));
         assert!(later[0].lease_id > first[1].lease_id);
-        assert_eq!(leases.counts(), (1, 2));
+        assert_eq!(leases.counts(), (1, 2, 0));
         let refusal = leases.check(&rollout(again.lease_id, &again.prompt, &tokens));
         assert_eq!(refusal.unwrap_err().reason, Rejection::UnknownLease);
     }
@@ -709,7 +840,10 @@ mod tests {
         let issued = leases.issue("a", ask(1), TTL, Instant::now()).remove(0);
         let (id, prompt) = (issued.lease_id, issued.prompt.id);
         leases.remember(prompt, vec![3, 4]);
-        let leased = rollout(id, &issued.prompt, &[3, 4]);
+        let leased = RolloutGroup {
+            lease_key: leases.key(id),
+            ..rollout(id, &issued.prompt, &[3, 4])
+        };
         let reason = |change: &dyn Fn(&mut RolloutGroup)| {
             let mut group = leased.clone();
             change(&mut group);
@@ -726,6 +860,10 @@ mod tests {
             wrong_range.message.contains("target range"),
             "{wrong_range}"
         );
+        let forged = reason(&|g| g.lease_key ^= 1);
+        assert_eq!(forged.reason, Rejection::WrongLeaseKey);
+        assert!(forged.message.contains("lease's key"), "{forged}");
+        assert_ne!(leases.key(id), leases.key(id + 1));
         leases.check(&leased).unwrap();
         assert_eq!(leases.complete(id), Ok(prompt));
         assert_eq!(reason(&|_| {}).reason, Rejection::Duplicate);

@@ -4,6 +4,7 @@
 
 use super::Hub;
 use parking_lot::Mutex;
+use quill_proto::auth::{new_secret, session_matches};
 use quill_proto::status::{MemberStatus, RoleMetrics};
 use quill_proto::{
     ActorMetrics, HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest, RewardMetrics,
@@ -12,7 +13,8 @@ use quill_proto::{
 use quill_relay::tree;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 use tonic::Status;
 
 /// Longest name or address a member may register with, in bytes.
@@ -24,6 +26,7 @@ pub const MAX_MEMBERS: usize = 4096;
 pub const MAX_DEPARTED: usize = 1024;
 
 struct Member {
+    session: String,
     name: String,
     address: String,
     relay_address: String,
@@ -98,15 +101,25 @@ pub struct Peers {
     pub weight_sources: Vec<WeightSource>,
 }
 
-/// The member book: live members and those set aside for silence.
+/// The member book: live members and those set aside for silence, and the calls refused
+/// for bad credentials.
 #[derive(Default)]
 pub struct Members {
     book: Mutex<Book>,
+    refused: Refused,
+}
+
+/// Calls refused for bad member credentials, by kind.
+#[derive(Default)]
+struct Refused {
+    unauthenticated: AtomicU64,
+    permission_denied: AtomicU64,
 }
 
 impl Members {
-    /// Registers a member and returns its id (`actor-N`, `reward-N`).
-    pub fn register(&self, req: RegisterRequest) -> Result<String, Status> {
+    /// Registers a member and returns its id (`actor-N`, `reward-N`) and its session
+    /// secret.
+    pub fn register(&self, req: RegisterRequest) -> Result<(String, String), Status> {
         let role = Role::try_from(req.role).unwrap_or(Role::Unspecified);
         let Some(reported) = RoleMetrics::new(role) else {
             return Err(Status::invalid_argument(
@@ -151,9 +164,11 @@ impl Members {
         book.joined += 1;
         let joined = book.joined;
         let id = format!("{prefix}-{joined}");
+        let session = new_secret();
         book.live.insert(
             id.clone(),
             Member {
+                session: session.clone(),
                 name: req.name,
                 address: req.address,
                 relay_address: req.relay_address,
@@ -165,7 +180,48 @@ impl Members {
                 reported,
             },
         );
-        Ok(id)
+        Ok((id, session))
+    }
+
+    /// Checks that a call claiming to come from member `id` carries that member's
+    /// `session` secret (else `UNAUTHENTICATED`) and, when `role` is given, that the
+    /// member registered in it (else `PERMISSION_DENIED`); refusals are counted.
+    pub fn authenticate(&self, id: &str, session: &str, role: Option<Role>) -> Result<(), Status> {
+        let mut book = self.book.lock();
+        let matches = book
+            .live
+            .get(id)
+            .or_else(|| book.departed.get(id))
+            .map(|m| session_matches(session, &m.session));
+        if matches == Some(false) {
+            self.refused.unauthenticated.fetch_add(1, Ordering::Relaxed);
+            return Err(Status::unauthenticated(format!(
+                "member `{id}`: missing or wrong session secret (a member acts only as itself)"
+            )));
+        }
+        let has = book.check(id)?.reported.role();
+        match role {
+            Some(role) if role != has => {
+                self.refused
+                    .permission_denied
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(Status::permission_denied(format!(
+                    "member `{id}` registered as {}, and only {}s may do this",
+                    role_name(has),
+                    role_name(role)
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Calls refused so far for a wrong session secret, and for a member acting outside
+    /// its role.
+    pub fn refused_calls(&self) -> (u64, u64) {
+        (
+            self.refused.unauthenticated.load(Ordering::Relaxed),
+            self.refused.permission_denied.load(Ordering::Relaxed),
+        )
     }
 
     /// Checks that `id` registered (taking a member set aside for silence back).
@@ -308,30 +364,46 @@ fn role_name(role: Role) -> &'static str {
 impl Hub {
     /// Answers a `Register` call: the member's id and what it needs to run the job.
     pub fn register(&self, req: RegisterRequest) -> Result<RegisterReply, Status> {
-        let id = self.members.register(req)?;
+        let (id, session) = self.members.register(req)?;
         tracing::info!(member = %id, "registered");
+        let (version, sha256) = self.weights.latest();
         Ok(RegisterReply {
             member_id: id,
             job_json: self.info.job_json.clone(),
             model_config_json: self.info.model_config_json.clone(),
             tokenizer_json: self.info.tokenizer_json.clone(),
-            version: self.version(),
+            version,
+            session,
+            sha256: sha256.to_vec(),
         })
     }
 
-    /// Answers a `Heartbeat` call: the newest version, the live reward workers, where to
-    /// fetch weights, and whether to stop.
-    pub fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatReply, Status> {
+    /// Answers a `Heartbeat` call: the newest version and its digest, the live reward
+    /// workers, where to fetch weights, whether to stop; the actor's leases still being
+    /// generated are renewed for `cluster.lease_seconds`, and those it lost are named.
+    pub fn heartbeat(&self, mut req: HeartbeatRequest) -> Result<HeartbeatReply, Status> {
         let live = Duration::from_secs_f64(self.job.cluster.heartbeat_seconds * 3.0);
-        let latest = self.version();
+        let (latest, sha256) = self.weights.latest();
+        let member = req.member_id.clone();
+        let held = std::mem::take(&mut req.held_leases);
         let peers = self
             .members
             .heartbeat(req, latest, live, self.job.cluster.relay_fanout)?;
+        let ttl = Duration::from_secs(self.job.cluster.lease_seconds);
+        let (lost_leases, lease_deadline_unix_ms) = if held.is_empty() {
+            (Vec::new(), 0)
+        } else {
+            let lost = self.leases.renew(&member, &held, ttl);
+            (lost, super::leases::unix_ms(SystemTime::now() + ttl))
+        };
         Ok(HeartbeatReply {
             latest_version: latest,
             reward_addresses: peers.reward_addresses,
             shutdown: self.is_finished(),
             weight_sources: peers.weight_sources,
+            latest_sha256: sha256.to_vec(),
+            lost_leases,
+            lease_deadline_unix_ms,
         })
     }
 }
@@ -350,6 +422,7 @@ mod tests {
                 relay_address: String::new(),
             })
             .unwrap()
+            .0
     }
 
     #[test]
@@ -454,6 +527,54 @@ mod tests {
         assert_eq!(members.evict_silent(Duration::ZERO), vec![actor.clone()]);
         assert!(members.statuses().is_empty());
         members.check(&actor).unwrap();
+        assert_eq!(members.statuses().len(), 1);
+    }
+
+    #[test]
+    fn sessions_bind_members_to_themselves_and_their_roles() {
+        let members = Members::default();
+        let new = |role: Role, address: &str| {
+            members
+                .register(RegisterRequest {
+                    role: role as i32,
+                    address: address.into(),
+                    ..RegisterRequest::default()
+                })
+                .unwrap()
+        };
+        let (actor, actor_session) = new(Role::Actor, "");
+        let (reward, reward_session) = new(Role::Reward, "127.0.0.1:5");
+        assert_ne!(actor_session, reward_session);
+        members
+            .authenticate(&actor, &actor_session, Some(Role::Actor))
+            .unwrap();
+        members
+            .authenticate(&reward, &reward_session, None)
+            .unwrap();
+        // Another member's secret, none, or a member acting outside its role.
+        let code = |id: &str, session: &str, role| {
+            members.authenticate(id, session, role).unwrap_err().code()
+        };
+        assert_eq!(
+            code(&actor, &reward_session, None),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(code(&actor, "", None), tonic::Code::Unauthenticated);
+        assert_eq!(
+            code(&reward, &reward_session, Some(Role::Actor)),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(code("actor-9", &actor_session, None), tonic::Code::NotFound);
+        assert_eq!(members.refused_calls(), (2, 1));
+        // A member set aside for silence comes back only with its own secret.
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(members.evict_silent(Duration::ZERO).len(), 2);
+        assert_eq!(
+            code(&actor, &reward_session, None),
+            tonic::Code::Unauthenticated
+        );
+        assert!(members.statuses().is_empty());
+        members.authenticate(&actor, &actor_session, None).unwrap();
         assert_eq!(members.statuses().len(), 1);
     }
 }

@@ -3,11 +3,12 @@
 
 use super::Hub;
 use crate::parallel::ranks::ShardAnswer;
+use quill_proto::auth::session_of;
 use quill_proto::learner_server::Learner;
 use quill_proto::{
     HeartbeatReply, HeartbeatRequest, JoinRankReply, JoinRankRequest, LeaseReply, LeaseRequest,
-    RegisterReply, RegisterRequest, ScoredGroup, ShardReply, ShardRequest, StatusReply,
-    StatusRequest, SubmitReply, WeightsRequest,
+    RegisterReply, RegisterRequest, ReleaseReply, ReleaseRequest, Role, ScoredGroup, ShardReply,
+    ShardRequest, StatusReply, StatusRequest, SubmitReply, WeightsRequest,
 };
 use quill_relay::ChunkStream;
 use std::sync::Arc;
@@ -37,21 +38,45 @@ impl Learner for LearnerService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
+        let member = &request.get_ref().member_id;
+        self.0
+            .members
+            .authenticate(member, session_of(&request), None)?;
         self.0.heartbeat(request.into_inner()).map(Response::new)
     }
 
     async fn lease(&self, request: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
+        let member = &request.get_ref().member_id;
+        self.0
+            .members
+            .authenticate(member, session_of(&request), Some(Role::Actor))?;
         self.0
             .lease_or_wait(request.into_inner(), LEASE_PATIENCE)
             .await
             .map(Response::new)
     }
 
+    /// Only a reward worker submits, under its own id (`reward_worker`).
     async fn submit_scored(
         &self,
         request: Request<ScoredGroup>,
     ) -> Result<Response<SubmitReply>, Status> {
+        let member = &request.get_ref().reward_worker;
+        self.0
+            .members
+            .authenticate(member, session_of(&request), Some(Role::Reward))?;
         self.0.submit(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn release_leases(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseReply>, Status> {
+        let member = &request.get_ref().member_id;
+        self.0
+            .members
+            .authenticate(member, session_of(&request), Some(Role::Actor))?;
+        Ok(Response::new(self.0.release(request.get_ref())))
     }
 
     type GetWeightsStream = ChunkStream;
@@ -96,9 +121,10 @@ impl Learner for LearnerService {
             )
             .map_err(Status::invalid_argument)?;
         tracing::info!(rank = req.rank, "learner rank joined");
+        let rank = req.rank as usize;
         let timeout = hub.job.parallel.timeout();
         let reply = tokio::task::spawn_blocking(move || {
-            hub.ranks.wait_for_setup(timeout, &hub.info.job_json)
+            hub.ranks.wait_for_setup(rank, timeout, &hub.info.job_json)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
@@ -107,12 +133,16 @@ impl Learner for LearnerService {
     }
 
     /// The rank's shard of the step once rank 0 has formed the batch ("not yet" after
-    /// `SHARD_POLL`); the rank's metrics ride along.
+    /// `SHARD_POLL`), to the rank that joined as it (its session secret); the rank's
+    /// metrics ride along.
     async fn get_shard(
         &self,
         request: Request<ShardRequest>,
     ) -> Result<Response<ShardReply>, Status> {
         let hub = Arc::clone(&self.0);
+        hub.ranks
+            .check_session(request.get_ref().rank as usize, session_of(&request))
+            .map_err(Status::unauthenticated)?;
         let req = request.into_inner();
         let reported = req.metrics.filter(|m| {
             m.rank == req.rank

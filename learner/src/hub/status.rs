@@ -4,7 +4,7 @@
 
 use super::Hub;
 use parking_lot::Mutex;
-use quill_proto::status::{ClusterTotals, MemberStatus, StatusDocument, StepRecord};
+use quill_proto::status::{ClusterTotals, MemberStatus, RefusedCalls, StatusDocument, StepRecord};
 use quill_proto::{ActorMetrics, RankMetrics, RewardMetrics};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -70,10 +70,21 @@ impl Hub {
         }
     }
 
+    /// Calls refused for bad credentials: the job token (counted by this process's
+    /// servers), a member's or rank's session secret, a member's role.
+    pub fn refused_calls(&self) -> RefusedCalls {
+        let (wrong_session, outside_role) = self.members.refused_calls();
+        RefusedCalls {
+            wrong_token: quill_proto::auth::refused_token_calls(),
+            wrong_session: wrong_session + self.ranks.refused_sessions(),
+            outside_role,
+        }
+    }
+
     /// The status document: the latest step's metrics, the members, ranks and totals,
     /// leases, weights and ingest counters as they are now.
     pub fn status_document(&self) -> StatusDocument {
-        let (leases_active, leases_expired) = self.leases.counts();
+        let (leases_active, leases_expired, leases_released) = self.leases.counts();
         let members = self.members.statuses();
         let ranks = self.rank_metrics();
         StatusDocument {
@@ -92,10 +103,12 @@ impl Hub {
             uptime_s: self.uptime_seconds(),
             leases_active,
             leases_expired,
+            leases_released,
             weights: self.weights.status(self.job.cluster.relay_fanout),
             finished: self.is_finished(),
             accepted_groups: self.accepted.load(Ordering::Relaxed),
             duplicate_groups: self.duplicates.load(Ordering::Relaxed),
+            refused_calls: self.refused_calls(),
         }
     }
 }

@@ -19,6 +19,8 @@ use tonic::Status;
 struct Published {
     /// The current blob as checksummed chunks.
     current: Arc<Transfer>,
+    /// The current blob's SHA-256 ([`WeightBlob::sha256`]), which heartbeats announce.
+    sha256: [u8; 32],
     /// The version before it, still served to transfers that asked for it (so an actor
     /// whose transfer outlasts a training step can finish it instead of starting over).
     previous: Option<Arc<Transfer>>,
@@ -37,6 +39,7 @@ impl Weights {
     pub fn new(blob: Arc<WeightBlob>, chunk_bytes: usize) -> Self {
         Weights {
             published: RwLock::new(Published {
+                sha256: blob.sha256(),
                 current: Transfer::complete(blob, chunk_bytes),
                 previous: None,
             }),
@@ -50,18 +53,29 @@ impl Weights {
         self.published.read().current.version()
     }
 
+    /// The current version and its SHA-256, read together.
+    pub fn latest(&self) -> (u64, [u8; 32]) {
+        let published = self.published.read();
+        (published.current.version(), published.sha256)
+    }
+
     /// Makes `blob` the current version and the current one the previous, in one step
-    /// (the chunks are cut and checksummed before the lock is taken).
+    /// (the chunks are cut and checksummed, and the digest computed, before the lock is
+    /// taken).
     pub fn publish(&self, blob: Arc<WeightBlob>) {
+        let sha256 = blob.sha256();
         let current = Transfer::complete(blob, self.chunk_bytes);
         let mut published = self.published.write();
         let previous = std::mem::replace(&mut published.current, current);
         published.previous = Some(previous);
+        published.sha256 = sha256;
     }
 
     /// The stream a `GetWeights` call gets (see [`choose_transfer`]), counting its bytes.
     pub fn serve(&self, req: &WeightsRequest, stall: Duration) -> Result<ChunkStream, Status> {
-        let Published { current, previous } = self.published.read().clone();
+        let Published {
+            current, previous, ..
+        } = self.published.read().clone();
         let root = choose_transfer(current, previous, req)?;
         let served = Arc::clone(self.served.lock().entry(root.version()).or_default());
         Ok(root.serve(req.offset, stall, served))

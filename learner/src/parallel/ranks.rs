@@ -9,6 +9,7 @@ use parking_lot::{Condvar, Mutex};
 use quill_proto::{JoinRankReply, TrainSample as WireSample};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// What every rank needs to form the collective group.
@@ -36,6 +37,7 @@ pub enum ShardAnswer {
 #[derive(Default)]
 struct State {
     joined: BTreeMap<usize, (String, String)>,
+    sessions: BTreeMap<usize, String>,
     rank0_host: Option<IpAddr>,
     setup: Option<GroupSetup>,
     shards: Option<(u64, Vec<Vec<WireSample>>)>,
@@ -46,6 +48,7 @@ struct State {
 /// The learner ranks as rank 0 sees them.
 pub struct RankTable {
     world: usize,
+    refused: AtomicU64,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -55,6 +58,7 @@ impl RankTable {
     pub fn new(world: usize) -> Self {
         RankTable {
             world: world.max(1),
+            refused: Default::default(),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
         }
@@ -66,7 +70,9 @@ impl RankTable {
     }
 
     /// Records rank `rank`'s join: `peer` is the address it connected from, `local` the
-    /// address of rank 0 it reached. Refuses bad or repeated ranks.
+    /// address of rank 0 it reached. Refuses bad or repeated ranks. The rank gets a session
+    /// secret (with the group, [`RankTable::wait_for_setup`]) that its `GetShard` calls
+    /// must carry.
     pub fn join(
         &self,
         rank: usize,
@@ -105,8 +111,30 @@ impl RankTable {
             ),
         );
         state.rank0_host.get_or_insert(local);
+        state.sessions.insert(rank, quill_proto::auth::new_secret());
         self.changed.notify_all();
         Ok(())
+    }
+
+    /// Checks that a `GetShard` call for `rank` carries the session secret the rank was
+    /// given when it joined: no one else gets a rank's shard.
+    pub fn check_session(&self, rank: usize, session: &str) -> Result<(), String> {
+        let state = self.state.lock();
+        match state.sessions.get(&rank) {
+            Some(expected) if quill_proto::auth::session_matches(session, expected) => Ok(()),
+            _ => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                Err(format!(
+                    "rank {rank}: missing or wrong session secret (only the rank that joined as \
+                 {rank} gets its shard)"
+                ))
+            }
+        }
+    }
+
+    /// `GetShard` calls refused for a missing or wrong session secret.
+    pub fn refused_sessions(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Waits until every rank has joined; returns rank 0's host as the others reach it
@@ -146,9 +174,11 @@ impl RankTable {
         self.changed.notify_all();
     }
 
-    /// Waits (blocking; call from a blocking task) up to `timeout` for the group.
+    /// Waits (blocking; call from a blocking task) up to `timeout` for the group; the
+    /// answer to rank `rank` carries its session secret.
     pub fn wait_for_setup(
         &self,
+        rank: usize,
         timeout: Duration,
         job_json: &str,
     ) -> Result<JoinRankReply, String> {
@@ -164,6 +194,7 @@ impl RankTable {
                     backend: setup.backend as i32,
                     nccl_id: setup.nccl_id.clone(),
                     job_json: job_json.to_owned(),
+                    session: state.sessions.get(&rank).cloned().unwrap_or_default(),
                 }))
             },
             |_| Err("rank 0 did not form the group in time (parallel.timeout_seconds)".into()),
@@ -256,8 +287,24 @@ mod tests {
             backend: Backend::Ring,
             nccl_id: Vec::new(),
         });
-        let reply = table.wait_for_setup(Duration::from_secs(1), "{}").unwrap();
+        let reply = table
+            .wait_for_setup(1, Duration::from_secs(1), "{}")
+            .unwrap();
         assert_eq!(reply.ring_addresses, addresses);
+        let other = table
+            .wait_for_setup(2, Duration::from_secs(1), "{}")
+            .unwrap();
+        assert_eq!(reply.session.len(), 64);
+        assert_ne!(reply.session, other.session);
+        table.check_session(1, &reply.session).unwrap();
+        for wrong in ["", other.session.as_str()] {
+            assert!(table
+                .check_session(1, wrong)
+                .unwrap_err()
+                .contains("wrong session secret"));
+        }
+        assert!(table.check_session(0, &reply.session).is_err());
+        assert_eq!(table.refused_sessions(), 3);
         let wait = Duration::from_millis(20);
         assert!(matches!(table.shard(1, 1, wait), Ok(ShardAnswer::NotYet)));
         let sample = |advantage| WireSample {
@@ -294,7 +341,7 @@ mod tests {
         table.fail("no NCCL".into());
         assert_eq!(
             table
-                .wait_for_setup(Duration::from_secs(1), "")
+                .wait_for_setup(1, Duration::from_secs(1), "")
                 .unwrap_err(),
             "no NCCL"
         );

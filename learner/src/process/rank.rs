@@ -9,9 +9,10 @@ use crate::process::rank_metrics::RankMeter;
 use crate::process::train_loop::{load_models, trainer_config};
 use crate::train::trainer::Trainer;
 use quill_config::job::JobConfig;
-use quill_proto::rpc::{self, LearnerConn};
+use quill_proto::rpc;
 use quill_proto::{JoinRankRequest, ShardRequest};
 use std::time::{Duration, Instant};
+use tonic::transport::Channel;
 
 /// How a learner rank > 0 was started.
 #[derive(Debug, Clone)]
@@ -47,13 +48,10 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
         .local_addr()
         .map_err(|e| RunError::Io("<collective listener>".into(), e))?
         .port();
-    let mut client = runtime
-        .block_on(connect(
-            &options.learner,
-            &options.token,
-            options.connect_timeout,
-        ))
+    let channel = runtime
+        .block_on(connect(&options.learner, options.connect_timeout))
         .map_err(|e| gone("cannot connect", e))?;
+    let mut client = rpc::learner_client(channel.clone(), &options.token);
     tracing::info!(rank = options.rank, learner = %options.learner, "joining the learner ranks");
     let reply = runtime
         .block_on(client.join_rank(JoinRankRequest {
@@ -64,6 +62,7 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
         }))
         .map_err(|s| gone("join refused", s.message().to_owned()))?
         .into_inner();
+    let mut client = rpc::learner_client_in_session(channel, &options.token, &reply.session);
     let mut job: JobConfig = serde_json::from_str(&reply.job_json)
         .map_err(|e| RunError::Startup(format!("rank 0 sent an unreadable job: {e}")))?;
     if let Some(device) = &options.device {
@@ -127,12 +126,11 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
     }
 }
 
-async fn connect(addr: &str, token: &str, timeout: Duration) -> Result<LearnerConn, String> {
+async fn connect(addr: &str, timeout: Duration) -> Result<Channel, String> {
     // Calls wait for other ranks and for batches, so only connecting is bounded here.
     let endpoint =
         rpc::endpoint(addr, Duration::from_secs(30))?.timeout(Duration::from_secs(24 * 3600));
-    let channel = rpc::connect_retrying(&endpoint, timeout, Duration::from_millis(250))
+    rpc::connect_retrying(&endpoint, timeout, Duration::from_millis(250))
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(rpc::learner_client(channel, token))
+        .map_err(|e| e.to_string())
 }

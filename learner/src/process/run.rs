@@ -120,6 +120,7 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
             "metrics.prometheus_addr",
             job.metrics.prometheus_addr.clone(),
             render,
+            http::Access::new(&token, job.metrics.require_token),
         ))
         .map_err(|e| RunError::Server(e.to_string()))?;
     hub_tx
@@ -133,6 +134,7 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
         token,
         LearnerServer::new(LearnerService(Arc::clone(&hub))),
         max_request_bytes,
+        job.cluster.idle_connection(),
         async {
             let _ = stop_rx.await;
         },

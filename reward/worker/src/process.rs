@@ -95,6 +95,7 @@ pub async fn serve(args: RewardOptions, token: String) -> Result<(), RewardWorke
         "metrics.member_prometheus_addr",
         worker.job.metrics.member_prometheus_addr.clone(),
         render,
+        http::Access::new(&token, worker.job.metrics.require_token),
     )
     .await?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -104,6 +105,7 @@ pub async fn serve(args: RewardOptions, token: String) -> Result<(), RewardWorke
         token,
         RewardServer::new(RewardService(Arc::clone(&worker))),
         max_request_bytes,
+        worker.job.cluster.idle_connection(),
         async {
             let _ = stop_rx.await;
         },

@@ -348,6 +348,17 @@ pub struct ClusterSection {
     pub heartbeat_seconds: f64,
     /// Seconds before an RPC fails, above 0.
     pub rpc_timeout_seconds: f64,
+    /// Seconds a connection to any quill server may stay silent before it is closed,
+    /// above 0 (servers ping their clients every quarter of it, so only dead or idle
+    /// sockets are closed).
+    pub idle_connection_seconds: f64,
+}
+
+impl ClusterSection {
+    /// [`ClusterSection::idle_connection_seconds`] as a duration.
+    pub fn idle_connection(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.idle_connection_seconds)
+    }
 }
 
 impl Default for ClusterSection {
@@ -365,6 +376,7 @@ impl Default for ClusterSection {
             relay_fanout: 2,
             heartbeat_seconds: 2.0,
             rpc_timeout_seconds: 30.0,
+            idle_connection_seconds: 120.0,
         }
     }
 }
@@ -433,6 +445,10 @@ pub struct MetricsSection {
     /// Where actors and reward workers serve their own `GET /metrics`; absent for none.
     /// Use port 0 when several members share a host (each logs its bound address).
     pub member_prometheus_addr: Option<String>,
+    /// Whether scrapes of every `/metrics` endpoint must carry the job token
+    /// (`Authorization: Bearer <token>`); absent: only endpoints bound to an address other
+    /// than loopback require it.
+    pub require_token: Option<bool>,
     /// The learner device's peak FLOP/s in TFLOP/s, for MFU; absent to look the GPU up
     /// in quill's table (unknown on CPU).
     pub peak_tflops: Option<f64>,
@@ -445,6 +461,7 @@ impl Default for MetricsSection {
             log_every_seconds: 5.0,
             prometheus_addr: None,
             member_prometheus_addr: None,
+            require_token: None,
             peak_tflops: None,
         }
     }

@@ -332,7 +332,11 @@ impl ClusterSection {
             },
         )?;
         positive("cluster.heartbeat_seconds", self.heartbeat_seconds)?;
-        positive("cluster.rpc_timeout_seconds", self.rpc_timeout_seconds)
+        positive("cluster.rpc_timeout_seconds", self.rpc_timeout_seconds)?;
+        positive(
+            "cluster.idle_connection_seconds",
+            self.idle_connection_seconds,
+        )
     }
 }
 
