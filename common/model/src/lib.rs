@@ -1,8 +1,9 @@
 //! The Qwen2-architecture transformer in tch: weights in one `VarStore`, full forward
-//! passes (optionally with activation checkpointing), prefill and decode over a slot-indexed KV cache, the sequence-classification
-//! head; Hugging Face checkpoints (`config.json`, safetensors, tokenizer) in and out; the
-//! embedded default model; tensors to and from weight blobs. Every tensor stays on the
-//! thread that made it.
+//! passes (optionally with activation checkpointing), prefill and decode over a
+//! slot-indexed KV cache, the sequence-classification head; Hugging Face checkpoints
+//! (`config.json`, safetensors, tokenizer) in and out; the embedded default model;
+//! tensors to and from weight blobs; the memory model `quill plan` prints. Every tensor
+//! stays on the thread that made it.
 
 mod cache;
 pub mod checkpoint;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod default_model;
 pub mod device;
 pub mod error;
+pub mod memory_plan;
 pub mod params;
 pub mod pretrained;
 mod qwen2;

@@ -443,6 +443,45 @@ mod tests {
     }
 
     #[test]
+    fn the_memory_plan_counts_the_bytes_the_trainer_holds() {
+        use quill_model::memory_plan::{self, LearnerSetup, ModelSize, Precision, Sharding};
+        let (model, _) = quill_model::default_model::load(tch::Device::Cpu, Kind::Float).unwrap();
+        let size = ModelSize::of(model.config());
+        let mut trainer = Trainer::new(model, None, TrainerConfig::default()).unwrap();
+        // A step allocates the gradients (zeroed after the update, not freed).
+        trainer.step(&batch()).unwrap();
+        let bytes = |t: &Tensor| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+        let vars = trainer.model().var_store().variables();
+        let weights: u64 = vars.values().map(bytes).sum();
+        let gradients: u64 = vars.values().map(|v| bytes(&v.grad())).sum();
+        let optimizer: u64 = trainer
+            .optimizer()
+            .moments()
+            .map(|(_, m, v)| bytes(m) + bytes(v))
+            .sum();
+        let setup = LearnerSetup {
+            gpus: 1,
+            sharding: Sharding::None,
+            precision: Precision::F32,
+            activation_checkpointing: false,
+            micro_batch_tokens: 16_384,
+            logprob_chunk_tokens: 1024,
+        };
+        let work = memory_plan::Workload {
+            group_size: 4,
+            prompts_per_step: 1,
+            max_tokens: 11,
+        };
+        let plan = memory_plan::learner_memory(&size, &setup, &work);
+        // The plan counts the same tensors: exact, no tolerance needed.
+        assert_eq!(
+            (plan.weights, plan.gradients, plan.optimizer),
+            (weights, gradients, optimizer)
+        );
+        assert_eq!(weights + gradients + optimizer, 16 * size.params);
+    }
+
+    #[test]
     fn positive_advantages_raise_log_probs() {
         let mut trainer = Trainer::new(
             tiny_model(2),
