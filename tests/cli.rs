@@ -366,3 +366,202 @@ fn bench_weights_delivers_through_a_star_and_a_tree_and_refuses_bad_flags() {
         );
     }
 }
+
+/// A folder with Qwen2.5-7B's config.json.
+fn qwen7b_config() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": false
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn plan_says_what_fits_and_what_would() {
+    let dir = qwen7b_config();
+    let folder = dir.path().to_str().unwrap();
+    let file = dir.path().join("config.json");
+    let base = [
+        "plan",
+        "--gpus",
+        "8",
+        "--gpu-memory",
+        "80",
+        "--max-tokens",
+        "16384",
+    ];
+    let out = quill(&[&base[..], &["--model", folder]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for want in [
+        "model: 7.62 B parameters (28 layers",
+        "learner: 8 GPUs, sharding none, precision f32",
+        "optimiser state (AdamW moments)",
+        "does NOT fit",
+        "- activation checkpointing on, sharding zero3, precision bf16",
+        "KV cache per sample (16384 positions)",
+        "samples that fit: ",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+    let fitting = [
+        "--sharding",
+        "zero2",
+        "--precision",
+        "bf16",
+        "--activation-checkpointing",
+        "--model",
+        file.to_str().unwrap(),
+    ];
+    let out = quill(&[&base[..], &fitting].concat());
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let total = text.lines().find(|l| l.contains("total per rank")).unwrap();
+    assert!(total.ends_with("  fits"), "{text}");
+    assert!(text.contains("f32 master + AdamW moments"), "{text}");
+    let out = quill(&[
+        "plan",
+        "--model",
+        "default",
+        "--gpu-memory",
+        "4",
+        "--max-tokens",
+        "100",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("learner: 1 GPU, sharding none"));
+}
+
+#[test]
+fn plan_explains_its_flags_and_names_bad_ones() {
+    let help = stdout(&quill(&["plan", "--help"]));
+    for flag in [
+        "--model",
+        "--gpus",
+        "--gpu-memory",
+        "--reserve",
+        "--group-size",
+        "--prompts-per-step",
+        "--max-tokens",
+        "--sharding",
+        "--precision",
+        "--activation-checkpointing",
+        "--micro-batch-tokens",
+        "--logprob-chunk-tokens",
+        "--actor-dtype",
+    ] {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(flag))
+            .unwrap_or_else(|| panic!("{flag} not in help:\n{help}"));
+        let rest = help.split(line).nth(1).unwrap().trim_start();
+        assert!(
+            !rest.starts_with('-') && rest.len() > 10,
+            "{flag} lacks a description"
+        );
+    }
+    assert!(
+        help.contains("zero3") && help.contains("not have yet"),
+        "{help}"
+    );
+    let dir = qwen7b_config();
+    let model = dir.path().to_str().unwrap();
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &[
+                "--model",
+                "/no/such/model",
+                "--gpu-memory",
+                "80",
+                "--max-tokens",
+                "10",
+            ],
+            "/no/such/model",
+        ),
+        (
+            &[
+                "--model",
+                model,
+                "--gpus",
+                "0",
+                "--gpu-memory",
+                "80",
+                "--max-tokens",
+                "10",
+            ],
+            "'--gpus <N>': must be at least 1",
+        ),
+        (
+            &[
+                "--model",
+                model,
+                "--gpu-memory",
+                "lots",
+                "--max-tokens",
+                "10",
+            ],
+            "'--gpu-memory <GIB>': not a finite number",
+        ),
+        (
+            &["--model", model, "--gpu-memory", "0", "--max-tokens", "10"],
+            "'--gpu-memory <GIB>': must be above 0",
+        ),
+        (
+            &[
+                "--model",
+                model,
+                "--gpu-memory",
+                "80",
+                "--max-tokens",
+                "40000",
+            ],
+            "--max-tokens: 40000 exceeds the model's context of 32768",
+        ),
+        (
+            &[
+                "--model",
+                model,
+                "--gpu-memory",
+                "80",
+                "--max-tokens",
+                "10",
+                "--sharding",
+                "zero4",
+            ],
+            "invalid value 'zero4' for '--sharding <SHARDING>'",
+        ),
+        (
+            &[
+                "--model",
+                model,
+                "--gpu-memory",
+                "2",
+                "--reserve",
+                "2",
+                "--max-tokens",
+                "10",
+            ],
+            "--reserve: 2 GiB leaves nothing of --gpu-memory 2 GiB",
+        ),
+    ];
+    for (flags, message) in cases {
+        let out = quill(&[&["plan"][..], flags].concat());
+        assert!(!out.status.success(), "{flags:?} should fail");
+        assert!(
+            stderr(&out).contains(message),
+            "{flags:?}: {}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains("panicked"), "{flags:?} panicked");
+    }
+}

@@ -8,8 +8,8 @@ mod support;
 
 use quill_learner::train::grpo::response_logprobs;
 use quill_learner::{
-    AdamWConfig, GrpoConfig, KlEstimator, LossAggregation, StepStats, TrainSample, Trainer,
-    TrainerConfig,
+    AdamWConfig, GrpoConfig, KlEstimator, LossAggregation, MemoryConfig, StepStats, TrainSample,
+    Trainer, TrainerConfig,
 };
 use quill_model::Qwen2;
 use rand::{Rng, SeedableRng};
@@ -158,6 +158,7 @@ fn run(variant: &Variant) {
         grpo: variant.grpo.clone(),
         optimizer: optimizer.clone(),
         micro_batch_tokens: 40,
+        memory: MemoryConfig::default(),
         max_consecutive_bad_steps: 0,
     };
     let mut trainer = Trainer::new(load(), variant.reference.then(load), config).unwrap();

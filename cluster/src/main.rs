@@ -38,6 +38,8 @@ enum Command {
     Status(cli::status::Args),
     /// Draw PNG charts (reward, length, throughput) from a metrics JSONL file.
     Plot(plot::Args),
+    /// Plan GPU memory: what learner ranks and actors hold, what fits, what would.
+    Plan(cli::plan::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,5 +60,6 @@ fn main() -> anyhow::Result<()> {
         Command::Launch(launch) => launch::run(launch),
         Command::Plot(args) => plot::run(args),
         Command::Status(args) => cli::status::run(args),
+        Command::Plan(args) => cli::plan::run(args),
     }
 }

@@ -15,7 +15,7 @@ mod testing;
 
 pub use error::{LearnerError, Result};
 pub use train::checkpoint::{latest_checkpoint, prune, TrainerState};
-pub use train::grpo::{GrpoConfig, KlEstimator, LossAggregation, LossStats};
+pub use train::grpo::{GrpoConfig, KlEstimator, LossAggregation, LossStats, MemoryConfig};
 pub use train::optim::{AdamW, AdamWConfig};
 pub use train::sample::TrainSample;
 pub use train::schedule::LrSchedule;

@@ -4,7 +4,7 @@
 use crate::data::{default_prompts, Dataset};
 use crate::hub::leases::Ledger;
 use crate::hub::{Accepted, Hub, JobInfo};
-use crate::train::grpo::{GrpoConfig, LossAggregation};
+use crate::train::grpo::{GrpoConfig, LossAggregation, MemoryConfig};
 use crate::train::sample::TrainSample;
 use crate::{AdamWConfig, TrainerConfig};
 use quill_config::job::JobConfig;
@@ -86,6 +86,7 @@ pub fn trainer_config(
             ..AdamWConfig::default()
         },
         micro_batch_tokens,
+        memory: MemoryConfig::default(),
         max_consecutive_bad_steps: 1,
     }
 }

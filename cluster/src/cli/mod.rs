@@ -7,6 +7,7 @@ pub mod init_model;
 pub mod learner;
 pub mod member_args;
 pub mod model_args;
+pub mod plan;
 pub mod reward;
 pub mod status;
 mod status_table;

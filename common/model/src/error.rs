@@ -76,6 +76,10 @@ pub enum Error {
         /// The vocabulary size.
         vocab: i64,
     },
+    /// [`crate::LayerCheckpoints::backward`] was called before a gradient reached the
+    /// checkpointed hidden states.
+    #[error("activation checkpointing: no gradient reached the hidden states")]
+    NoGradient,
     /// A device or dtype string could not be used.
     #[error("{0}")]
     Device(String),

@@ -214,10 +214,7 @@ impl Qwen2 {
 
     /// Final-norm hidden states `[B, T, hidden]` of a full causal pass.
     pub fn hidden(&self, tokens: &Tensor) -> Tensor {
-        let (b, t) = tokens.size2().expect("tokens are [B, T]");
-        let positions = Tensor::arange(t, (Kind::Int64, tokens.device()))
-            .unsqueeze(0)
-            .expand([b, t], false);
+        let positions = self.causal_positions(tokens);
         self.body(tokens, &positions, &mut Attention::Causal { keep: None })
     }
 
@@ -328,26 +325,65 @@ impl Qwen2 {
         Ok(self.project(&pooled).to_kind(Kind::Float))
     }
 
-    fn project(&self, hidden: &Tensor) -> Tensor {
+    /// The head (language-model logits or classification scores, model dtype) of
+    /// final-norm hidden states `[..., hidden]`: `logits` is `project(hidden)`.
+    pub fn project(&self, hidden: &Tensor) -> Tensor {
         hidden.linear(self.head.as_ref().unwrap_or(&self.embed), None::<Tensor>)
     }
 
-    fn body(&self, tokens: &Tensor, positions: &Tensor, attention: &mut Attention) -> Tensor {
+    /// Number of decoder layers.
+    pub(crate) fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The token embeddings `[B, T, hidden]` of `tokens` (`[B, T]`).
+    pub(crate) fn embed(&self, tokens: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed, tokens, -1, false, false)
+    }
+
+    /// The final RMSNorm of the last decoder layer's output.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Tensor {
+        x.rms_norm(
+            [self.config.hidden_size],
+            Some(&self.norm),
+            self.config.rms_norm_eps,
+        )
+    }
+
+    /// Positions `0..T` of every row of `tokens` (`[B, T]`).
+    pub(crate) fn causal_positions(&self, tokens: &Tensor) -> Tensor {
+        let (b, t) = tokens.size2().expect("tokens are [B, T]");
+        Tensor::arange(t, (Kind::Int64, tokens.device()))
+            .unsqueeze(0)
+            .expand([b, t], false)
+    }
+
+    /// Decoder layer `l` over `x` with full causal attention (no cache).
+    pub(crate) fn causal_layer(&self, l: usize, x: &Tensor, positions: &Tensor) -> Tensor {
+        self.layer(l, x, positions, &mut Attention::Causal { keep: None })
+    }
+
+    fn layer(&self, l: usize, x: &Tensor, positions: &Tensor, attention: &mut Attention) -> Tensor {
         let c = &self.config;
         let width = [c.hidden_size];
         let eps = c.rms_norm_eps;
         let inter = c.intermediate_size;
-        let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false);
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = x.rms_norm(width, Some(&layer.input_norm), eps);
-            // Out-of-place residual adds: autograd keeps the norms' inputs.
-            x = &x + self.attend(l, layer, &h, positions, attention);
-            let h = x.rms_norm(width, Some(&layer.post_norm), eps);
-            let gate_up = h.linear(&layer.gate_up_w, None::<Tensor>);
-            let act = gate_up.narrow(-1, 0, inter).silu() * gate_up.narrow(-1, inter, inter);
-            x = &x + act.linear(&layer.down_w, None::<Tensor>);
+        let layer = &self.layers[l];
+        let h = x.rms_norm(width, Some(&layer.input_norm), eps);
+        // Out-of-place residual adds: autograd keeps the norms' inputs.
+        let x = x + self.attend(l, layer, &h, positions, attention);
+        let h = x.rms_norm(width, Some(&layer.post_norm), eps);
+        let gate_up = h.linear(&layer.gate_up_w, None::<Tensor>);
+        let act = gate_up.narrow(-1, 0, inter).silu() * gate_up.narrow(-1, inter, inter);
+        &x + act.linear(&layer.down_w, None::<Tensor>)
+    }
+
+    fn body(&self, tokens: &Tensor, positions: &Tensor, attention: &mut Attention) -> Tensor {
+        let mut x = self.embed(tokens);
+        for l in 0..self.layers.len() {
+            x = self.layer(l, &x, positions, attention);
         }
-        x.rms_norm(width, Some(&self.norm), eps)
+        self.final_norm(&x)
     }
 
     fn attend(

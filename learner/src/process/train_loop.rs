@@ -16,7 +16,7 @@ use crate::train::checkpoint::{self, Snapshot};
 use crate::train::sample::validate_batch;
 use crate::train::schedule::LrSchedule;
 use crate::train::trainer::{StepStats, Trainer, TrainerConfig};
-use crate::{AdamWConfig, GrpoConfig};
+use crate::{AdamWConfig, GrpoConfig, MemoryConfig};
 use crate::{LearnerError, TrainerState};
 use quill_config::job::{self, JobConfig};
 use quill_model::device::{parse_device, parse_dtype};
@@ -93,6 +93,10 @@ pub fn trainer_config(job: &JobConfig) -> TrainerConfig {
             schedule,
         },
         micro_batch_tokens: grpo.micro_batch_tokens,
+        memory: MemoryConfig {
+            logprob_chunk_tokens: grpo.logprob_chunk_tokens,
+            activation_checkpointing: grpo.activation_checkpointing,
+        },
         max_consecutive_bad_steps: opt.max_consecutive_bad_steps,
     }
 }

@@ -21,6 +21,13 @@
 //!   divides by the batch's token count; `SequenceMean` averages each sample's token-mean
 //!   over samples. Both are computed as per-token weights fixed by the whole batch, so
 //!   splitting it into micro-batches leaves the total loss and gradient unchanged.
+//! - **Memory** ([`MemoryConfig`]): the head, log-softmax and loss of a micro-batch run on
+//!   chunks of `logprob_chunk_tokens` response tokens, each chunk's backward pass done
+//!   before the next chunk's logits are formed, so the f32 logits held at once are
+//!   `chunk × vocab` (a few such tensors: logits, log-softmax and their gradients), not
+//!   `tokens × vocab`; the head runs once per token, as without chunks. With
+//!   `activation_checkpointing` the decoder keeps only each layer's input and recomputes
+//!   the layer in the backward pass (about one more forward pass of the decoder).
 
 use crate::error::{LearnerError, Result};
 use crate::train::sample::{Packed, TrainSample};
@@ -116,31 +123,95 @@ pub fn token_weights(batch: &[TrainSample], aggregation: LossAggregation) -> Vec
         .collect()
 }
 
-/// `log_softmax(logits / temperature)` at every response token's predicting position of
-/// `packed`, `[N, V]` in f32, from one forward pass of `model`.
-fn tempered_log_softmax(model: &Qwen2, packed: &Packed, temperature: f64) -> Result<Tensor> {
-    let logits = model.logits(&packed.tokens);
-    let picked = logits.f_index(&[Some(&packed.rows), Some(&packed.cols)])?;
-    Ok(picked
+/// Response tokens whose logits are formed at once unless the job says otherwise.
+pub const DEFAULT_LOGPROB_CHUNK_TOKENS: usize = 1024;
+
+/// How a micro-batch's forward and backward passes trade compute for memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Response tokens whose `[tokens, vocab]` logits are formed at once (at least 1):
+    /// the head, log-softmax and loss run chunk by chunk, each chunk's backward pass
+    /// before the next chunk's forward pass.
+    pub logprob_chunk_tokens: usize,
+    /// Recompute each decoder layer in the backward pass from its kept input instead of
+    /// keeping its activations (see `quill_model::LayerCheckpoints`).
+    pub activation_checkpointing: bool,
+}
+
+impl Default for MemoryConfig {
+    /// Chunks of [`DEFAULT_LOGPROB_CHUNK_TOKENS`], no activation checkpointing.
+    fn default() -> Self {
+        MemoryConfig {
+            logprob_chunk_tokens: DEFAULT_LOGPROB_CHUNK_TOKENS,
+            activation_checkpointing: false,
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// Checks the values; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.logprob_chunk_tokens == 0 {
+            return Err(LearnerError::config(
+                "logprob_chunk_tokens",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The `(start, length)` of each chunk of at most `chunk` of `n` tokens.
+fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (i64, i64)> {
+    (0..n)
+        .step_by(chunk)
+        .map(move |start| (start as i64, chunk.min(n - start) as i64))
+}
+
+/// The hidden states at the response tokens' predicting positions, `[N, hidden]`.
+fn response_hidden(hidden: &Tensor, packed: &Packed) -> Result<Tensor> {
+    Ok(hidden.f_index(&[Some(&packed.rows), Some(&packed.cols)])?)
+}
+
+/// `log_softmax(logits / temperature)` in f32 of a chunk of response hidden states
+/// `[n, hidden]`: `[n, V]`.
+fn tempered_log_softmax(model: &Qwen2, hidden: &Tensor, temperature: f64) -> Result<Tensor> {
+    Ok(model
+        .project(hidden)
         .f_to_kind(Kind::Float)?
         .f_div_scalar(temperature)?
         .f_log_softmax(-1, Kind::Float)?)
 }
 
-/// The response tokens' entries of a `[N, V]` log-softmax, `[N]`.
-fn pick_targets(log_softmax: &Tensor, packed: &Packed) -> Result<Tensor> {
+/// The targets' entries of a `[n, V]` log-softmax, `[n]`.
+fn pick_targets(log_softmax: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(log_softmax
-        .f_gather(-1, &packed.targets.unsqueeze(-1), false)?
+        .f_gather(-1, &targets.unsqueeze(-1), false)?
         .squeeze_dim(-1))
 }
 
 /// `log_softmax(logits / temperature)[token]` of every response token of `packed`, `[N]`
-/// in f32, from one forward pass of `model`.
-pub(crate) fn token_logprobs(model: &Qwen2, packed: &Packed, temperature: f64) -> Result<Tensor> {
-    pick_targets(&tempered_log_softmax(model, packed, temperature)?, packed)
+/// in f32, without gradient, from one forward pass of `model` with the head applied to
+/// `chunk` tokens at a time.
+pub(crate) fn token_logprobs(
+    model: &Qwen2,
+    packed: &Packed,
+    temperature: f64,
+    chunk: usize,
+) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let hidden = response_hidden(&model.hidden(&packed.tokens), packed)?;
+    let parts = chunks(packed.len(), chunk)
+        .map(|(start, len)| {
+            let lsm = tempered_log_softmax(model, &hidden.narrow(0, start, len), temperature)?;
+            pick_targets(&lsm, &packed.targets.narrow(0, start, len))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::f_cat(&parts, 0)?)
 }
 
-/// The summed entropy (nats) of the tempered next-token distributions of a `[N, V]`
+/// The summed entropy (nats) of the tempered next-token distributions of a `[n, V]`
 /// log-softmax, without gradient.
 fn entropy_sum(log_softmax: &Tensor) -> Result<f64> {
     let _guard = tch::no_grad_guard();
@@ -149,7 +220,8 @@ fn entropy_sum(log_softmax: &Tensor) -> Result<f64> {
     Ok(-plogp.f_sum(Kind::Double)?.double_value(&[]))
 }
 
-/// The current policy's log-probs of each sample's response tokens (no gradient).
+/// The current policy's log-probs of each sample's response tokens (no gradient; the
+/// head applied to [`DEFAULT_LOGPROB_CHUNK_TOKENS`] tokens at a time).
 pub fn response_logprobs(
     model: &Qwen2,
     samples: &[&TrainSample],
@@ -157,7 +229,8 @@ pub fn response_logprobs(
 ) -> Result<Vec<Vec<f32>>> {
     let _guard = tch::no_grad_guard();
     let packed = Packed::new(samples, model.device());
-    let flat = token_logprobs(model, &packed, temperature)?.to_device(tch::Device::Cpu);
+    let flat = token_logprobs(model, &packed, temperature, DEFAULT_LOGPROB_CHUNK_TOKENS)?
+        .to_device(tch::Device::Cpu);
     let flat = Vec::<f32>::try_from(&flat)?;
     let mut out = Vec::with_capacity(samples.len());
     let mut rest = flat.as_slice();
@@ -282,28 +355,41 @@ pub struct LossStats {
     pub tokens: usize,
 }
 
-/// The loss of one micro-batch as a scalar tensor with gradient, already weighted by
-/// `weights` (one per sample, from [`token_weights`] over the whole batch) so that the
-/// micro-batches' losses sum to the batch loss; and its statistics.
-pub fn micro_batch_loss(
+/// One micro-batch's forward and backward pass: adds the gradient of its loss, weighted
+/// by `weights` (one per sample, from [`token_weights`] over the whole batch, so that
+/// the micro-batches' losses sum to the batch loss), to the policy's parameter gradients
+/// and returns its statistics.
+///
+/// The decoder runs once over the micro-batch (with activation checkpointing when
+/// `memory` asks for it). The head, the log-softmax and the loss then run on chunks of
+/// `memory.logprob_chunk_tokens` response tokens, each chunk backpropagated to a detached
+/// copy of the response hidden states before the next is formed, so no `[tokens, vocab]`
+/// matrix larger than a chunk exists. The loss is a sum of per-token terms, so this is
+/// the unchunked gradient. Last, the hidden states' accumulated gradient is carried
+/// through the decoder. A non-finite loss stops the pass early (the step is skipped and
+/// its gradients discarded).
+pub fn micro_batch_backward(
     policy: &Qwen2,
     reference: Option<&Qwen2>,
     samples: &[&TrainSample],
     weights: &[f64],
     config: &GrpoConfig,
-) -> Result<(Tensor, LossSums)> {
+    memory: &MemoryConfig,
+) -> Result<LossSums> {
     let device = policy.device();
     let packed = Packed::new(samples, device);
-    let ref_logp = match reference {
-        Some(model) => {
-            let _guard = tch::no_grad_guard();
-            Some(token_logprobs(model, &packed, config.temperature)?)
-        }
-        None => None,
+    let chunk = memory.logprob_chunk_tokens;
+    let ref_logp = reference
+        .map(|model| token_logprobs(model, &packed, config.temperature, chunk))
+        .transpose()?;
+    let (hidden, checkpoints) = if memory.activation_checkpointing {
+        let (hidden, kept) = policy.hidden_checkpointed(&packed.tokens);
+        (hidden, Some(kept))
+    } else {
+        (policy.hidden(&packed.tokens), None)
     };
-    let log_softmax = tempered_log_softmax(policy, &packed, config.temperature)?;
-    let logp = pick_targets(&log_softmax, &packed)?;
-    let entropy = entropy_sum(&log_softmax)?;
+    let picked = response_hidden(&hidden, &packed)?;
+    let leaf = picked.detach().set_requires_grad(true);
     let behaviour: Vec<f32> = samples
         .iter()
         .flat_map(|s| s.behaviour_logprobs.iter().copied())
@@ -311,23 +397,49 @@ pub fn micro_batch_loss(
     let behaviour = Tensor::from_slice(&behaviour).to(device);
     let advantage = packed.per_token(samples.iter().map(|s| s.advantage), device);
     let weight = packed.per_token(weights.iter().map(|&w| w as f32), device);
-    let terms = token_loss(&logp, &behaviour, &advantage, ref_logp.as_ref(), config);
-    let loss = (&terms.loss * &weight).sum(Kind::Float);
     let sum = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
-    let sums = LossSums {
-        loss: loss.double_value(&[]),
-        clipped: sum(&terms.clipped),
-        ratio: sum(&terms.ratio),
-        kl: terms.kl.as_ref().map_or(0.0, sum),
-        entropy,
+    let mut sums = LossSums {
         tokens: packed.len(),
+        ..LossSums::default()
     };
-    Ok((loss, sums))
+    for (start, len) in chunks(packed.len(), chunk) {
+        let part = |t: &Tensor| t.narrow(0, start, len);
+        let lsm = tempered_log_softmax(policy, &part(&leaf), config.temperature)?;
+        let logp = pick_targets(&lsm, &part(&packed.targets))?;
+        sums.entropy += entropy_sum(&lsm)?;
+        let ref_part = ref_logp.as_ref().map(part);
+        let terms = token_loss(
+            &logp,
+            &part(&behaviour),
+            &part(&advantage),
+            ref_part.as_ref(),
+            config,
+        );
+        let loss = (&terms.loss * part(&weight)).sum(Kind::Float);
+        sums.loss += loss.double_value(&[]);
+        sums.clipped += sum(&terms.clipped);
+        sums.ratio += sum(&terms.ratio);
+        sums.kl += terms.kl.as_ref().map_or(0.0, sum);
+        if !sums.loss.is_finite() {
+            return Ok(sums);
+        }
+        loss.f_backward()?;
+    }
+    picked
+        .f_mul(&leaf.grad())?
+        .f_sum(Kind::Float)?
+        .f_backward()?;
+    if let Some(kept) = checkpoints {
+        kept.backward()?;
+    }
+    Ok(sums)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{batch, tiny_model};
+    use tch::Device;
 
     fn t(values: &[f32]) -> Tensor {
         Tensor::from_slice(values)
@@ -468,5 +580,145 @@ mod tests {
         };
         assert!(bad.validate().unwrap_err().to_string().contains("tis_cap"));
         GrpoConfig::default().validate().unwrap();
+    }
+
+    /// What the plain, unchunked pass gives: log-probs, entropy sum, loss and the
+    /// parameter gradients, from the whole `[N, V]` log-softmax of `model.logits`.
+    struct Plain {
+        logp: Vec<f32>,
+        entropy: f64,
+        loss: f64,
+        grads: Vec<Tensor>,
+    }
+
+    fn plain_pass(
+        policy: &Qwen2,
+        reference: Option<&Qwen2>,
+        samples: &[&TrainSample],
+        weights: &[f64],
+        config: &GrpoConfig,
+    ) -> Plain {
+        let packed = Packed::new(samples, Device::Cpu);
+        let log_softmax = |m: &Qwen2| {
+            let logits = m.logits(&packed.tokens);
+            (logits.index(&[Some(&packed.rows), Some(&packed.cols)]) / config.temperature)
+                .log_softmax(-1, Kind::Float)
+        };
+        let ref_logp = reference
+            .map(|m| tch::no_grad(|| pick_targets(&log_softmax(m), &packed.targets).unwrap()));
+        let lsm = log_softmax(policy);
+        let logp = pick_targets(&lsm, &packed.targets).unwrap();
+        let behaviour: Vec<f32> = samples
+            .iter()
+            .flat_map(|s| s.behaviour_logprobs.clone())
+            .collect();
+        let advantage = packed.per_token(samples.iter().map(|s| s.advantage), Device::Cpu);
+        let weight = packed.per_token(weights.iter().map(|&w| w as f32), Device::Cpu);
+        let terms = token_loss(&logp, &t(&behaviour), &advantage, ref_logp.as_ref(), config);
+        let loss = (&terms.loss * weight).sum(Kind::Float);
+        loss.backward();
+        Plain {
+            logp: values(&logp),
+            entropy: entropy_sum(&lsm).unwrap(),
+            loss: loss.double_value(&[]),
+            grads: grads(policy),
+        }
+    }
+
+    fn grads(model: &Qwen2) -> Vec<Tensor> {
+        let mut vars: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars.iter().map(|(_, v)| v.grad().copy()).collect()
+    }
+
+    /// The largest gradient difference relative to the largest gradient entry.
+    fn relative_diff(a: &[Tensor], b: &[Tensor]) -> f64 {
+        let max = |ts: &[Tensor]| {
+            ts.iter()
+                .map(|t| t.abs().max().double_value(&[]))
+                .fold(0.0, f64::max)
+        };
+        let diff: Vec<Tensor> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        max(&diff) / max(a)
+    }
+
+    /// The tiny model, batch and a KL-penalised loss against a second tiny model.
+    fn kl_setup() -> (Vec<TrainSample>, Vec<f64>, GrpoConfig) {
+        let samples = batch();
+        let weights = token_weights(&samples, LossAggregation::TokenMean);
+        let config = GrpoConfig {
+            kl_coef: 0.1,
+            ..GrpoConfig::default()
+        };
+        (samples, weights, config)
+    }
+
+    #[test]
+    fn chunked_log_probs_entropy_and_gradients_match_the_unchunked_pass() {
+        let (samples, weights, config) = kl_setup();
+        let refs: Vec<&TrainSample> = samples.iter().collect();
+        let reference = tiny_model(12);
+        let plain = plain_pass(&tiny_model(11), Some(&reference), &refs, &weights, &config);
+        assert_eq!(plain.logp.len(), 21);
+        // 21 response tokens: chunks of 1, of sizes that leave a short last chunk, of
+        // exactly all tokens, and larger than the micro-batch.
+        for chunk in [1, 4, 5, 21, 1024] {
+            let policy = tiny_model(11);
+            let memory = MemoryConfig {
+                logprob_chunk_tokens: chunk,
+                activation_checkpointing: false,
+            };
+            let packed = Packed::new(&refs, Device::Cpu);
+            let logp = token_logprobs(&policy, &packed, config.temperature, chunk).unwrap();
+            close(&values(&logp), &plain.logp);
+            let sums =
+                micro_batch_backward(&policy, Some(&reference), &refs, &weights, &config, &memory)
+                    .unwrap();
+            assert!(
+                (sums.entropy - plain.entropy).abs() < 1e-5 * plain.entropy,
+                "{chunk}"
+            );
+            assert!((sums.loss - plain.loss).abs() < 1e-6, "{chunk}: {sums:?}");
+            assert!(sums.kl > 0.0 && sums.tokens == 21, "{sums:?}");
+            // The same sums of f32 products in another order: a few ulps apart.
+            let diff = relative_diff(&plain.grads, &grads(&policy));
+            assert!(diff < 1e-5, "chunk {chunk}: gradients differ by {diff}");
+        }
+    }
+
+    #[test]
+    fn activation_checkpointing_gives_the_plain_gradients() {
+        let (samples, weights, config) = kl_setup();
+        let refs: Vec<&TrainSample> = samples.iter().collect();
+        let reference = tiny_model(14);
+        let plain = plain_pass(&tiny_model(13), Some(&reference), &refs, &weights, &config);
+        for chunk in [3, 1024] {
+            let policy = tiny_model(13);
+            let memory = MemoryConfig {
+                logprob_chunk_tokens: chunk,
+                activation_checkpointing: true,
+            };
+            let sums =
+                micro_batch_backward(&policy, Some(&reference), &refs, &weights, &config, &memory)
+                    .unwrap();
+            assert!((sums.loss - plain.loss).abs() < 1e-6, "{sums:?}");
+            let got = grads(&policy);
+            assert!(got.iter().all(|g| g.abs().max().double_value(&[]) > 0.0));
+            // Recomputed layers repeat the forward pass bit for bit; only the order of
+            // the gradient sums differs.
+            let diff = relative_diff(&plain.grads, &got);
+            assert!(diff < 1e-5, "chunk {chunk}: gradients differ by {diff}");
+        }
+    }
+
+    #[test]
+    fn a_zero_chunk_is_refused_by_name() {
+        let bad = MemoryConfig {
+            logprob_chunk_tokens: 0,
+            activation_checkpointing: true,
+        };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("logprob_chunk_tokens"), "{err}");
+        MemoryConfig::default().validate().unwrap();
     }
 }

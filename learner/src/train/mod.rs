@@ -7,6 +7,8 @@ pub mod grad_sync;
 pub mod grpo;
 pub mod mfu;
 pub mod optim;
+#[cfg(test)]
+mod peak_memory_tests;
 pub mod sample;
 pub mod schedule;
 mod state_file;

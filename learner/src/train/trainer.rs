@@ -4,7 +4,7 @@
 
 use crate::error::{LearnerError, Result};
 use crate::train::grad_sync::GradSync;
-use crate::train::grpo::{self, GrpoConfig, LossSums};
+use crate::train::grpo::{self, GrpoConfig, LossSums, MemoryConfig};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::sample::{micro_batches, padded_tokens, validate_batch, TrainSample};
 use quill_model::Qwen2;
@@ -22,17 +22,21 @@ pub struct TrainerConfig {
     pub optimizer: AdamWConfig,
     /// Padded tokens (rows × longest row) per forward/backward pass.
     pub micro_batch_tokens: usize,
+    /// Log-prob chunking and activation checkpointing.
+    pub memory: MemoryConfig,
     /// How many bad (skipped) steps in a row are tolerated before `step` fails.
     pub max_consecutive_bad_steps: u32,
 }
 
 impl Default for TrainerConfig {
-    /// The recipe's loss and optimizer defaults, 16,384-token micro-batches, 3 bad steps.
+    /// The recipe's loss and optimizer defaults, 16,384-token micro-batches, log-probs in
+    /// chunks of 1,024 tokens, no activation checkpointing, 3 bad steps.
     fn default() -> Self {
         TrainerConfig {
             grpo: GrpoConfig::default(),
             optimizer: AdamWConfig::default(),
             micro_batch_tokens: 16_384,
+            memory: MemoryConfig::default(),
             max_consecutive_bad_steps: 3,
         }
     }
@@ -43,6 +47,7 @@ impl TrainerConfig {
     pub fn validate(&self) -> Result<()> {
         self.grpo.validate()?;
         self.optimizer.validate()?;
+        self.memory.validate()?;
         if self.micro_batch_tokens == 0 {
             return Err(LearnerError::config(
                 "micro_batch_tokens",
@@ -262,19 +267,19 @@ impl Trainer {
         for group in &groups {
             let samples: Vec<&TrainSample> = group.iter().map(|&i| &batch[i]).collect();
             let group_weights: Vec<f64> = group.iter().map(|&i| weights[i]).collect();
-            let (loss, part) = grpo::micro_batch_loss(
+            let part = grpo::micro_batch_backward(
                 &self.model,
                 self.reference.as_ref(),
                 &samples,
                 &group_weights,
                 &self.config.grpo,
+                &self.config.memory,
             )?;
             sums.add(&part);
             if !part.loss.is_finite() {
                 finite = false;
                 break;
             }
-            loss.f_backward()?;
         }
         let forward_backward_seconds = start.elapsed().as_secs_f64();
         let shard_tokens = batch.iter().map(|s| s.response.len()).sum();
@@ -376,7 +381,7 @@ fn padding_share(batch: &[TrainSample], groups: &[Vec<usize>]) -> f64 {
 mod tests {
     use super::*;
     use crate::testing::{batch, sample, tiny_model, trainer_config};
-    use crate::train::grpo::{response_logprobs, LossAggregation};
+    use crate::train::grpo::{response_logprobs, LossAggregation, MemoryConfig};
 
     /// A snapshot (copies: `hf_tensors` may alias the live parameters).
     fn weights(trainer: &Trainer) -> Vec<(String, Tensor)> {
@@ -411,6 +416,69 @@ mod tests {
             assert!(moved > 1e-3 && diff < 1e-5, "moved {moved}, differs {diff}");
             assert_eq!((a.version, a.step, a.tokens, a.sequences), (1, 1, 21, 4));
         }
+    }
+
+    #[test]
+    fn chunking_and_checkpointing_do_not_change_the_update() {
+        let config = trainer_config(12, LossAggregation::TokenMean, 0.05);
+        let mut saving_config = config.clone();
+        saving_config.memory = MemoryConfig {
+            logprob_chunk_tokens: 2,
+            activation_checkpointing: true,
+        };
+        let mut plain = Trainer::new(tiny_model(6), None, config).unwrap();
+        let mut saving = Trainer::new(tiny_model(6), None, saving_config).unwrap();
+        let before = weights(&plain);
+        for _ in 0..2 {
+            let a = plain.step(&batch()).unwrap();
+            let b = saving.step(&batch()).unwrap();
+            assert!((a.loss - b.loss).abs() < 1e-6, "{a:?} vs {b:?}");
+            assert!((a.grad_norm - b.grad_norm).abs() < 1e-5 * a.grad_norm);
+            assert!((a.entropy - b.entropy).abs() < 1e-5 * a.entropy);
+        }
+        let moved = max_diff(&before, &weights(&plain));
+        let diff = max_diff(&weights(&plain), &weights(&saving));
+        // Same gradients summed in another order: f32 rounding of the ~0.01 steps.
+        assert!(moved > 1e-3 && diff < 1e-5, "moved {moved}, differs {diff}");
+    }
+
+    #[test]
+    fn the_memory_plan_counts_the_bytes_the_trainer_holds() {
+        use quill_model::memory_plan::{self, LearnerSetup, ModelSize, Precision, Sharding};
+        let (model, _) = quill_model::default_model::load(tch::Device::Cpu, Kind::Float).unwrap();
+        let size = ModelSize::of(model.config());
+        let mut trainer = Trainer::new(model, None, TrainerConfig::default()).unwrap();
+        // A step allocates the gradients (zeroed after the update, not freed).
+        trainer.step(&batch()).unwrap();
+        let bytes = |t: &Tensor| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+        let vars = trainer.model().var_store().variables();
+        let weights: u64 = vars.values().map(bytes).sum();
+        let gradients: u64 = vars.values().map(|v| bytes(&v.grad())).sum();
+        let optimizer: u64 = trainer
+            .optimizer()
+            .moments()
+            .map(|(_, m, v)| bytes(m) + bytes(v))
+            .sum();
+        let setup = LearnerSetup {
+            gpus: 1,
+            sharding: Sharding::None,
+            precision: Precision::F32,
+            activation_checkpointing: false,
+            micro_batch_tokens: 16_384,
+            logprob_chunk_tokens: 1024,
+        };
+        let work = memory_plan::Workload {
+            group_size: 4,
+            prompts_per_step: 1,
+            max_tokens: 11,
+        };
+        let plan = memory_plan::learner_memory(&size, &setup, &work);
+        // The plan counts the same tensors: exact, no tolerance needed.
+        assert_eq!(
+            (plan.weights, plan.gradients, plan.optimizer),
+            (weights, gradients, optimizer)
+        );
+        assert_eq!(weights + gradients + optimizer, 16 * size.params);
     }
 
     #[test]

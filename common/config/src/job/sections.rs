@@ -223,6 +223,12 @@ pub struct GrpoSection {
     pub steps: u64,
     /// Tokens in one forward/backward micro-batch, at least 1.
     pub micro_batch_tokens: usize,
+    /// Response tokens whose logits (`[tokens, vocab]`) the learner forms at once when
+    /// it computes log-probs, at least 1.
+    pub logprob_chunk_tokens: usize,
+    /// Whether the learner recomputes each decoder layer in the backward pass instead
+    /// of keeping its activations (less memory, about one more forward pass of time).
+    pub activation_checkpointing: bool,
 }
 
 impl Default for GrpoSection {
@@ -239,6 +245,8 @@ impl Default for GrpoSection {
             drop_zero_advantage_groups: true,
             steps: 150,
             micro_batch_tokens: 8192,
+            logprob_chunk_tokens: 1024,
+            activation_checkpointing: false,
         }
     }
 }

@@ -261,7 +261,8 @@ impl GrpoSection {
             })?;
         }
         at_least("grpo.steps", self.steps, 1)?;
-        at_least("grpo.micro_batch_tokens", self.micro_batch_tokens, 1)
+        at_least("grpo.micro_batch_tokens", self.micro_batch_tokens, 1)?;
+        at_least("grpo.logprob_chunk_tokens", self.logprob_chunk_tokens, 1)
     }
 }
 
@@ -445,6 +446,11 @@ mod tests {
                 "[checkpoint]\npublish_dtype = \"fp16\"",
                 "checkpoint.publish_dtype",
                 "must be \"f32\" or \"bf16\", got \"fp16\"",
+            ),
+            (
+                "[grpo]\nlogprob_chunk_tokens = 0",
+                "grpo.logprob_chunk_tokens",
+                "must be at least 1, got 0",
             ),
             (
                 "[grpo]\ntis_cap = 0.5",
