@@ -6,6 +6,8 @@
 
 pub mod auth;
 pub mod blob;
+#[cfg(test)]
+mod decode_props;
 mod generated;
 pub mod incoming;
 pub mod member;

@@ -15,6 +15,8 @@
 
 pub mod admission;
 pub mod ingest;
+#[cfg(test)]
+mod ingest_props;
 pub mod leases;
 pub mod members;
 pub mod service;

@@ -159,6 +159,14 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
     });
     let trained = join(trainer);
     hub.finish();
+    let end = hub.status_document();
+    tracing::info!(
+        "job over: {} leases open, {} expired, {} given back; {} groups accepted",
+        end.leases_active,
+        end.leases_expired,
+        end.leases_released,
+        end.accepted_groups
+    );
     // Let members see `shutdown` in their next heartbeat before the server goes away.
     runtime.block_on(async { tokio::time::sleep(heartbeat * 2).await });
     let _ = stop_tx.send(());
