@@ -1,4 +1,4 @@
-//! Members die and stall while a 60-step job runs: a reward worker and an actor are
+//! Members die and stall while a 60-step job (2 prompts a step) runs: a reward worker and an actor are
 //! killed with SIGKILL five times each (and started again), and the other actor is
 //! stopped with SIGSTOP for twice the eviction time three times. The job still ends by
 //! itself, every prompt is trained exactly once, and no lease is left open.
@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 use support::job::{set, wait_until, Proc, TestJob};
 
-const PROMPTS: u64 = 60;
+const PROMPTS: u64 = 120;
 const HEARTBEAT_SECONDS: f64 = 0.5;
 
 /// Sends `signal` to a member process.
@@ -27,10 +27,10 @@ fn signal(proc: &Proc, signal: i32) {
 fn killed_and_stalled_members_lose_no_prompt_and_train_none_twice() {
     let job = TestJob::new(|t| {
         set(t, "grpo", "steps", 1000);
-        set(t, "grpo", "prompts_per_step", 1);
+        set(t, "grpo", "prompts_per_step", 2);
         set(t, "grpo", "max_staleness", 1000);
         set(t, "grpo", "drop_zero_advantage_groups", false);
-        set(t, "sampling", "max_new_tokens", 24);
+        set(t, "sampling", "max_new_tokens", 48);
         set(t, "data", "epochs", 1);
         set(t, "cluster", "heartbeat_seconds", HEARTBEAT_SECONDS);
         set(t, "cluster", "lease_seconds", 20);
