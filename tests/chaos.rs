@@ -90,13 +90,7 @@ fn killed_and_stalled_members_lose_no_prompt_and_train_none_twice() {
     assert!(log.contains("is back"), "a stopped actor came back: {log}");
     println!("the job ended {:?} after the last fault", started.elapsed());
 
-    let mut trained: Vec<u64> = job
-        .steps()
-        .iter()
-        .flat_map(|r| r["prompt_ids"].as_array().unwrap().clone())
-        .map(|v| v.as_u64().unwrap())
-        .collect();
-    trained.sort_unstable();
+    let trained = job.trained_prompt_ids();
     assert_eq!(
         trained,
         (0..PROMPTS).collect::<Vec<_>>(),

@@ -77,13 +77,7 @@ fn an_actor_joins_mid_run_and_a_killed_one_loses_no_prompt() {
     assert!(log.contains("no more prompts"), "{log}");
     assert!(log.contains("its leases go back in line"), "{log}");
 
-    let mut trained: Vec<u64> = job
-        .steps()
-        .iter()
-        .flat_map(|r| r["prompt_ids"].as_array().unwrap().clone())
-        .map(|v| v.as_u64().unwrap())
-        .collect();
-    trained.sort_unstable();
+    let trained = job.trained_prompt_ids();
     assert_eq!(
         trained,
         (0..PROMPTS).collect::<Vec<_>>(),

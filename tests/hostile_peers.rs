@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::job::{quill_bin, set, wait_until, Proc, TestJob};
+use support::job::{metrics_addr, quill_bin, set, wait_until, Proc, TestJob};
 use tonic::Code;
 
 const TOKEN: &str = "test-token-123";
@@ -108,17 +108,7 @@ async fn hostile_floods_are_bounded_and_honest_calls_still_answered() {
         .args(["--threads", "1", "--metrics-listen", "127.0.0.1:0"]);
     let mut learner = Proc::spawn(command, &job.dir.path().join("learner.log"));
     let addr = job.learner_addr(&mut learner);
-    let log = learner.log.clone();
-    let metrics = wait_until(
-        "metrics address in the log",
-        Duration::from_secs(60),
-        &mut [&mut learner],
-        || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let rest = text.split("Prometheus metrics at http://").nth(1)?;
-            Some(rest.split('/').next().unwrap().to_owned())
-        },
-    );
+    let metrics = metrics_addr(&mut learner);
     let pid = learner.child.id();
     let channel = support::job::grpc_channel(&addr).await;
     let mut status = learner_client(channel.clone(), TOKEN);

@@ -9,23 +9,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::job::{quill_bin, set, wait_until, wait_until_every, Proc, TestJob};
+use support::job::{metrics_addr, quill_bin, set, wait_until_every, Proc, TestJob};
 use support::{stderr, stdout};
-
-/// The address a process logged for its Prometheus endpoint.
-fn metrics_addr(proc: &mut Proc) -> String {
-    let log = proc.log.clone();
-    wait_until(
-        "metrics address in the log",
-        Duration::from_secs(120),
-        &mut [proc],
-        || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let rest = text.split("Prometheus metrics at http://").nth(1)?;
-            Some(rest.split('/').next().unwrap().to_owned())
-        },
-    )
-}
 
 /// Status line and body of `GET path` on `addr`.
 fn http_get(addr: &str, path: &str) -> (String, String) {

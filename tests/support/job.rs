@@ -71,6 +71,19 @@ impl TestJob {
             .collect()
     }
 
+    /// The prompt ids of every trained group, over all steps, sorted (a prompt trained
+    /// twice appears twice).
+    pub fn trained_prompt_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .steps()
+            .iter()
+            .flat_map(|r| r["prompt_ids"].as_array().unwrap().clone())
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Waits up to 10 s until no process mentions the job's directory any more.
     pub fn no_process_left(&self) {
         let needle = self.dir.path().display().to_string();
@@ -230,6 +243,21 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The address a process logged it serves Prometheus `/metrics` at (waits up to 120 s).
+pub fn metrics_addr(proc: &mut Proc) -> String {
+    let log = proc.log.clone();
+    wait_until(
+        "metrics address in the log",
+        Duration::from_secs(120),
+        &mut [proc],
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let rest = text.split("Prometheus metrics at http://").nth(1)?;
+            Some(rest.split('/').next().unwrap().to_owned())
+        },
+    )
 }
 
 /// Pids of live processes whose command line mentions `needle`.
