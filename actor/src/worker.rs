@@ -272,7 +272,8 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
     let mut groups: JoinSet<()> = JoinSet::new();
     let want = job.cluster.leases_per_actor.max(1);
     let channels = Arc::new(tokio::sync::Mutex::new(HashMap::<String, Reward>::new()));
-    while !shared.shutdown.load(Ordering::SeqCst) {
+    let mut failure = None;
+    while failure.is_none() && !shared.shutdown.load(Ordering::SeqCst) {
         let free = want.saturating_sub(groups.len());
         if free > 0 {
             let reply = member
@@ -310,7 +311,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
                 Err(status) => tracing::warn!("lease failed: {}", status.message()),
             }
         }
-        let failure = if groups.is_empty() {
+        failure = if groups.is_empty() {
             tokio::time::sleep(hb / 4).await;
             None
         } else {
@@ -322,20 +323,21 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
                 _ => None,
             }
         };
-        let failure = failure.or_else(|| shared.engine_failure.lock().expect("poisoned").clone());
-        if let Some(failure) = failure {
-            groups.abort_all();
-            release(&member, &shared.held.ids(), &failure).await;
-            heartbeat.abort();
-            relay_server.abort();
-            return Err(ActorError::Generation(failure));
-        }
+        failure = failure.or_else(|| shared.engine_failure.lock().expect("poisoned").clone());
     }
     groups.abort_all();
+    if let Some(failure) = &failure {
+        release(&member, &shared.held.ids(), failure).await;
+    }
     heartbeat.abort();
     relay_server.abort();
-    tracing::info!(member = %member.id, "actor finished");
-    Ok(())
+    match failure {
+        Some(failure) => Err(ActorError::Generation(failure)),
+        None => {
+            tracing::info!(member = %member.id, "actor finished");
+            Ok(())
+        }
+    }
 }
 
 /// How long a relay child waits for the next bytes before it tries another source.
