@@ -87,6 +87,10 @@ pub struct ActorOptions {
 
 type Reward = RewardConn;
 
+/// Generations that may fail in a row before the actor takes its engine for broken, gives
+/// its leases back and stops (a single failure only gives that group's lease back).
+const MAX_FAILURES_IN_A_ROW: u64 = 3;
+
 struct Shared {
     version: AtomicU64,
     shutdown: AtomicBool,
@@ -112,6 +116,8 @@ struct Shared {
     held: HeldLeases,
     /// Why the engine stopped, once it has.
     engine_failure: Mutex<Option<String>>,
+    /// Generations that failed since the last one that succeeded.
+    failures_in_a_row: AtomicU64,
 }
 
 /// Serves the actor's own gauges: what its last heartbeat reported, its weights version
@@ -241,6 +247,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         learner_only: AtomicBool::new(false),
         held: HeldLeases::default(),
         engine_failure: Mutex::new(None),
+        failures_in_a_row: AtomicU64::new(0),
     });
     serve_metrics(&options, &job, &member.id, &engine, &shared).await?;
     let relay_server = tokio::spawn(rpc::serve(
@@ -273,6 +280,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
     let want = job.cluster.leases_per_actor.max(1);
     let channels = Arc::new(tokio::sync::Mutex::new(HashMap::<String, Reward>::new()));
     let mut failure = None;
+    let mut refused = None;
     while failure.is_none() && !shared.shutdown.load(Ordering::SeqCst) {
         let free = want.saturating_sub(groups.len());
         if free > 0 {
@@ -308,10 +316,17 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
                 Err(status) if status.code() == Code::NotFound => {
                     return Err(learner_err(format!("lease: {}", status.message())));
                 }
+                Err(status) if status.code() == Code::FailedPrecondition => {
+                    refused = Some(format!(
+                        "the learner gives this actor no more leases: {}",
+                        status.message()
+                    ));
+                }
                 Err(status) => tracing::warn!("lease failed: {}", status.message()),
             }
         }
-        failure = if groups.is_empty() {
+        failure = refused.take();
+        failure = failure.or(if groups.is_empty() {
             tokio::time::sleep(hb / 4).await;
             None
         } else {
@@ -322,7 +337,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
                 )),
                 _ => None,
             }
-        };
+        });
         failure = failure.or_else(|| shared.engine_failure.lock().expect("poisoned").clone());
     }
     groups.abort_all();
@@ -571,11 +586,27 @@ async fn generate_and_deliver(
                 .get_or_insert_with(|| reason.clone());
             Err(reason)
         }
-        Ok(Ok(Err(e))) => Err(format!("generation failed: {e}")),
+        Ok(Ok(Err(e))) => {
+            let reason = format!("generation failed: {e}");
+            let failures = shared.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+            if failures >= MAX_FAILURES_IN_A_ROW {
+                shared
+                    .engine_failure
+                    .lock()
+                    .expect("poisoned")
+                    .get_or_insert_with(|| {
+                        format!("{failures} generations in a row failed; the last: {e}")
+                    });
+            }
+            Err(reason)
+        }
         Err(e) => Err(format!("generation task: {e}")),
     };
     let group = match group {
-        Ok(group) => group,
+        Ok(group) => {
+            shared.failures_in_a_row.store(0, Ordering::Relaxed);
+            group
+        }
         Err(reason) => {
             tracing::warn!(lease = lease.lease_id, "{reason}");
             release(&member, &[lease.lease_id], &reason).await;

@@ -14,12 +14,14 @@
 //! the versions in force at its first and last token, so the learner can bound staleness
 //! by the oldest and correct the rest with per-token importance ratios.
 
+pub mod fault;
 pub mod handle;
 pub mod request;
 pub mod sampling;
 pub mod stop;
 
 use crossbeam_channel::Sender;
+use fault::Faults;
 use quill_model::{KvCache, Prefix, Qwen2, Tokenizer};
 use quill_proto::blob::WeightBlob;
 use request::{FinishReason, GenerationError, GenerationRequest, GroupOutput, Sample};
@@ -104,6 +106,7 @@ pub struct Engine {
     next_key: u64,
     version: u64,
     stats: Arc<EngineStats>,
+    faults: Faults,
 }
 
 impl Engine {
@@ -127,6 +130,7 @@ impl Engine {
             next_key: 0,
             version: 0,
             stats: Arc::new(EngineStats::default()),
+            faults: Faults::from_env(),
         }
     }
 
@@ -318,6 +322,7 @@ impl Engine {
         if let Some(prefix) = &group.prefix {
             return Ok(Rc::clone(prefix));
         }
+        self.faults.before_prefill()?;
         let prefix = Rc::new(self.model.prefill(&group.request.prompt)?);
         group.prefix = Some(Rc::clone(&prefix));
         Ok(prefix)

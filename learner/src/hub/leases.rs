@@ -49,6 +49,9 @@ pub struct Lease {
     pub version: u64,
     /// When it expires.
     pub deadline: Instant,
+    /// The latest its deadline may be renewed to (`cluster.max_lease_seconds` after it
+    /// was issued), so a holder that never delivers cannot keep a prompt forever.
+    pub last_chance: Option<Instant>,
     /// Whether the batcher keeps a slot for its group in the batch that is its last
     /// chance (cleared once a submission under it was refused).
     pub reserved: bool,
@@ -65,6 +68,8 @@ pub struct Ledger {
     released: u64,
     queued: usize,
     untrained: HashMap<u64, Untrained>,
+    max_life: Option<Duration>,
+    strikes: HashMap<String, u32>,
 }
 
 /// An ingested group the trainer has not used up yet.
@@ -86,7 +91,14 @@ impl Ledger {
         }
     }
 
-    /// Moves every overdue lease's prompt to the re-issue queue.
+    /// Caps how long any lease may be renewed to, counted from when it was issued.
+    pub fn with_max_life(mut self, max_life: Duration) -> Self {
+        self.max_life = Some(max_life);
+        self
+    }
+
+    /// Moves every overdue lease's prompt to the re-issue queue, and counts a strike
+    /// against its holder.
     pub fn expire(&mut self, now: Instant) {
         let overdue: Vec<u64> = self
             .active
@@ -98,7 +110,13 @@ impl Ledger {
             let lease = self.active.remove(&id).expect("listed above");
             self.reissue.push_back(lease.prompt_id);
             self.expired += 1;
+            *self.strikes.entry(lease.member).or_default() += 1;
         }
+    }
+
+    /// Leases `member` let expire since it last delivered a group.
+    pub fn strikes(&self, member: &str) -> u32 {
+        self.strikes.get(member).copied().unwrap_or(0)
     }
 
     /// Drops every lease a departed member held, putting its prompts back in line.
@@ -113,6 +131,7 @@ impl Ledger {
             let lease = self.active.remove(&id).expect("listed above");
             self.reissue.push_back(lease.prompt_id);
         }
+        self.strikes.remove(member);
     }
 
     /// A prompt waiting to be re-issued, if any.
@@ -138,6 +157,7 @@ impl Ledger {
                 member: member.to_owned(),
                 version,
                 deadline: now + ttl,
+                last_chance: self.max_life.map(|life| now + life.max(ttl)),
                 reserved: true,
             },
         );
@@ -154,14 +174,16 @@ impl Ledger {
         }
     }
 
-    /// Extends to `until` the leases among `lease_ids` that `member` holds (and that
-    /// still keep a batch slot); returns those among `lease_ids` it no longer holds.
+    /// Extends to `until` (no later than their last chance) the leases among `lease_ids`
+    /// that `member` holds and that still keep a batch slot; returns those among
+    /// `lease_ids` it no longer holds.
     pub fn renew(&mut self, member: &str, lease_ids: &[u64], until: Instant) -> Vec<u64> {
         let mut lost = Vec::new();
         for id in lease_ids {
             match self.active.get_mut(id) {
                 Some(lease) if lease.member == member => {
                     if lease.reserved {
+                        let until = lease.last_chance.map_or(until, |last| until.min(last));
                         lease.deadline = lease.deadline.max(until);
                     }
                 }
@@ -240,6 +262,7 @@ impl Ledger {
     pub fn complete(&mut self, lease_id: u64) -> Result<u64, LeaseError> {
         self.get(lease_id)?;
         let lease = self.active.remove(&lease_id).expect("checked");
+        self.strikes.remove(&lease.member);
         self.ingested.insert(lease_id);
         self.untrained.insert(
             lease_id,
@@ -350,6 +373,14 @@ struct Ask {
     cap: usize,
 }
 
+impl Ask {
+    /// Leases a member may let expire in a row, without delivering a group, before it
+    /// gets no more: two full rounds of its cap.
+    fn strike_limit(&self) -> u32 {
+        u32::try_from(self.cap.saturating_mul(2)).unwrap_or(u32::MAX)
+    }
+}
+
 /// One prompt handed out: its lease, the prompt, and its tokens when already encoded.
 struct Issued {
     lease_id: u64,
@@ -391,11 +422,26 @@ impl Leases {
     }
 
     /// Issues up to `ask.count` leases to `member` (expired ones' prompts first, then new
-    /// prompts): as many as admission allows, fewer when the data runs out.
-    fn issue(&self, member: &str, ask: Ask, ttl: Duration, now: Instant) -> Vec<Issued> {
+    /// prompts): as many as admission allows, fewer when the data runs out; none, with
+    /// `FAILED_PRECONDITION`, to a member that let too many leases expire undelivered.
+    fn issue(
+        &self,
+        member: &str,
+        ask: Ask,
+        ttl: Duration,
+        now: Instant,
+    ) -> Result<Vec<Issued>, Status> {
         let mut guard = self.book.lock();
         let book = &mut *guard;
         book.ledger.expire(now);
+        let strikes = book.ledger.strikes(member);
+        if strikes >= ask.strike_limit() {
+            return Err(Status::failed_precondition(format!(
+                "member {member} let {strikes} leases expire in a row without delivering a \
+                 group, so it gets no more (a generation must finish within \
+                 cluster.max_lease_seconds; register again to start over)"
+            )));
+        }
         let holdings = book.ledger.holdings();
         let held = |m: &str| holdings.get(m).copied().unwrap_or(0);
         let pipeline = Pipeline {
@@ -423,7 +469,7 @@ impl Leases {
                 prompt,
             });
         }
-        issued
+        Ok(issued)
     }
 
     /// Caches a prompt's tokens (what its groups must carry).
@@ -494,6 +540,12 @@ impl Leases {
     /// See [`Ledger::renew`]: the renewed leases last `ttl` from now.
     pub fn renew(&self, member: &str, lease_ids: &[u64], ttl: Duration) -> Vec<u64> {
         let until = Instant::now() + ttl;
+        self.book.lock().ledger.renew(member, lease_ids, until)
+    }
+
+    /// See [`Ledger::renew`].
+    #[cfg(test)]
+    fn renew_until(&self, member: &str, lease_ids: &[u64], until: Instant) -> Vec<u64> {
         self.book.lock().ledger.renew(member, lease_ids, until)
     }
 
@@ -632,7 +684,9 @@ impl Hub {
             actors: self.members.live_actors().max(1),
             cap: self.job.cluster.leases_per_actor,
         };
-        let issued = self.leases.issue(&req.member_id, ask, ttl, Instant::now());
+        let issued = self
+            .leases
+            .issue(&req.member_id, ask, ttl, Instant::now())?;
         let mut leases = Vec::with_capacity(issued.len());
         for Issued {
             lease_id,
@@ -799,6 +853,65 @@ mod tests {
         assert_eq!(ledger.released_count(), 1);
     }
 
+    #[test]
+    fn a_holder_that_never_delivers_loses_its_leases_and_then_gets_none() {
+        let life = TTL * 3;
+        let leases = Leases::new(
+            Dataset::new(crate::data::default_prompts(), 1, false, 1),
+            Ledger::default().with_max_life(life),
+            roomy(),
+        );
+        let hoard = Ask { cap: 2, ..ask(2) };
+        let now = Instant::now();
+        // Renewed on every heartbeat, a lease still ends `max_life` after it was issued.
+        let held = leases.issue("hoarder", hoard, TTL, now).unwrap();
+        let ids: Vec<u64> = held.iter().map(|i| i.lease_id).collect();
+        let mut at = now;
+        while at < now + life {
+            assert!(leases.renew_until("hoarder", &ids, at + TTL).is_empty());
+            at += TTL / 2;
+        }
+        let mut hoarded: Vec<u64> = held.iter().map(|i| i.prompt.id).collect();
+        let mut reissued: Vec<u64> = leases
+            .issue("honest", ask(2), TTL, now + life)
+            .unwrap()
+            .iter()
+            .map(|i| i.prompt.id)
+            .collect();
+        hoarded.sort_unstable();
+        reissued.sort_unstable();
+        assert_eq!(
+            reissued, hoarded,
+            "the hoarded prompts went to another actor"
+        );
+        // Every lease it lets expire is a strike; at twice its cap it gets no more.
+        assert_eq!(
+            leases
+                .issue("hoarder", hoard, TTL, now + life)
+                .unwrap()
+                .len(),
+            2
+        );
+        let refused = leases
+            .issue("hoarder", hoard, TTL, now + life + TTL)
+            .err()
+            .expect("a member that never delivers gets no more leases");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            refused.message().contains("cluster.max_lease_seconds"),
+            "{}",
+            refused.message()
+        );
+        // A member that delivers starts over.
+        let mut ledger = Ledger::default();
+        ledger.issue(1, "a", 0, TTL, now);
+        let kept = ledger.issue(2, "a", 0, TTL * 9, now);
+        ledger.expire(now + TTL);
+        assert_eq!(ledger.strikes("a"), 1);
+        ledger.complete(kept).unwrap();
+        assert_eq!(ledger.strikes("a"), 0);
+    }
+
     fn leases() -> Leases {
         Leases::new(
             Dataset::new(crate::data::default_prompts(), 1, false, 1),
@@ -811,13 +924,13 @@ mod tests {
     fn an_expired_lease_is_reissued_before_new_prompts() {
         let leases = leases();
         let now = Instant::now();
-        let first = leases.issue("a", ask(2), TTL, now);
+        let first = leases.issue("a", ask(2), TTL, now).unwrap();
         assert_eq!(first.len(), 2);
         assert!(first.iter().all(|i| i.tokens.is_none()));
         // Both leases expire together; either prompt may come back first.
         leases.remember(first[0].prompt.id, vec![1, 2]);
         leases.remember(first[1].prompt.id, vec![3, 4]);
-        let later = leases.issue("b", ask(1), TTL, now + TTL * 2);
+        let later = leases.issue("b", ask(1), TTL, now + TTL * 2).unwrap();
         let again = first
             .iter()
             .find(|f| f.prompt.id == later[0].prompt.id)
@@ -837,7 +950,10 @@ mod tests {
     #[test]
     fn a_lease_is_checked_against_its_prompt_and_completes_once() {
         let leases = leases();
-        let issued = leases.issue("a", ask(1), TTL, Instant::now()).remove(0);
+        let issued = leases
+            .issue("a", ask(1), TTL, Instant::now())
+            .unwrap()
+            .remove(0);
         let (id, prompt) = (issued.lease_id, issued.prompt.id);
         leases.remember(prompt, vec![3, 4]);
         let leased = RolloutGroup {
@@ -877,7 +993,7 @@ mod tests {
             roomy(),
         );
         let now = Instant::now();
-        let issued = leases.issue("a", ask(5), TTL, now);
+        let issued = leases.issue("a", ask(5), TTL, now).unwrap();
         assert_eq!(issued.len(), 2);
         assert!(!leases.data_done(), "leases are out");
         leases.release_members(&["a".to_owned()]);
@@ -886,7 +1002,7 @@ mod tests {
         assert_eq!(outstanding, vec![0, 1]);
         assert_eq!(last, 2);
         let mut completed = Vec::new();
-        for again in leases.issue("b", ask(5), TTL, now) {
+        for again in leases.issue("b", ask(5), TTL, now).unwrap() {
             leases.complete(again.lease_id).unwrap();
             completed.push(again.lease_id);
         }

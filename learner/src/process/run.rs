@@ -83,7 +83,8 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
     );
     let mut dataset = Dataset::new(prompts, job.job.seed, job.data.shuffle, job.data.epochs);
     dataset.restore(boot.data.cursor);
-    let mut ledger = Ledger::starting_at(boot.data.last_lease);
+    let mut ledger = Ledger::starting_at(boot.data.last_lease)
+        .with_max_life(Duration::from_secs(job.cluster.max_lease_seconds));
     ledger.requeue(boot.data.outstanding.iter().copied());
     let hub = Arc::new(
         Hub::new(

@@ -345,6 +345,9 @@ pub struct ClusterSection {
     pub leases_per_actor: usize,
     /// Seconds before an unreturned lease is issued again, at least 1.
     pub lease_seconds: u64,
+    /// Seconds a lease may last however often its holder renews it, at least
+    /// `lease_seconds`: a generation must end within it.
+    pub max_lease_seconds: u64,
     /// Scored groups the learner buffers, at least 1.
     pub ingest_queue: usize,
     /// Bytes per message of the weight stream, 1 KiB to 64 MiB.
@@ -379,6 +382,7 @@ impl Default for ClusterSection {
             actor_batch: 32,
             leases_per_actor: 2,
             lease_seconds: 600,
+            max_lease_seconds: 3600,
             ingest_queue: 64,
             weight_chunk_bytes: 4 * 1024 * 1024,
             relay_fanout: 2,

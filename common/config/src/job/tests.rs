@@ -174,6 +174,7 @@ fn a_minimal_file_gets_the_recipe_defaults() {
     assert_eq!(config.cluster.actor_batch, 32);
     assert_eq!(config.cluster.leases_per_actor, 2);
     assert_eq!(config.cluster.lease_seconds, 600);
+    assert_eq!(config.cluster.max_lease_seconds, 3600);
     assert_eq!(config.cluster.ingest_queue, 64);
     assert_eq!(config.cluster.weight_chunk_bytes, 4 << 20);
     assert_eq!(config.cluster.relay_fanout, 2);

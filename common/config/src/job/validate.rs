@@ -310,6 +310,16 @@ impl ClusterSection {
         at_least("cluster.actor_batch", self.actor_batch, 1)?;
         at_least("cluster.leases_per_actor", self.leases_per_actor, 1)?;
         at_least("cluster.lease_seconds", self.lease_seconds, 1)?;
+        ensure(
+            self.max_lease_seconds >= self.lease_seconds,
+            "cluster.max_lease_seconds",
+            || {
+                format!(
+                    "must be at least cluster.lease_seconds ({}), got {}",
+                    self.lease_seconds, self.max_lease_seconds
+                )
+            },
+        )?;
         at_least("cluster.ingest_queue", self.ingest_queue, 1)?;
         ensure(
             (MIN_WEIGHT_CHUNK_BYTES..=MAX_WEIGHT_CHUNK_BYTES).contains(&self.weight_chunk_bytes),
@@ -396,6 +406,11 @@ mod tests {
                 "[sampling]\ntemperature = nan",
                 "sampling.temperature",
                 "must be a finite number above 0, got NaN",
+            ),
+            (
+                "[cluster]\nlease_seconds = 60\nmax_lease_seconds = 30",
+                "cluster.max_lease_seconds",
+                "must be at least cluster.lease_seconds (60), got 30",
             ),
             (
                 "[cluster]\nlearner_addr = \"localhost\"",
