@@ -91,6 +91,9 @@ type Reward = RewardConn;
 /// its leases back and stops (a single failure only gives that group's lease back).
 const MAX_FAILURES_IN_A_ROW: u64 = 3;
 
+/// Times an actor tries again to fetch its first weights before it gives up.
+const FIRST_SYNC_RETRIES: u32 = 2;
+
 struct Shared {
     version: AtomicU64,
     shutdown: AtomicBool,
@@ -258,14 +261,24 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
         job.cluster.idle_connection(),
         std::future::pending(),
     ));
-    let first = member
-        .heartbeat(heartbeat_request(&shared, ActorMetrics::default()))
-        .await
-        .map_err(|s| learner_err(format!("heartbeat: {}", s.message())))?;
-    take_reply(&shared, &first);
-    sync_weights(first.latest_version, &engine, &shared)
-        .await
-        .map_err(learner_err)?;
+    // The first weights: a failed fetch (a forged relay copy makes the next try go to the
+    // learner alone) is tried again with a fresh heartbeat's sources and version.
+    let mut tries = 0;
+    loop {
+        let reply = member
+            .heartbeat(heartbeat_request(&shared, ActorMetrics::default()))
+            .await
+            .map_err(|s| learner_err(format!("heartbeat: {}", s.message())))?;
+        take_reply(&shared, &reply);
+        match sync_weights(reply.latest_version, &engine, &shared).await {
+            Ok(()) => break,
+            Err(e) if tries < FIRST_SYNC_RETRIES => {
+                tries += 1;
+                tracing::warn!("first weights: {e}");
+            }
+            Err(e) => return Err(learner_err(e)),
+        }
+    }
     tracing::info!(member = %member.id, version = shared.version.load(Ordering::SeqCst), relay = %relay_address, "actor joined");
 
     let hb = Duration::from_secs_f64(job.cluster.heartbeat_seconds);
