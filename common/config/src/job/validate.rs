@@ -12,7 +12,7 @@ use super::{
     JobSection, MetricsSection, ModelSection, OptimizerSection, ParallelSection, RewardsSection,
     SamplingSection, MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
 };
-use crate::template::{PromptTemplate, QUESTION_SLOT};
+use crate::template::PromptTemplate;
 
 /// The origin [`JobConfig::validate`] names in its errors.
 const VALIDATE_ORIGIN: &str = "job config";
@@ -123,10 +123,7 @@ fn socket_addr(field: &str, value: &str) -> Check {
 fn check_template(template: &PromptTemplate) -> Check {
     template.validate().map_err(|e| Problem {
         field: format!("template.{}", e.field),
-        reason: format!(
-            "must contain {QUESTION_SLOT} exactly once, found {}",
-            e.count
-        ),
+        reason: e.reason,
     })
 }
 
@@ -480,7 +477,12 @@ mod tests {
             (
                 "[template]\nenglish = \"no slot\"\nchinese = \"{question}\"",
                 "template.english",
-                "must contain {question} exactly once, found 0",
+                "must contain {question} exactly once (found 0)",
+            ),
+            (
+                "[template]\nchinese_share = 2.0",
+                "template.chinese_share",
+                "must be in (0, 1], got 2",
             ),
         ];
         for (extra, want_field, want_reason) in cases {
