@@ -177,7 +177,22 @@ impl DataSection {
         non_empty("data.question_field", &self.question_field)?;
         non_empty("data.prompt_field", &self.prompt_field)?;
         non_empty("data.length_field", &self.length_field)?;
-        non_empty("data.range_field", &self.range_field)
+        non_empty("data.range_field", &self.range_field)?;
+        if let Some(p) = &self.range_predictor {
+            ensure(
+                p.url.starts_with("http://"),
+                "data.range_predictor.url",
+                || {
+                    format!(
+                        "must be an http:// URL such as \"http://127.0.0.1:8000\", got {:?}",
+                        p.url
+                    )
+                },
+            )?;
+            non_empty("data.range_predictor.model", &p.model)?;
+            positive("data.range_predictor.timeout_s", p.timeout_s)?;
+        }
+        Ok(())
     }
 }
 
@@ -478,6 +493,11 @@ mod tests {
                 "[template]\nenglish = \"no slot\"\nchinese = \"{question}\"",
                 "template.english",
                 "must contain {question} exactly once (found 0)",
+            ),
+            (
+                "[data.range_predictor]\nurl = \"ftp://x\"",
+                "data.range_predictor.url",
+                "must be an http:// URL such as \"http://127.0.0.1:8000\", got \"ftp://x\"",
             ),
             (
                 "[template]\nchinese_share = 2.0",
