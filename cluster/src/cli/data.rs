@@ -42,8 +42,9 @@ pub struct RangesArgs {
     /// Further tries after a failed request or an invalid reply.
     #[arg(long, default_value_t = 3)]
     pub retries: u32,
-    /// The API key sent as a bearer token.
-    #[arg(long, env = "QUILL_PREDICTOR_API_KEY", hide_env_values = true)]
+    /// The API key sent as a bearer token (default: the QUILL_PREDICTOR_API_KEY
+    /// environment variable).
+    #[arg(long)]
     pub api_key: Option<String>,
     /// The field holding the question.
     #[arg(long, default_value = "question")]
@@ -82,7 +83,10 @@ fn ranges(args: RangesArgs) -> anyhow::Result<()> {
                 template,
                 timeout: Duration::from_secs_f64(args.timeout_s),
                 retries: args.retries,
-                api_key: args.api_key.clone(),
+                api_key: args
+                    .api_key
+                    .clone()
+                    .or_else(|| std::env::var("QUILL_PREDICTOR_API_KEY").ok()),
                 ..PredictorConfig::new(url, &args.model)
             };
             Some(RangePredictor::new(config).map_err(|e| {

@@ -95,8 +95,9 @@ pub struct Args {
     /// need the same --out on a shared file system to resume).
     #[arg(long, default_value_t = 0)]
     pub rank: usize,
-    /// The shared secret the ranks prove themselves with when they connect.
-    #[arg(long, env = "QUILL_RING_KEY", hide_env_values = true)]
+    /// The shared secret the ranks prove themselves with when they connect (default: the
+    /// QUILL_RING_KEY environment variable).
+    #[arg(long)]
     pub ring_key: Option<String>,
     /// Seconds a rank waits for the others in a collective before failing.
     #[arg(long, default_value_t = 300)]
@@ -114,7 +115,11 @@ fn collective(args: &Args) -> anyhow::Result<Option<Box<dyn Collective>>> {
             args.ranks.len()
         );
     }
-    let Some(key) = args.ring_key.as_deref().filter(|k| !k.is_empty()) else {
+    let key = args
+        .ring_key
+        .clone()
+        .or_else(|| std::env::var("QUILL_RING_KEY").ok());
+    let Some(key) = key.filter(|k| !k.is_empty()) else {
         bail!("--ring-key (or QUILL_RING_KEY) is required with several --ranks");
     };
     let address = &args.ranks[args.rank];
