@@ -9,6 +9,7 @@ use support::{python, quill, repo_root, stderr, stdout};
 use tch::{Device, Kind};
 
 #[test]
+#[ignore = "slow tier: runs transformers (tests/reference/reward_model.py)"]
 fn trains_on_the_example_and_transformers_gives_the_same_scores() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("rm");

@@ -77,6 +77,7 @@ fn flat(weights: &[(String, Tensor)]) -> Vec<f32> {
 }
 
 #[test]
+#[ignore = "slow tier: runs PyTorch (tests/reference/reward_model.py)"]
 fn one_update_equals_a_pytorch_bradley_terry_step() {
     let pairs = small_pairs(4);
     let config = RmConfig {
