@@ -40,6 +40,11 @@ enum Command {
     Plot(plot::Args),
     /// Plan GPU memory: what learner ranks and actors hold, what fits, what would.
     Plan(cli::plan::Args),
+    /// Train a reward model on preference pairs (Bradley–Terry).
+    TrainRm(cli::train_rm::Args),
+    /// Offline tools for prompt files (length ranges).
+    #[command(subcommand)]
+    Data(cli::data::Data),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,5 +66,7 @@ fn main() -> anyhow::Result<()> {
         Command::Plot(args) => plot::run(args),
         Command::Status(args) => cli::status::run(args),
         Command::Plan(args) => cli::plan::run(args),
+        Command::TrainRm(args) => cli::train_rm::run(args),
+        Command::Data(command) => cli::data::run(command),
     }
 }

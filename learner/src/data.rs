@@ -2,7 +2,8 @@
 //! a plain `prompt` + `length_range`), or the embedded prompts of the default job, served
 //! in seeded shuffled epochs from a cursor that checkpoints can save and restore.
 
-use quill_config::job::DataSection;
+use crate::ranges::{Prediction, PredictorConfig, RangeError, RangePredictor, DEFAULT_TEMPLATE};
+use quill_config::job::{DataSection, RangePredictorSection};
 use quill_reward::{parse_length_range, LengthRange};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -10,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
+use std::time::Duration;
 
 /// What is wrong with the prompt data.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,9 @@ pub enum DataError {
     /// No records at all.
     #[error("prompt file {0} holds no prompts")]
     Empty(String),
+    /// The range predictor is misconfigured.
+    #[error("{0}")]
+    Predictor(String),
 }
 
 /// How a prompt is turned into model input.
@@ -114,7 +119,10 @@ pub fn default_prompts() -> Vec<Prompt> {
     out
 }
 
-/// Reads prompts as the data section says.
+/// Reads prompts as the data section says. A record with no range of its own and none
+/// stated in its text gets one from `data.range_predictor` when it is set (prompts it
+/// finds no sensible range for are left out and counted in the log); without it, such a
+/// record is an error.
 pub fn load_prompts(section: &DataSection) -> Result<Vec<Prompt>, DataError> {
     if section.path == "default" {
         return Ok(default_prompts());
@@ -124,28 +132,125 @@ pub fn load_prompts(section: &DataSection) -> Result<Vec<Prompt>, DataError> {
         path: section.path.clone(),
         source,
     })?;
-    let mut prompts = Vec::new();
+    let record_error = |line: usize, reason: String| DataError::Record {
+        path: section.path.clone(),
+        line,
+        reason,
+    };
+    let mut parsed = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let record_error = |reason: String| DataError::Record {
-            path: section.path.clone(),
-            line: i + 1,
-            reason,
-        };
-        let value: Value =
-            serde_json::from_str(line).map_err(|e| record_error(format!("invalid JSON: {e}")))?;
-        let prompt = parse_record(&value, section, prompts.len() as u64).map_err(record_error)?;
-        prompts.push(prompt);
+        let value: Value = serde_json::from_str(line)
+            .map_err(|e| record_error(i + 1, format!("invalid JSON: {e}")))?;
+        let record = parse_record(&value, section).map_err(|e| record_error(i + 1, e))?;
+        parsed.push((i + 1, record));
     }
+    let unranged: Vec<(usize, String)> = parsed
+        .iter()
+        .filter(|(_, (_, range))| range.is_none())
+        .map(|(line, (text, _))| (*line, text_of(text).to_owned()))
+        .collect();
+    let mut predicted = std::collections::HashMap::new();
+    if let Some(&(line, _)) = unranged.first() {
+        let Some(config) = &section.range_predictor else {
+            return Err(record_error(
+                line,
+                format!(
+                    "no target length: give `{}`, `{}`, state it in the text, or set \
+                     [data.range_predictor]",
+                    section.range_field, section.length_field
+                ),
+            ));
+        };
+        let predictor = range_predictor(config)?;
+        let questions: Vec<String> = unranged.iter().map(|(_, q)| q.clone()).collect();
+        let mut skipped = 0;
+        for ((line, _), result) in unranged.iter().zip(predictor.predict_blocking(&questions)) {
+            match result {
+                Ok(Prediction::Range(range)) => {
+                    predicted.insert(*line, range);
+                }
+                Ok(Prediction::NoRange) => skipped += 1,
+                Err(e) if e.is_endpoint_failure() => {
+                    return Err(record_error(*line, e.to_string()))
+                }
+                Err(e) => {
+                    tracing::warn!("prompt file {}, line {line}: left out: {e}", section.path);
+                    skipped += 1;
+                }
+            }
+        }
+        tracing::info!(
+            "range predictor: {} of {} prompts without a stated length got a range, {skipped} left out",
+            predicted.len(),
+            unranged.len()
+        );
+    }
+    let prompts: Vec<Prompt> = parsed
+        .into_iter()
+        .filter_map(|(line, (text, range))| {
+            Some((text, range.or_else(|| predicted.get(&line).copied())?))
+        })
+        .enumerate()
+        .map(|(id, (text, range))| Prompt {
+            id: id as u64,
+            text,
+            range,
+        })
+        .collect();
     if prompts.is_empty() {
         return Err(DataError::Empty(section.path.clone()));
     }
     Ok(prompts)
 }
 
-fn parse_record(value: &Value, section: &DataSection, id: u64) -> Result<Prompt, String> {
+/// The predictor a job's `[data.range_predictor]` describes.
+fn range_predictor(config: &RangePredictorSection) -> Result<RangePredictor, DataError> {
+    let field_error = |field: &str, reason: String| {
+        DataError::Predictor(format!("data.range_predictor.{field}: {reason}"))
+    };
+    let template = if config.template.is_empty() {
+        DEFAULT_TEMPLATE.to_owned()
+    } else {
+        std::fs::read_to_string(&config.template)
+            .map_err(|e| field_error("template", format!("{}: {e}", config.template)))?
+    };
+    let api_key = if config.api_key_env.is_empty() {
+        None
+    } else {
+        Some(std::env::var(&config.api_key_env).map_err(|_| {
+            field_error(
+                "api_key_env",
+                format!("the variable {} is not set", config.api_key_env),
+            )
+        })?)
+    };
+    RangePredictor::new(PredictorConfig {
+        template,
+        timeout: Duration::from_secs_f64(config.timeout_s),
+        retries: config.retries,
+        api_key,
+        ..PredictorConfig::new(&config.url, &config.model)
+    })
+    .map_err(|e| match e {
+        RangeError::Config { field, reason } => field_error(field, reason),
+        other => DataError::Predictor(other.to_string()),
+    })
+}
+
+fn text_of(text: &PromptText) -> &str {
+    match text {
+        PromptText::Question(s) | PromptText::Raw(s) => s,
+    }
+}
+
+/// A record's text and its range, when it gives or states one.
+fn parse_record(
+    value: &Value,
+    section: &DataSection,
+) -> Result<(PromptText, Option<LengthRange>), String> {
     let field = |name: &str| value.get(name).filter(|v| !v.is_null());
     let text = match (field(&section.question_field), field(&section.prompt_field)) {
         (Some(Value::String(q)), _) if !q.trim().is_empty() => PromptText::Question(q.clone()),
@@ -169,27 +274,21 @@ fn parse_record(value: &Value, section: &DataSection, id: u64) -> Result<Prompt,
                 )
             })?;
         let (lo, hi) = (to_u32(pair.0)?, to_u32(pair.1)?);
-        LengthRange::new(lo, hi).map_err(|e| format!("`{}`: {e}", section.range_field))?
+        Some(LengthRange::new(lo, hi).map_err(|e| format!("`{}`: {e}", section.range_field))?)
     } else if let Some(length) = field(&section.length_field) {
         let words = length
             .as_u64()
             .filter(|&n| n > 0)
             .ok_or_else(|| format!("`{}` must be a positive word count", section.length_field))?;
         let words = to_u32(words)?;
-        LengthRange::new(words - words / 10, words + words / 10)
-            .map_err(|e| format!("`{}`: {e}", section.length_field))?
+        Some(
+            LengthRange::new(words - words / 10, words + words / 10)
+                .map_err(|e| format!("`{}`: {e}", section.length_field))?,
+        )
     } else {
-        let question = match &text {
-            PromptText::Question(s) | PromptText::Raw(s) => s,
-        };
-        parse_length_range(question).ok_or_else(|| {
-            format!(
-                "no target length: give `{}`, `{}`, or state it in the text",
-                section.range_field, section.length_field
-            )
-        })?
+        parse_length_range(text_of(&text))
     };
-    Ok(Prompt { id, text, range })
+    Ok((text, range))
 }
 
 fn to_u32(n: u64) -> Result<u32, String> {
@@ -318,6 +417,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 1: no target length"), "{err}");
+        assert!(err.contains("[data.range_predictor]"), "{err}");
         let err = load("{\"question\": \"x\", \"length_range\": [500, 100]}\n")
             .unwrap_err()
             .to_string();
@@ -332,6 +432,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("prompt file /no/such.jsonl"), "{err}");
+    }
+
+    #[test]
+    fn prompts_without_a_length_get_a_predicted_range_or_are_left_out() {
+        use crate::ranges::tests::{by_question, Scripted};
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let server = runtime.block_on(Scripted::start(by_question));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                "{\"question\": \"Write a grocery list.\"}\n",
+                "{\"question\": \"Write a poem about rain.\"}\n",
+                "{\"question\": \"Write a riddle.\"}\n",
+                "{\"question\": \"写一篇两千字的文章\"}\n",
+            ),
+        )
+        .unwrap();
+        let with_predictor = |url: &str| DataSection {
+            range_predictor: Some(RangePredictorSection {
+                url: url.to_owned(),
+                timeout_s: 1.0,
+                retries: 1,
+                ..RangePredictorSection::default()
+            }),
+            ..section(&path)
+        };
+        let prompts = load_prompts(&with_predictor(&server.url)).unwrap();
+        let got: Vec<(u64, &str, u32, u32)> = prompts
+            .iter()
+            .map(|p| (p.id, p.as_str(), p.range.lo(), p.range.hi()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, "Write a poem about rain.", 300, 600),
+                (1, "写一篇两千字的文章", 1800, 2200)
+            ]
+        );
+        let url = runtime.block_on(server.stop());
+        let err = load_prompts(&with_predictor(&url)).unwrap_err().to_string();
+        assert!(
+            err.contains("line 1: the range predictor") && err.contains("unreachable"),
+            "{err}"
+        );
+        let bad = DataSection {
+            range_predictor: Some(RangePredictorSection {
+                template: "/no/template.txt".into(),
+                ..RangePredictorSection::default()
+            }),
+            ..section(&path)
+        };
+        let err = load_prompts(&bad).unwrap_err().to_string();
+        assert!(
+            err.starts_with("data.range_predictor.template: /no/template.txt"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@ pub mod hub;
 pub mod parallel;
 pub mod process;
 pub mod prometheus;
+pub mod ranges;
+pub mod reward_model;
 pub mod train;
 
 #[cfg(test)]

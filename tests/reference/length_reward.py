@@ -363,7 +363,7 @@ SUFFIX_WINDOW = 24
 def parse_length_range(question):
     """The target range a question states ("between 800 and 1,200 words", "不超过2000字"),
     or `None`; see `parse_length_range` in reward/src/length/parse.rs."""
-    chars = [_fold_full_width_digit(c) for c in to_lowercase(question)]
+    chars = _fold_chinese_numerals([_fold_full_width_digit(c) for c in to_lowercase(question)])
     i = 0
     while i < len(chars):
         starts_number = is_ascii_digit(chars[i]) and not (i > 0 and _is_ascii_alphanumeric(chars[i - 1]))
@@ -377,6 +377,61 @@ def parse_length_range(question):
                 continue
         i += 1
     return None
+
+
+_ZH_DIGITS = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6,
+              "七": 7, "八": 8, "九": 9}
+_ZH_SMALL_UNITS = {"十": 10, "百": 100, "千": 1000}
+_NO_UNIT = 1 << 64
+
+
+def _zh_numeral_value(run):
+    """See `value` in reward/src/length/zh_numerals.rs."""
+    total, section, pending, last_unit, after_zero = 0, 0, None, _NO_UNIT, False
+    for c in run:
+        if c in _ZH_DIGITS:
+            if pending is not None:
+                return None
+            d = _ZH_DIGITS[c]
+            after_zero = d == 0
+            pending = d if d != 0 else None
+        elif c in _ZH_SMALL_UNITS:
+            unit = _ZH_SMALL_UNITS[c]
+            if unit >= last_unit and last_unit != 10000:
+                return None
+            section += (pending if pending is not None else 1) * unit
+            pending, last_unit, after_zero = None, unit, False
+        else:
+            if total != 0 or last_unit == 10000:
+                return None
+            total = max(section + (pending or 0), 1) * 10000
+            section, pending, last_unit, after_zero = 0, None, 10000, False
+    if pending is not None:
+        place = last_unit // 10 if (not after_zero and 100 <= last_unit != _NO_UNIT) else 1
+        section += pending * place
+    return total + section
+
+
+def _fold_chinese_numerals(chars):
+    """See `fold_chinese_numerals` in reward/src/length/zh_numerals.rs."""
+    if not any(c in "百千万" for c in chars):
+        return chars
+    numeral = lambda c: c in _ZH_DIGITS or c in _ZH_SMALL_UNITS or c == "万"
+    out, i = [], 0
+    while i < len(chars):
+        c = chars[i]
+        if (c in _ZH_DIGITS or c == "十") and not (i > 0 and is_ascii_digit(chars[i - 1])):
+            end = i
+            while end < len(chars) and numeral(chars[end]):
+                end += 1
+            run = chars[i:end]
+            value = _zh_numeral_value(run) if any(x in "百千万" for x in run) else None
+            out.extend(list(str(value)) if value is not None else run)
+            i = end
+            continue
+        out.append(c)
+        i += 1
+    return out
 
 
 def _is_ascii_alphanumeric(c):

@@ -1,6 +1,7 @@
 //! The length reward: a question's target word range, and how well an answer meets it.
 
 mod parse;
+mod zh_numerals;
 
 use serde::{Deserialize, Serialize};
 

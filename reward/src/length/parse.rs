@@ -3,6 +3,7 @@
 
 use crate::text::is_cjk;
 
+use super::zh_numerals::fold_chinese_numerals;
 use super::LengthRange;
 
 /// How a stated word count bounds the answer.
@@ -139,7 +140,8 @@ const SUFFIX_WINDOW: usize = 24;
 /// A length is a number followed by `word`/`words` (also hyphenated, "a 1,500-word
 /// essay") or by `字` (optionally with 多/余/个 in between). Numbers may have thousands
 /// separators (`1,500`), full-width digits, and a `k`, `千` or `万` multiplier with an
-/// optional decimal part (`1.5k`, `1.5万`). The first length found decides:
+/// optional decimal part (`1.5k`, `1.5万`), or be Chinese numerals of a hundred or more
+/// (两千, 一万, 三千五百, 一万五). The first length found decides:
 ///
 /// - a range, "between 800 and 1,200 words", "800-1200 words", "from 800 to 1200
 ///   words", "800到1200字", gives `[800, 1200]`;
@@ -158,6 +160,7 @@ pub fn parse_length_range(question: &str) -> Option<LengthRange> {
         .flat_map(char::to_lowercase)
         .map(fold_full_width_digit)
         .collect();
+    let chars = fold_chinese_numerals(chars);
     let mut i = 0;
     while i < chars.len() {
         let starts_number = chars[i].is_ascii_digit()
@@ -465,7 +468,17 @@ mod tests {
             ],
             range(1350, 1650),
         );
-        assert_parses(&["写一篇1.5万字的小说"], range(13_500, 16_500));
+        assert_parses(
+            &[
+                "写一篇1.5万字的小说",
+                "写一篇一万五千字的小说",
+                "写一篇一万五字的小说",
+            ],
+            range(13_500, 16_500),
+        );
+        assert_parses(&["写一篇两千字的文章", "写二千字左右"], range(1800, 2200));
+        assert_parses(&["写一篇一万字的小说"], range(9_000, 11_000));
+        assert_parses(&["写一篇三千五百字的报告"], range(3_150, 3_850));
         assert_parses(&["Write a 333-word poem."], range(300, 366));
     }
 
@@ -493,6 +506,7 @@ mod tests {
                 "文章不得超过 2000 字",
                 "写一篇2000字以内的文章",
                 "少于2000字",
+                "不超过两千字",
             ],
             range(1800, 2000),
         );
@@ -515,6 +529,7 @@ mod tests {
                 "至少2000字",
                 "超过2000字",
                 "写2000字以上的文章",
+                "不少于两千字",
             ],
             range(2000, 2200),
         );
@@ -533,6 +548,7 @@ mod tests {
                 "写800到1200字",
                 "写800字至1200字的文章",
                 "写800~1200字",
+                "写八百到一千二百字",
             ],
             range(800, 1200),
         );
@@ -554,6 +570,8 @@ mod tests {
                 "Describe the wordless 400 wordsmiths.",
                 "Write a 10-chapter novel.",
                 "写一篇关于春天的文章",
+                "写一篇关于十字路口的文章",
+                "写三四千字",
                 "Write 0 words.",
                 "Write 2.5 words.",
                 "Write 99999999999999999999999 words.",

@@ -24,8 +24,8 @@ use crate::template::PromptTemplate;
 pub use sections::{
     CheckpointSection, ClusterSection, CollectiveKind, DataSection, GrpoSection, JobSection,
     KlEstimator, LossAggregation, LrSchedule, MetricsSection, ModelSection, OptimizerSection,
-    ParallelSection, RewardsSection, SamplingSection, MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES,
-    MIN_WEIGHT_CHUNK_BYTES,
+    ParallelSection, RangePredictorSection, RewardsSection, SamplingSection, MAX_RELAY_FANOUT,
+    MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
 };
 
 /// A whole RL job, as one TOML file describes it.
@@ -96,7 +96,27 @@ impl JobConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml_str(&text, &path.display().to_string())
+        let mut config = Self::from_toml_str(&text, &path.display().to_string())?;
+        config.load_template_file(path.parent().unwrap_or(Path::new(".")), path)?;
+        Ok(config)
+    }
+
+    /// Replaces the template with the one in `template.file` (relative to `base`), if set.
+    fn load_template_file(&mut self, base: &Path, origin: &Path) -> Result<(), JobConfigError> {
+        let Some(file) = self.template.file.clone() else {
+            return Ok(());
+        };
+        let loaded =
+            PromptTemplate::from_file(&base.join(&file)).map_err(|e| JobConfigError::Invalid {
+                origin: origin.display().to_string(),
+                field: "template.file".into(),
+                reason: e.to_string(),
+            })?;
+        self.template = PromptTemplate {
+            file: Some(file),
+            ..loaded
+        };
+        Ok(())
     }
 
     /// Parses and validates a job file's text; errors name `origin` (the file's name).

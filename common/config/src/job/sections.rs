@@ -86,6 +86,43 @@ pub struct DataSection {
     pub shuffle: bool,
     /// How many passes over the prompts; 0 for no limit.
     pub epochs: u32,
+    /// `[data.range_predictor]`: predict a range for prompts that neither give nor state
+    /// one (optional; without it such prompts are an error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range_predictor: Option<RangePredictorSection>,
+}
+
+/// `[data.range_predictor]`: a model behind an OpenAI-compatible endpoint that predicts a
+/// prompt's word range; its answer is checked with the recipe's rules and `[0, 0]` (no
+/// sensible range) leaves the prompt out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RangePredictorSection {
+    /// Base URL, `http://host:port` (`/v1/chat/completions` is added).
+    pub url: String,
+    /// The `model` field of each request.
+    pub model: String,
+    /// A text file holding the prompt, with `{question}` exactly once (empty: built-in).
+    pub template: String,
+    /// Seconds each request may take.
+    pub timeout_s: f64,
+    /// Further tries after a failed request or an invalid reply.
+    pub retries: u32,
+    /// An environment variable holding the API key (empty: none).
+    pub api_key_env: String,
+}
+
+impl Default for RangePredictorSection {
+    fn default() -> Self {
+        RangePredictorSection {
+            url: String::new(),
+            model: "default".to_owned(),
+            template: String::new(),
+            timeout_s: 60.0,
+            retries: 3,
+            api_key_env: String::new(),
+        }
+    }
 }
 
 impl Default for DataSection {
@@ -98,6 +135,7 @@ impl Default for DataSection {
             range_field: "length_range".to_owned(),
             shuffle: true,
             epochs: 0,
+            range_predictor: None,
         }
     }
 }

@@ -244,3 +244,34 @@ fn a_syntax_error_reports_line_and_column() {
     assert!(matches!(err, JobConfigError::Parse { .. }), "{err:?}");
     assert!(err.to_string().contains("line 3"), "{err}");
 }
+
+#[test]
+fn a_template_file_replaces_the_section() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("card.toml"),
+        "english = 'EN <|user|>: {question} <|assistant|>:'\nchinese = 'ZH <|用户|>: {question} <|助手|>:'\n",
+    )
+    .unwrap();
+    let job_path = dir.path().join("job.toml");
+    std::fs::write(&job_path, job("[template]\nfile = \"card.toml\"\n")).unwrap();
+    let config = JobConfig::from_file(&job_path).unwrap();
+    assert_eq!(config.template.render("写"), "ZH <|用户|>: 写 <|助手|>:");
+    assert_eq!(config.template.file.as_deref(), Some("card.toml"));
+    std::fs::write(
+        dir.path().join("card.toml"),
+        "english = 'no slot'\nchinese = '{question}'\n",
+    )
+    .unwrap();
+    let err = JobConfig::from_file(&job_path).unwrap_err().to_string();
+    assert!(
+        err.contains("template.file: template file") && err.contains("`english` must contain"),
+        "{err}"
+    );
+    std::fs::write(&job_path, job("[template]\nfile = \"gone.toml\"\n")).unwrap();
+    let err = JobConfig::from_file(&job_path).unwrap_err().to_string();
+    assert!(
+        err.contains("template.file") && err.contains("gone.toml"),
+        "{err}"
+    );
+}

@@ -12,7 +12,7 @@ use super::{
     JobSection, MetricsSection, ModelSection, OptimizerSection, ParallelSection, RewardsSection,
     SamplingSection, MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
 };
-use crate::template::{PromptTemplate, QUESTION_SLOT};
+use crate::template::PromptTemplate;
 
 /// The origin [`JobConfig::validate`] names in its errors.
 const VALIDATE_ORIGIN: &str = "job config";
@@ -123,10 +123,7 @@ fn socket_addr(field: &str, value: &str) -> Check {
 fn check_template(template: &PromptTemplate) -> Check {
     template.validate().map_err(|e| Problem {
         field: format!("template.{}", e.field),
-        reason: format!(
-            "must contain {QUESTION_SLOT} exactly once, found {}",
-            e.count
-        ),
+        reason: e.reason,
     })
 }
 
@@ -180,7 +177,22 @@ impl DataSection {
         non_empty("data.question_field", &self.question_field)?;
         non_empty("data.prompt_field", &self.prompt_field)?;
         non_empty("data.length_field", &self.length_field)?;
-        non_empty("data.range_field", &self.range_field)
+        non_empty("data.range_field", &self.range_field)?;
+        if let Some(p) = &self.range_predictor {
+            ensure(
+                p.url.starts_with("http://"),
+                "data.range_predictor.url",
+                || {
+                    format!(
+                        "must be an http:// URL such as \"http://127.0.0.1:8000\", got {:?}",
+                        p.url
+                    )
+                },
+            )?;
+            non_empty("data.range_predictor.model", &p.model)?;
+            positive("data.range_predictor.timeout_s", p.timeout_s)?;
+        }
+        Ok(())
     }
 }
 
@@ -495,7 +507,17 @@ mod tests {
             (
                 "[template]\nenglish = \"no slot\"\nchinese = \"{question}\"",
                 "template.english",
-                "must contain {question} exactly once, found 0",
+                "must contain {question} exactly once (found 0)",
+            ),
+            (
+                "[data.range_predictor]\nurl = \"ftp://x\"",
+                "data.range_predictor.url",
+                "must be an http:// URL such as \"http://127.0.0.1:8000\", got \"ftp://x\"",
+            ),
+            (
+                "[template]\nchinese_share = 2.0",
+                "template.chinese_share",
+                "must be in (0, 1], got 2",
             ),
         ];
         for (extra, want_field, want_reason) in cases {
