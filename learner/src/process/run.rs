@@ -171,9 +171,19 @@ pub fn run(job: JobConfig, options: LearnerOptions) -> Result<(), RunError> {
     // Let members see `shutdown` in their next heartbeat before the server goes away.
     runtime.block_on(async { tokio::time::sleep(heartbeat * 2).await });
     let _ = stop_tx.send(());
-    let _ = runtime.block_on(server);
+    let closed = runtime.block_on(async { tokio::time::timeout(SHUTDOWN_GRACE, server).await });
+    if closed.is_err() {
+        tracing::warn!(
+            "connections still open {SHUTDOWN_GRACE:?} after the server stopped (a stopped \
+             peer?): closing them"
+        );
+    }
     trained
 }
+
+/// How long the server waits at the end for its connections' calls to finish; a peer
+/// stopped with SIGSTOP would otherwise hold it until keepalive gives up on it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// A fresh (not resumed) job must not mix with an earlier one in the same directory: its
 /// checkpoints would be taken for this job's, so they are refused; old metrics are replaced.
