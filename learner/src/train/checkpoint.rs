@@ -679,4 +679,125 @@ mod tests {
         let err = load(&dir, &mut other).unwrap_err().to_string();
         assert!(err.contains(OPTIMIZER_FILE), "{err}");
     }
+
+    /// Rank `rank`'s shard of `global` (every `world`-th sample) with its weights.
+    fn shard_of(
+        global: &[crate::TrainSample],
+        rank: usize,
+        world: usize,
+    ) -> (Vec<crate::TrainSample>, Vec<f64>) {
+        let weights =
+            crate::train::grpo::token_weights(global, crate::LossAggregation::TokenMean);
+        global
+            .iter()
+            .cloned()
+            .zip(weights)
+            .enumerate()
+            .filter(|(i, _)| i % world == rank)
+            .map(|(_, pair)| pair)
+            .unzip()
+    }
+
+    fn sharded_trainer(seed: u64) -> Trainer {
+        let config = TrainerConfig {
+            sharding: Sharding::Zero2,
+            ..crate::testing::trainer_config(16, crate::LossAggregation::TokenMean, 0.5)
+        };
+        Trainer::new(tiny_model(seed), None, config).unwrap()
+    }
+
+    fn flat(trainer: &Trainer) -> Vec<f32> {
+        trainer
+            .optimizer()
+            .params()
+            .iter()
+            .flat_map(|p| Vec::<f32>::try_from(p.reshape([-1])).unwrap())
+            .collect()
+    }
+
+    fn join(ring: crate::parallel::collective::RingCollective) -> crate::train::grad_sync::GradSync {
+        crate::train::grad_sync::GradSync::new(Box::new(ring), 700)
+    }
+
+    #[test]
+    fn a_sharded_checkpoint_resumes_exactly_on_the_same_ranks() {
+        use crate::parallel::collective::{on_loopback_ranks, Collective};
+        use std::time::Duration;
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let mut third = batch();
+        third.iter_mut().for_each(|s| s.advantage = -s.advantage);
+        let timeout = Duration::from_secs(20);
+        let continued = on_loopback_ranks(2, timeout, |ring| {
+            let rank = ring.rank();
+            let mut t = sharded_trainer(1);
+            t.attach(join(ring)).unwrap();
+            for _ in 0..2 {
+                let (shard, w) = shard_of(&batch(), rank, 2);
+                t.step_shard(&shard, &w).unwrap();
+                if rank == 0 {
+                    save(root, &t, &[], json!({"rank": 0})).unwrap();
+                } else {
+                    ShardSnapshot::take(&t).unwrap().write(root).unwrap();
+                }
+            }
+            let (shard, w) = shard_of(&third, rank, 2);
+            t.step_shard(&shard, &w).unwrap();
+            flat(&t)
+        });
+        assert!(checkpoint_dir(root, 1).exists() && shards_dir(root, 1).exists());
+        prune(root, 1).unwrap();
+        assert!(!checkpoint_dir(root, 1).exists() && !shards_dir(root, 1).exists());
+        let dir = checkpoint_dir(root, 2);
+        assert!(dir.join(SHARDING_FILE).exists() && !dir.join(OPTIMIZER_FILE).exists());
+        for rank in 0..2 {
+            assert!(shards_dir(root, 2).join(shard_file_name(rank, 2)).is_file());
+        }
+
+        let resumed = on_loopback_ranks(2, timeout, |ring| {
+            let rank = ring.rank();
+            let mut t = sharded_trainer(7 + rank as u64);
+            if rank == 0 {
+                load(&dir, &mut t).unwrap();
+            }
+            t.attach(join(ring)).unwrap();
+            assert_eq!(t.pending_shards(), Some(2));
+            load_shard(root, &mut t).unwrap();
+            assert_eq!((t.progress().step, t.optimizer().steps()), (2, 2));
+            let (shard, w) = shard_of(&third, rank, 2);
+            t.step_shard(&shard, &w).unwrap();
+            flat(&t)
+        });
+        assert_eq!(resumed, continued, "the resumed step is bit-equal");
+
+        let other_world = on_loopback_ranks(3, timeout, |ring| {
+            let rank = ring.rank();
+            let mut t = sharded_trainer(1);
+            if rank == 0 {
+                load(&dir, &mut t).unwrap();
+            }
+            t.attach(join(ring)).unwrap();
+            load_shard(root, &mut t).unwrap_err().to_string()
+        });
+        for err in other_world {
+            assert!(
+                err.contains("sharded over 2 learner ranks, this learner has 3"),
+                "{err}"
+            );
+        }
+        let err = load(&dir, &mut trainer(1)).unwrap_err().to_string();
+        assert!(err.contains("sharded learner (2 ranks"), "{err}");
+        let mut lone = sharded_trainer(1);
+        load(&dir, &mut lone).unwrap();
+        let err = lone.step(&batch()).unwrap_err().to_string();
+        assert!(err.contains("were not loaded"), "{err}");
+        let unsharded = save(root, &trainer(1), &[], Value::Null).unwrap();
+        let err = load(&unsharded, &mut sharded_trainer(1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("grpo.sharding = \"none\""), "{err}");
+        std::fs::remove_file(shards_dir(root, 2).join(shard_file_name(1, 2))).unwrap();
+        let err = load(&dir, &mut sharded_trainer(1)).unwrap_err().to_string();
+        assert!(err.contains("shard of rank 1 is missing"), "{err}");
+    }
 }
