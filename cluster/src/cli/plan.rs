@@ -274,9 +274,9 @@ fn learner_section(
             "off"
         }
     )?;
-    let optimizer = match setup.precision {
-        Precision::F32 => "optimiser state (AdamW moments)",
-        Precision::Bf16 => "optimiser state (f32 master + AdamW moments)",
+    let optimizer = match (setup.sharding, setup.precision) {
+        (Sharding::None, Precision::F32) => "optimiser state (AdamW moments)",
+        _ => "optimiser state (f32 master + AdamW moments)",
     };
     let passes = format!("activations ({} tokens per pass)", m.tokens_per_pass);
     let chunk = format!("logits (chunks of {} tokens)", setup.logprob_chunk_tokens);

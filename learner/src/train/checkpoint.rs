@@ -164,9 +164,7 @@ impl Snapshot {
                 .into_iter()
                 .map(|(name, t)| (name, t.copy()))
                 .collect(),
-            optimizer: sharding
-                .is_none()
-                .then(|| trainer.optimizer().state()),
+            optimizer: sharding.is_none().then(|| trainer.optimizer().state()),
             sharding,
             tokenizer_files: tokenizer_files
                 .iter()
@@ -686,8 +684,7 @@ mod tests {
         rank: usize,
         world: usize,
     ) -> (Vec<crate::TrainSample>, Vec<f64>) {
-        let weights =
-            crate::train::grpo::token_weights(global, crate::LossAggregation::TokenMean);
+        let weights = crate::train::grpo::token_weights(global, crate::LossAggregation::TokenMean);
         global
             .iter()
             .cloned()
@@ -715,7 +712,9 @@ mod tests {
             .collect()
     }
 
-    fn join(ring: crate::parallel::collective::RingCollective) -> crate::train::grad_sync::GradSync {
+    fn join(
+        ring: crate::parallel::collective::RingCollective,
+    ) -> crate::train::grad_sync::GradSync {
         crate::train::grad_sync::GradSync::new(Box::new(ring), 700)
     }
 

@@ -245,11 +245,12 @@ impl ShardedState {
                 let start = r * s + first;
                 let mut failed = None;
                 self.layout.segments(start, start + len, |p, from, to, n| {
-                    let copied = input
-                        .f_narrow(0, (r * len + to) as i64, n as i64)
-                        .and_then(|mut dst| {
-                            dst.f_copy_(&grads[p].f_narrow(0, from as i64, n as i64)?)
-                        });
+                    let copied =
+                        input
+                            .f_narrow(0, (r * len + to) as i64, n as i64)
+                            .and_then(|mut dst| {
+                                dst.f_copy_(&grads[p].f_narrow(0, from as i64, n as i64)?)
+                            });
                     if let Err(e) = copied {
                         failed.get_or_insert(e);
                     }
@@ -299,9 +300,7 @@ impl ShardedState {
         let step_size = lr / (1.0 - config.beta1.powf(k));
         let bias_correction2_sqrt = (1.0 - config.beta2.powf(k)).sqrt();
         if config.weight_decay != 0.0 {
-            let _ = self
-                .master
-                .f_mul_scalar_(1.0 - lr * config.weight_decay)?;
+            let _ = self.master.f_mul_scalar_(1.0 - lr * config.weight_decay)?;
         }
         let _ = self.exp_avg.f_lerp_(&self.grad, 1.0 - config.beta1)?;
         let _ = self.exp_avg_sq.f_mul_scalar_(config.beta2)?;
@@ -391,7 +390,9 @@ impl ShardedState {
             metadata
                 .get(key)
                 .and_then(|v| v.parse().ok())
-                .ok_or_else(|| LearnerError::state(path, format!("no valid `{key}` in the metadata")))
+                .ok_or_else(|| {
+                    LearnerError::state(path, format!("no valid `{key}` in the metadata"))
+                })
         };
         let (world, rank, total) = (number(WORLD_KEY)?, number(RANK_KEY)?, number(TOTAL_KEY)?);
         let steps = number(STEP_KEY)? as u64;
@@ -408,14 +409,19 @@ impl ShardedState {
         if total != l.total {
             return Err(LearnerError::state(
                 path,
-                format!("it shards {total} parameter values, the model has {}", l.total),
+                format!(
+                    "it shards {total} parameter values, the model has {}",
+                    l.total
+                ),
             ));
         }
         let mut take = |name: &str| -> Result<Tensor> {
-            let t = tensors.remove(name).ok_or_else(|| LearnerError::MissingTensor {
-                path: path.to_owned(),
-                name: name.to_owned(),
-            })?;
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| LearnerError::MissingTensor {
+                    path: path.to_owned(),
+                    name: name.to_owned(),
+                })?;
             if t.size() != [l.shard_len as i64] {
                 return Err(LearnerError::TensorShape {
                     path: path.to_owned(),
@@ -508,8 +514,8 @@ mod tests {
     fn train_ranks(world: usize, sharding: Sharding) -> Vec<(Vec<(Vec<f32>, StepStats)>, u64)> {
         on_loopback_ranks(world, Duration::from_secs(20), |ring| {
             let rank = ring.rank();
-            let mut trainer = Trainer::new(tiny_model(1 + rank as u64), None, config(sharding))
-                .unwrap();
+            let mut trainer =
+                Trainer::new(tiny_model(1 + rank as u64), None, config(sharding)).unwrap();
             trainer.attach(GradSync::new(Box::new(ring), 700)).unwrap();
             let history = batches()
                 .iter()
@@ -525,13 +531,15 @@ mod tests {
     }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]
     fn sharded_ranks_take_the_same_steps_as_one_rank() {
-        let mut single =
-            Trainer::new(tiny_model(1), None, config(Sharding::None)).unwrap();
+        let mut single = Trainer::new(tiny_model(1), None, config(Sharding::None)).unwrap();
         let initial = flat_weights(&single);
         let reference: Vec<(Vec<f32>, StepStats)> = batches()
             .iter()
@@ -567,7 +575,10 @@ mod tests {
                 let skipped = &ranks[0].0;
                 assert_eq!(skipped[1].0, skipped[0].0, "a skipped step changes nothing");
                 assert_eq!(skipped[3].1.version, 3);
-                assert!(max_diff(&skipped[3].0, &initial) > 1e-3, "training moved the weights");
+                assert!(
+                    max_diff(&skipped[3].0, &initial) > 1e-3,
+                    "training moved the weights"
+                );
             }
         }
     }
@@ -589,7 +600,12 @@ mod tests {
                     .map(|(_, m, v)| bytes(m) + bytes(v))
                     .sum();
                 let state = trainer.shard().unwrap();
-                (state.optimizer_bytes(), bytes(state.grad()), full_grads, moments)
+                (
+                    state.optimizer_bytes(),
+                    bytes(state.grad()),
+                    full_grads,
+                    moments,
+                )
             })
         };
         let params: u64 = tiny_model(1)
@@ -628,7 +644,9 @@ mod tests {
         assert_eq!((layout.total, layout.shard_len), (13, 5));
         let mut pieces = Vec::new();
         for r in 0..3 {
-            layout.segments(r * 5, r * 5 + 5, |p, from, to, n| pieces.push((r, p, from, to, n)));
+            layout.segments(r * 5, r * 5 + 5, |p, from, to, n| {
+                pieces.push((r, p, from, to, n))
+            });
         }
         assert_eq!(
             pieces,
@@ -647,6 +665,9 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("grpo.sharding") && err.contains("not built"), "{err}");
+        assert!(
+            err.contains("grpo.sharding") && err.contains("not built"),
+            "{err}"
+        );
     }
 }

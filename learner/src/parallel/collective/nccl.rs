@@ -191,11 +191,7 @@ mod imp {
             if input.kind() != output.kind() {
                 return Err(CollectiveError::Mismatch {
                     op,
-                    detail: format!(
-                        "input is {:?}, output {:?}",
-                        input.kind(),
-                        output.kind()
-                    ),
+                    detail: format!("input is {:?}, output {:?}", input.kind(), output.kind()),
                 });
             }
             Ok(dtype)

@@ -724,7 +724,8 @@ mod tests {
                     let rank = ring.rank();
                     let full = Tensor::from_slice(&values(rank, n * world));
                     let mut part = Tensor::zeros([n as i64], (Kind::Float, Device::Cpu));
-                    ring.reduce_scatter(&full, &mut part, ReduceOp::Sum).unwrap();
+                    ring.reduce_scatter(&full, &mut part, ReduceOp::Sum)
+                        .unwrap();
                     let mut mean = Tensor::zeros([n as i64], (Kind::BFloat16, Device::Cpu));
                     ring.reduce_scatter(&full, &mut mean, ReduceOp::Average)
                         .unwrap();
@@ -771,16 +772,33 @@ mod tests {
         });
         for (local, gather_local, across) in errors {
             assert!(
-                matches!(local, CollectiveError::Mismatch { op: "reduce_scatter", .. })
-                    && local.to_string().contains("not 2 ranks × 2"),
+                matches!(
+                    local,
+                    CollectiveError::Mismatch {
+                        op: "reduce_scatter",
+                        ..
+                    }
+                ) && local.to_string().contains("not 2 ranks × 2"),
                 "{local}"
             );
             assert!(
-                matches!(gather_local, CollectiveError::Mismatch { op: "all_gather", .. }),
+                matches!(
+                    gather_local,
+                    CollectiveError::Mismatch {
+                        op: "all_gather",
+                        ..
+                    }
+                ),
                 "{gather_local}"
             );
             assert!(
-                matches!(across, CollectiveError::Mismatch { op: "reduce_scatter", .. }),
+                matches!(
+                    across,
+                    CollectiveError::Mismatch {
+                        op: "reduce_scatter",
+                        ..
+                    }
+                ),
                 "{across}"
             );
         }
@@ -798,8 +816,13 @@ mod tests {
             assert!(
                 matches!(
                     err,
-                    CollectiveError::PeerGone { op: "all_gather", .. }
-                        | CollectiveError::Timeout { op: "all_gather", .. }
+                    CollectiveError::PeerGone {
+                        op: "all_gather",
+                        ..
+                    } | CollectiveError::Timeout {
+                        op: "all_gather",
+                        ..
+                    }
                 ),
                 "{text}"
             );
