@@ -215,7 +215,7 @@ impl AdamW {
     }
 
     /// Every trained parameter (shallow copies), in name order.
-    pub(crate) fn params(&self) -> Vec<Tensor> {
+    pub fn params(&self) -> Vec<Tensor> {
         self.slots.iter().map(|s| s.param.shallow_clone()).collect()
     }
 
