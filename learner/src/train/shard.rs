@@ -510,8 +510,11 @@ mod tests {
             .unzip()
     }
 
+    /// A rank's weights and stats after each step.
+    type History = Vec<(Vec<f32>, StepStats)>;
+
     /// Every rank's weights and stats after each step, and its trainer's shard bytes.
-    fn train_ranks(world: usize, sharding: Sharding) -> Vec<(Vec<(Vec<f32>, StepStats)>, u64)> {
+    fn train_ranks(world: usize, sharding: Sharding) -> Vec<(History, u64)> {
         on_loopback_ranks(world, Duration::from_secs(20), |ring| {
             let rank = ring.rank();
             let mut trainer =
