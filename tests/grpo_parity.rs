@@ -160,6 +160,7 @@ fn run(variant: &Variant) {
         micro_batch_tokens: 40,
         memory: MemoryConfig::default(),
         max_consecutive_bad_steps: 0,
+        sharding: Default::default(),
     };
     let mut trainer = Trainer::new(load(), variant.reference.then(load), config).unwrap();
     let initial = snapshot(trainer.model());

@@ -21,4 +21,5 @@ pub use train::grpo::{GrpoConfig, KlEstimator, LossAggregation, LossStats, Memor
 pub use train::optim::{AdamW, AdamWConfig};
 pub use train::sample::TrainSample;
 pub use train::schedule::LrSchedule;
+pub use train::shard::Sharding;
 pub use train::trainer::{Progress, StepStats, Trainer, TrainerConfig};

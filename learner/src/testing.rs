@@ -88,6 +88,7 @@ pub fn trainer_config(
         micro_batch_tokens,
         memory: MemoryConfig::default(),
         max_consecutive_bad_steps: 1,
+        sharding: crate::Sharding::None,
     }
 }
 

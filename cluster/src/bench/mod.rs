@@ -1,6 +1,7 @@
 //! `quill bench …`: benchmarks that run quill and the peer it is compared with in one run.
 
 mod rl;
+mod train;
 mod weights;
 
 use crate::cli::model_args::ModelArgs;
@@ -31,6 +32,10 @@ pub enum Bench {
     /// GRPOTrainer on the same task, model, reward and thread budget; prints wall-clock,
     /// steps/s, samples/s, tokens/s, time to reward levels and one evaluator's scores.
     Rl(rl::RlArgs),
+    /// quill's training step against a PyTorch loop (same GRPO loss, clipping and AdamW,
+    /// model, batch and threads): tokens/s, peak memory, and the optimiser and gradient
+    /// bytes per rank with 1, 2, 4 ranks (ZeRO-2 above one).
+    Train(train::TrainArgs),
     /// One weights-only actor of `bench weights` (receives, relays, verifies).
     #[command(hide = true)]
     RelayNode(weights::NodeArgs),
@@ -88,6 +93,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Generate(args) => generate(args),
         Bench::Weights(args) => weights::run(args),
         Bench::Rl(args) => rl::run(args),
+        Bench::Train(args) => train::run(args),
         Bench::RelayNode(args) => weights::node(args),
     }
 }

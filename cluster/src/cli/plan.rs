@@ -12,10 +12,11 @@ use std::path::Path;
 /// Flags of `quill plan`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Sharding zero1-3 and bf16 precision plan for the sharded, \
-    mixed-precision learner, which quill does not have yet: today's learner is \
-    `--sharding none --precision f32`. Not counted: attention scores (fused kernels keep \
-    none), gradient-sync buckets and a KL reference model."
+    after_help = "`--sharding zero1|zero2` are the learner's `grpo.sharding` (ZeRO-2 holds \
+    the full gradients during the backward pass, as ZeRO-1 does, so their peaks are equal); \
+    `--sharding zero3` plans parameter sharding, which the learner does not have yet. \
+    Not counted: attention scores (fused kernels keep none), gradient-sync buckets and a \
+    KL reference model."
 )]
 pub struct Args {
     /// The model: a config.json, a folder holding one, or `default` (the embedded model).
@@ -63,13 +64,13 @@ pub struct Args {
 /// `--sharding`.
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
 pub enum ShardingArg {
-    /// Every rank holds everything (today's learner).
+    /// Every rank holds everything.
     None,
     /// Shard the optimiser state (f32 master weights, AdamW moments).
     Zero1,
-    /// Shard the optimiser state and the gradients.
+    /// Also free the full gradients between steps (the same peak as zero1).
     Zero2,
-    /// Shard the optimiser state, gradients and weights (a layer gathered at a time).
+    /// Shard the weights too, a layer gathered at a time (a plan: not built).
     Zero3,
 }
 
@@ -273,9 +274,9 @@ fn learner_section(
             "off"
         }
     )?;
-    let optimizer = match setup.precision {
-        Precision::F32 => "optimiser state (AdamW moments)",
-        Precision::Bf16 => "optimiser state (f32 master + AdamW moments)",
+    let optimizer = match (setup.sharding, setup.precision) {
+        (Sharding::None, Precision::F32) => "optimiser state (AdamW moments)",
+        _ => "optimiser state (f32 master + AdamW moments)",
     };
     let passes = format!("activations ({} tokens per pass)", m.tokens_per_pass);
     let chunk = format!("logits (chunks of {} tokens)", setup.logprob_chunk_tokens);

@@ -8,11 +8,15 @@
 //! reserve), gradient-sync buckets, a KL reference model, and attention scores (fused
 //! attention kernels keep none; the CPU math path forms `[heads, T, T]`).
 //!
-//! Today's learner is `Sharding::None` in f32; the other modes are plans for the sharded
-//! and mixed-precision learner: ZeRO-1 shards the optimiser state (f32 master weights and
-//! AdamW moments), ZeRO-2 also the gradients, ZeRO-3 also the weights (one decoder layer,
-//! or the embedding, gathered at a time). Mixed precision (`Bf16`) keeps bf16 weights,
-//! gradients and activations plus an f32 master copy in the optimiser state.
+//! ZeRO-1 and ZeRO-2 are the learner's `grpo.sharding = "zero1" | "zero2"`
+//! (`quill_learner`'s `train::shard`): each rank keeps an f32 master copy and both AdamW
+//! moments of its 1/K of the parameters (12 bytes a value, in f32 too), and an f32 shard
+//! of the summed gradient; the full gradients exist during the backward pass in both
+//! (ZeRO-2 frees them between steps, which lowers no peak), so at the peak the two
+//! stages hold the same. ZeRO-3 (weights sharded, one decoder layer or the embedding
+//! gathered at a time) is a plan: the learner refuses it. Mixed precision (`Bf16`) keeps
+//! bf16 weights, gradients and activations plus an f32 master copy in the optimiser
+//! state.
 
 use crate::config::ModelConfig;
 use crate::params;
@@ -29,13 +33,13 @@ const F32: u64 = 4;
 /// How a learner spreads its training state over its ranks (ZeRO stages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Sharding {
-    /// Every rank holds everything (today's learner).
+    /// Every rank holds everything.
     None,
-    /// Optimiser state (f32 master weights, AdamW moments) sharded.
+    /// Optimiser state (f32 master weights, AdamW moments) and an f32 gradient shard.
     Zero1,
-    /// Optimiser state and gradients sharded.
+    /// As ZeRO-1 at the peak (the full gradients are freed only between steps).
     Zero2,
-    /// Optimiser state, gradients and weights sharded.
+    /// Optimiser state, gradients and weights sharded (planned, not built).
     Zero3,
 }
 
@@ -229,9 +233,10 @@ pub fn validate(size: &ModelSize, setup: &LearnerSetup, work: &Workload) -> Resu
 pub struct LearnerMemory {
     /// Weights the passes use (ZeRO-3: this rank's shard plus one gathered unit).
     pub weights: u64,
-    /// Gradients (ZeRO-2 and 3: this rank's shard).
+    /// Gradients at the peak (ZeRO-1/2: the full gradients plus the f32 shard they are
+    /// reduce-scattered into; ZeRO-3: this rank's shard).
     pub gradients: u64,
-    /// f32 master weights (bf16 only; f32 trains its weights directly) and AdamW's two
+    /// f32 master weights (bf16 or sharded; unsharded f32 trains its weights directly) and AdamW's two
     /// f32 moments (ZeRO-1 and up: this rank's shard).
     pub optimizer: u64,
     /// What the decoder keeps for the backward pass of one micro-batch.
@@ -263,12 +268,13 @@ pub fn learner_memory(size: &ModelSize, setup: &LearnerSetup, work: &Workload) -
         _ => size.params * b,
     };
     let gradients = match setup.sharding {
-        Sharding::Zero2 | Sharding::Zero3 => shard * b,
-        _ => size.params * b,
+        Sharding::None => size.params * b,
+        Sharding::Zero1 | Sharding::Zero2 => size.params * b + shard * F32,
+        Sharding::Zero3 => shard * b,
     };
-    let master = match setup.precision {
-        Precision::F32 => 0,
-        Precision::Bf16 => F32,
+    let master = match (setup.sharding, setup.precision) {
+        (Sharding::None, Precision::F32) => 0,
+        _ => F32,
     };
     let optimizer_params = match setup.sharding {
         Sharding::None => size.params,
@@ -526,10 +532,11 @@ mod tests {
         let shard = size.params.div_ceil(4);
         assert_eq!(none.optimizer, size.params * 12, "f32 master + two moments");
         assert_eq!(z1.optimizer, shard * 12);
-        assert_eq!((z1.gradients, z2.gradients), (size.params * 2, shard * 2));
-        assert_eq!(z2.weights, size.params * 2);
+        assert_eq!(z1.gradients, size.params * 2 + shard * 4);
+        assert_eq!(z2, z1, "ZeRO-2 frees the full gradients only between steps");
+        assert_eq!(z3.gradients, shard * 2);
         assert_eq!(z3.weights, (shard + size.embedding_params) * 2);
-        assert!(none.total() > z1.total() && z1.total() > z2.total() && z2.total() > z3.total());
+        assert!(none.total() > z1.total() && z2.total() > z3.total());
         assert_eq!(none.activations, z3.activations);
     }
 
@@ -567,14 +574,15 @@ mod tests {
             ["activation checkpointing on, sharding zero3, precision bf16"]
         );
         assert!(fixes[0].total <= usable);
-        // With checkpointing on, ZeRO-2 or ZeRO-3 alone is enough.
+        // With checkpointing on, ZeRO-3 alone is enough (ZeRO-1/2 keep full gradients
+        // at the peak).
         let ckpt = LearnerSetup {
             activation_checkpointing: true,
             ..base
         };
         let fixes = learner_fixes(&size, &ckpt, &WORK, usable);
         let names: Vec<&str> = fixes.iter().map(|f| f.change.as_str()).collect();
-        assert_eq!(names, ["sharding zero2", "sharding zero3"]);
+        assert_eq!(names, ["sharding zero3"]);
         assert!(learner_memory(&size, &ckpt, &WORK).total() > usable);
         // One 24 GiB GPU is too small for anything: the fewest GPUs with every change.
         let small = (24.0 * GIB) as u64;

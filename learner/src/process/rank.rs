@@ -1,12 +1,14 @@
 //! A learner rank > 0: joins rank 0 over gRPC, forms the collective group, receives rank
 //! 0's weights and optimizer state, then takes every step on the shard rank 0 hands it,
-//! summing gradients with the other ranks. It exits when rank 0 says training is over,
+//! summing gradients with the other ranks (with sharding: its optimiser shard, which it
+//! loads from and writes into the checkpoints as rank 0 does). It exits when rank 0 says training is over,
 //! and fails with a clear error when rank 0 or another rank goes away.
 
 use crate::process::error::RunError;
 use crate::process::group;
 use crate::process::rank_metrics::RankMeter;
 use crate::process::train_loop::{load_models, trainer_config};
+use crate::train::checkpoint::{self, ShardSnapshot};
 use crate::train::trainer::Trainer;
 use quill_config::job::JobConfig;
 use quill_proto::rpc;
@@ -79,6 +81,14 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
     };
     let sync = group::connect(&job, options.rank, membership, listener, device)?;
     trainer.attach(sync)?;
+    let root = job.job.output_dir.join("checkpoints");
+    checkpoint::load_shard(&root, &mut trainer)?;
+    let save_shard = |trainer: &Trainer| -> Result<(), RunError> {
+        if let Some(shard) = ShardSnapshot::take(trainer) {
+            shard.write(&root)?;
+        }
+        Ok(())
+    };
     tracing::info!(
         rank = options.rank,
         step = trainer.progress().step,
@@ -104,7 +114,7 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
                 .into_inner();
             if reply.finished {
                 tracing::info!(rank = options.rank, "rank 0 finished training");
-                return Ok(());
+                return save_shard(&trainer);
             }
             if reply.ready {
                 break reply.samples;
@@ -115,6 +125,10 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
         let stats = trainer.step_shard(&shard, &weights)?;
         if every > 0 && trainer.progress().step % every == 0 {
             trainer.check_ranks()?;
+        }
+        let saving = job.checkpoint.every_steps;
+        if saving > 0 && trainer.progress().step % saving == 0 {
+            save_shard(&trainer)?;
         }
         metrics = Some(meter.metrics(
             options.rank as u32,

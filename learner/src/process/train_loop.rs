@@ -15,6 +15,7 @@ use crate::process::stop;
 use crate::train::checkpoint::{self, Snapshot};
 use crate::train::sample::validate_batch;
 use crate::train::schedule::LrSchedule;
+use crate::train::shard::Sharding;
 use crate::train::trainer::{StepStats, Trainer, TrainerConfig};
 use crate::{AdamWConfig, GrpoConfig, MemoryConfig};
 use crate::{LearnerError, TrainerState};
@@ -98,6 +99,12 @@ pub fn trainer_config(job: &JobConfig) -> TrainerConfig {
             activation_checkpointing: grpo.activation_checkpointing,
         },
         max_consecutive_bad_steps: opt.max_consecutive_bad_steps,
+        sharding: match grpo.sharding {
+            job::Sharding::None => Sharding::None,
+            job::Sharding::Zero1 => Sharding::Zero1,
+            job::Sharding::Zero2 => Sharding::Zero2,
+            job::Sharding::Zero3 => Sharding::Zero3,
+        },
     }
 }
 
@@ -274,6 +281,7 @@ pub fn trainer_main(
     let world = hub.ranks.world_size();
     if world > 1 {
         form_group(&job, &hub, &mut trainer, &token)?;
+        checkpoint::load_shard(&root, &mut trainer)?;
     }
     let mut checkpoints = {
         let root = root.clone();

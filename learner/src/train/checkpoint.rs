@@ -5,9 +5,19 @@
 //! (`config.json`, safetensors weights, the tokenizer files), [`OPTIMIZER_FILE`] and
 //! [`STATE_FILE`]. It is written into `<root>/step-NNNNNNNN.tmp-<pid>-<n>`, synced to disk,
 //! and renamed into place, so a crash never leaves a half checkpoint under a `step-` name.
+//!
+//! A sharded learner (`grpo.sharding`) writes no [`OPTIMIZER_FILE`]: rank 0's directory
+//! holds the full model (every ZeRO-1/2 rank holds all weights) and [`SHARDING_FILE`]
+//! (world size, mode, update count), and every rank writes its optimiser shard (f32 master
+//! and moments of its range) to `<root>/step-NNNNNNNN.shards/rank-RRRRR-of-KKKKK.safetensors`,
+//! each file written to a scratch name and renamed. The ranks must share the checkpoint
+//! folder (one machine, or a shared file system). Such a checkpoint resumes only on a
+//! group of the same world size with sharding on; anything else is refused with an error
+//! that says so (the shards are not re-split).
 
 use crate::error::{LearnerError, Result};
 use crate::train::optim::OptimizerState;
+use crate::train::shard::{shard_file_name, ShardState, Sharding};
 use crate::train::trainer::{Progress, Trainer};
 use quill_model::checkpoint::CheckpointReader;
 use quill_model::device::dtype_name;
@@ -23,6 +33,8 @@ use tch::Tensor;
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// The trainer state inside a checkpoint.
 pub const STATE_FILE: &str = "trainer_state.json";
+/// How a sharded learner's optimiser state is split (sharded checkpoints only).
+pub const SHARDING_FILE: &str = "sharding.json";
 /// Prefix of checkpoint directory names.
 const PREFIX: &str = "step-";
 
@@ -44,6 +56,66 @@ pub fn checkpoint_dir(root: &Path, step: u64) -> PathBuf {
     root.join(format!("{PREFIX}{step:08}"))
 }
 
+/// The directory of the optimiser shards of the checkpoint of `step` under `root`.
+pub fn shards_dir(root: &Path, step: u64) -> PathBuf {
+    sibling(&checkpoint_dir(root, step), SHARDS_SUFFIX)
+}
+
+/// Suffix of the shard directories.
+const SHARDS_SUFFIX: &str = "shards";
+
+/// What [`SHARDING_FILE`] says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardingInfo {
+    /// Learner ranks that wrote the shards.
+    pub world_size: usize,
+    /// `grpo.sharding` of the learner that wrote them.
+    pub sharding: Sharding,
+    /// AdamW updates applied.
+    pub optimizer_steps: u64,
+}
+
+/// One rank's optimiser shard copied off its trainer, to be written as its shard file of
+/// a checkpoint (by every rank of a sharded learner, rank 0 included).
+pub struct ShardSnapshot {
+    step: u64,
+    rank: usize,
+    world: usize,
+    state: ShardState,
+}
+
+impl ShardSnapshot {
+    /// A copy of `trainer`'s shard; `None` when it holds no shard.
+    pub fn take(trainer: &Trainer) -> Option<Self> {
+        let shard = trainer.shard()?;
+        let layout = shard.layout();
+        Some(ShardSnapshot {
+            step: trainer.progress().step,
+            rank: layout.rank,
+            world: layout.world,
+            state: shard.state(trainer.optimizer().steps()),
+        })
+    }
+
+    /// Writes the shard file under `root` (scratch name, synced, renamed) and returns
+    /// its path.
+    pub fn write(&self, root: &Path) -> Result<PathBuf> {
+        let dir = shards_dir(root, self.step);
+        std::fs::create_dir_all(&dir).map_err(|e| LearnerError::io(&dir, e))?;
+        let path = dir.join(shard_file_name(self.rank, self.world));
+        let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
+        let scratch = sibling(&path, &format!("tmp-{}-{n}", std::process::id()));
+        let written = self.state.write(&scratch).and_then(|()| sync(&scratch));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&scratch);
+            return Err(e);
+        }
+        rename(&scratch, &path)?;
+        sync(&dir)?;
+        Ok(path)
+    }
+}
+
 /// A checkpoint copied off the trainer: [`Self::take`] on the trainer's thread is a copy
 /// of the tensors, [`Self::write`] (the disk work) may run on another thread while
 /// training goes on.
@@ -51,7 +123,8 @@ pub struct Snapshot {
     state: TrainerState,
     config: Value,
     weights: Vec<(String, Tensor)>,
-    optimizer: OptimizerState,
+    optimizer: Option<OptimizerState>,
+    sharding: Option<(ShardingInfo, ShardSnapshot)>,
     tokenizer_files: Vec<(String, Vec<u8>)>,
 }
 
@@ -72,6 +145,14 @@ impl Snapshot {
             ));
         }
         let model = trainer.model();
+        let sharding = ShardSnapshot::take(trainer).map(|shard| {
+            let info = ShardingInfo {
+                world_size: shard.world,
+                sharding: trainer.config().sharding,
+                optimizer_steps: trainer.optimizer().steps(),
+            };
+            (info, shard)
+        });
         Ok(Snapshot {
             state: TrainerState {
                 progress: trainer.progress(),
@@ -83,7 +164,8 @@ impl Snapshot {
                 .into_iter()
                 .map(|(name, t)| (name, t.copy()))
                 .collect(),
-            optimizer: trainer.optimizer().state(),
+            optimizer: sharding.is_none().then(|| trainer.optimizer().state()),
+            sharding,
             tokenizer_files: tokenizer_files
                 .iter()
                 .map(|(name, bytes)| ((*name).to_owned(), bytes.to_vec()))
@@ -100,6 +182,9 @@ impl Snapshot {
     /// directory; an existing checkpoint of the same step is replaced.
     pub fn write(self, root: &Path) -> Result<PathBuf> {
         let step = self.step();
+        if let Some((_, shard)) = &self.sharding {
+            shard.write(root)?;
+        }
         let dir = checkpoint_dir(root, step);
         let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
         let scratch = sibling(&dir, &format!("tmp-{}-{n}", std::process::id()));
@@ -133,7 +218,14 @@ impl Snapshot {
             let path = dir.join(name);
             std::fs::write(&path, bytes).map_err(|e| LearnerError::io(&path, e))?;
         }
-        self.optimizer.write(&dir.join(OPTIMIZER_FILE))?;
+        if let Some(optimizer) = &self.optimizer {
+            optimizer.write(&dir.join(OPTIMIZER_FILE))?;
+        }
+        if let Some((info, _)) = &self.sharding {
+            let path = dir.join(SHARDING_FILE);
+            let text = serde_json::to_string_pretty(info).expect("serialises");
+            std::fs::write(&path, text + "\n").map_err(|e| LearnerError::io(&path, e))?;
+        }
         let path = dir.join(STATE_FILE);
         let text = serde_json::to_string_pretty(&self.state).expect("JSON values always serialise");
         std::fs::write(&path, text + "\n").map_err(|e| LearnerError::io(&path, e))?;
@@ -145,17 +237,127 @@ impl Snapshot {
 /// checkpoint `dir` and returns its saved state. Missing or mis-shaped tensors are errors
 /// naming the tensor; the optimizer and trainer state are checked before anything is
 /// changed, but a failure while copying the weights leaves the trainer unusable.
+///
+/// A sharded checkpoint needs a trainer with sharding on, and every rank's shard file
+/// present; its optimiser shards are loaded after the trainer joins its group
+/// ([`load_shard`], every rank).
 pub fn load(dir: &Path, trainer: &mut Trainer) -> Result<TrainerState> {
     let path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| LearnerError::io(&path, e))?;
     let state: TrainerState =
         serde_json::from_str(&text).map_err(|e| LearnerError::state(&path, e.to_string()))?;
     let reader = CheckpointReader::open(dir)?;
+    let info = sharding_info(dir)?;
+    let sharded = trainer.config().sharding.shards();
+    match &info {
+        Some(info) if !sharded => {
+            return Err(LearnerError::state(
+                dir,
+                format!(
+                    "it holds the optimizer state of a sharded learner ({} ranks, grpo.sharding \
+                     = \"{}\"); resume it with sharding on and {} learner ranks",
+                    info.world_size,
+                    info.sharding.name(),
+                    info.world_size
+                ),
+            ))
+        }
+        Some(info) => {
+            for rank in 0..info.world_size {
+                let shard = shard_path(dir, rank, info.world_size)?;
+                if !shard.is_file() {
+                    return Err(LearnerError::state(
+                        &shard,
+                        format!("the optimizer shard of rank {rank} is missing"),
+                    ));
+                }
+            }
+        }
+        None if sharded => {
+            return Err(LearnerError::state(
+                dir,
+                "it holds the optimizer state of an unsharded learner; resume it with \
+                 grpo.sharding = \"none\"",
+            ))
+        }
+        None => {}
+    }
     let (model, optimizer, progress) = trainer.parts_mut();
-    optimizer.load(&dir.join(OPTIMIZER_FILE))?;
+    match &info {
+        Some(info) => optimizer.set_steps(info.optimizer_steps),
+        None => optimizer.load(&dir.join(OPTIMIZER_FILE))?,
+    }
     model.load_weights(&reader)?;
     *progress = state.progress;
+    if info.is_some() {
+        let (_, _, pending) = trainer.shard_parts_mut();
+        *pending = Some(state.progress.step);
+    }
     Ok(state)
+}
+
+/// Loads this rank's optimiser shard of the sharded checkpoint its group resumed from
+/// ([`Trainer::pending_shards`]) from under `root`; nothing to do when there is none.
+/// A checkpoint of another world size is an error that names both sizes.
+pub fn load_shard(root: &Path, trainer: &mut Trainer) -> Result<()> {
+    let Some(step) = trainer.pending_shards() else {
+        return Ok(());
+    };
+    let dir = checkpoint_dir(root, step);
+    let info = sharding_info(&dir)?
+        .ok_or_else(|| LearnerError::state(&dir, format!("no {SHARDING_FILE}")))?;
+    let (shard, optimizer, pending) = trainer.shard_parts_mut();
+    let shard = shard.ok_or_else(|| {
+        LearnerError::config("grpo.sharding", "a sharded checkpoint needs sharding on")
+    })?;
+    let (rank, world) = (shard.layout().rank, shard.layout().world);
+    if info.world_size != world {
+        return Err(LearnerError::state(
+            &dir,
+            format!(
+                "its optimizer is sharded over {} learner ranks, this learner has {world}: \
+                 resume with {} ranks (shards are not re-split)",
+                info.world_size, info.world_size
+            ),
+        ));
+    }
+    let path = shard_path(&dir, rank, world)?;
+    let steps = shard.load(&path)?;
+    if steps != info.optimizer_steps {
+        return Err(LearnerError::state(
+            &path,
+            format!(
+                "it is the shard after {steps} updates, the checkpoint's after {}",
+                info.optimizer_steps
+            ),
+        ));
+    }
+    optimizer.set_steps(steps);
+    *pending = None;
+    Ok(())
+}
+
+/// [`SHARDING_FILE`] of the checkpoint `dir`, if it has one.
+fn sharding_info(dir: &Path) -> Result<Option<ShardingInfo>> {
+    let path = dir.join(SHARDING_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| LearnerError::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| LearnerError::state(&path, e.to_string()))
+}
+
+/// The shard file of `rank` of `world` for the checkpoint directory `dir`.
+fn shard_path(dir: &Path, rank: usize, world: usize) -> Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| LearnerError::state(dir, "not a checkpoint directory name"))?;
+    Ok(dir
+        .with_file_name(format!("{name}.{SHARDS_SUFFIX}"))
+        .join(shard_file_name(rank, world)))
 }
 
 /// Restores `trainer` from the newest checkpoint under `root` that loads and whose state
@@ -211,11 +413,18 @@ pub fn prune(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
         .take(all.len().saturating_sub(keep))
         .map(|(_, dir)| dir.clone())
         .collect();
+    let oldest_kept = all.get(all.len().saturating_sub(keep)).map(|c| c.0);
     for entry in read_dir(root)? {
         let name = entry.file_name();
         let owner = name.to_str().and_then(scratch_owner);
         if owner.is_some_and(|pid| pid != std::process::id()) {
             removed.push(entry.path());
+        }
+        let shards_of = name.to_str().and_then(shards_step);
+        if let (Some(step), Some(oldest)) = (shards_of, oldest_kept) {
+            if step < oldest {
+                removed.push(entry.path());
+            }
         }
     }
     for dir in &removed {
@@ -246,6 +455,15 @@ fn read_dir(root: &Path) -> Result<Vec<std::fs::DirEntry>> {
     std::fs::read_dir(root)
         .and_then(|entries| entries.collect())
         .map_err(|e| LearnerError::io(root, e))
+}
+
+/// The step of a shard directory name (`step-N.shards`).
+fn shards_step(name: &str) -> Option<u64> {
+    let digits = name
+        .strip_prefix(PREFIX)?
+        .strip_suffix(SHARDS_SUFFIX)?
+        .strip_suffix('.')?;
+    digits.parse().ok()
 }
 
 /// The pid in a scratch directory name (`step-N.tmp-<pid>-<n>` or `step-N.old-<pid>-<n>`).
@@ -458,5 +676,127 @@ mod tests {
         let mut other = trainer(5);
         let err = load(&dir, &mut other).unwrap_err().to_string();
         assert!(err.contains(OPTIMIZER_FILE), "{err}");
+    }
+
+    /// Rank `rank`'s shard of `global` (every `world`-th sample) with its weights.
+    fn shard_of(
+        global: &[crate::TrainSample],
+        rank: usize,
+        world: usize,
+    ) -> (Vec<crate::TrainSample>, Vec<f64>) {
+        let weights = crate::train::grpo::token_weights(global, crate::LossAggregation::TokenMean);
+        global
+            .iter()
+            .cloned()
+            .zip(weights)
+            .enumerate()
+            .filter(|(i, _)| i % world == rank)
+            .map(|(_, pair)| pair)
+            .unzip()
+    }
+
+    fn sharded_trainer(seed: u64) -> Trainer {
+        let config = TrainerConfig {
+            sharding: Sharding::Zero2,
+            ..crate::testing::trainer_config(16, crate::LossAggregation::TokenMean, 0.5)
+        };
+        Trainer::new(tiny_model(seed), None, config).unwrap()
+    }
+
+    fn flat(trainer: &Trainer) -> Vec<f32> {
+        trainer
+            .optimizer()
+            .params()
+            .iter()
+            .flat_map(|p| Vec::<f32>::try_from(p.reshape([-1])).unwrap())
+            .collect()
+    }
+
+    fn join(
+        ring: crate::parallel::collective::RingCollective,
+    ) -> crate::train::grad_sync::GradSync {
+        crate::train::grad_sync::GradSync::new(Box::new(ring), 700)
+    }
+
+    #[test]
+    fn a_sharded_checkpoint_resumes_exactly_on_the_same_ranks() {
+        use crate::parallel::collective::{on_loopback_ranks, Collective};
+        use std::time::Duration;
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let mut third = batch();
+        third.iter_mut().for_each(|s| s.advantage = -s.advantage);
+        let timeout = Duration::from_secs(20);
+        let continued = on_loopback_ranks(2, timeout, |ring| {
+            let rank = ring.rank();
+            let mut t = sharded_trainer(1);
+            t.attach(join(ring)).unwrap();
+            for _ in 0..2 {
+                let (shard, w) = shard_of(&batch(), rank, 2);
+                t.step_shard(&shard, &w).unwrap();
+                if rank == 0 {
+                    save(root, &t, &[], json!({"rank": 0})).unwrap();
+                } else {
+                    ShardSnapshot::take(&t).unwrap().write(root).unwrap();
+                }
+            }
+            let (shard, w) = shard_of(&third, rank, 2);
+            t.step_shard(&shard, &w).unwrap();
+            flat(&t)
+        });
+        assert!(checkpoint_dir(root, 1).exists() && shards_dir(root, 1).exists());
+        prune(root, 1).unwrap();
+        assert!(!checkpoint_dir(root, 1).exists() && !shards_dir(root, 1).exists());
+        let dir = checkpoint_dir(root, 2);
+        assert!(dir.join(SHARDING_FILE).exists() && !dir.join(OPTIMIZER_FILE).exists());
+        for rank in 0..2 {
+            assert!(shards_dir(root, 2).join(shard_file_name(rank, 2)).is_file());
+        }
+
+        let resumed = on_loopback_ranks(2, timeout, |ring| {
+            let rank = ring.rank();
+            let mut t = sharded_trainer(7 + rank as u64);
+            if rank == 0 {
+                load(&dir, &mut t).unwrap();
+            }
+            t.attach(join(ring)).unwrap();
+            assert_eq!(t.pending_shards(), Some(2));
+            load_shard(root, &mut t).unwrap();
+            assert_eq!((t.progress().step, t.optimizer().steps()), (2, 2));
+            let (shard, w) = shard_of(&third, rank, 2);
+            t.step_shard(&shard, &w).unwrap();
+            flat(&t)
+        });
+        assert_eq!(resumed, continued, "the resumed step is bit-equal");
+
+        let other_world = on_loopback_ranks(3, timeout, |ring| {
+            let rank = ring.rank();
+            let mut t = sharded_trainer(1);
+            if rank == 0 {
+                load(&dir, &mut t).unwrap();
+            }
+            t.attach(join(ring)).unwrap();
+            load_shard(root, &mut t).unwrap_err().to_string()
+        });
+        for err in other_world {
+            assert!(
+                err.contains("sharded over 2 learner ranks, this learner has 3"),
+                "{err}"
+            );
+        }
+        let err = load(&dir, &mut trainer(1)).unwrap_err().to_string();
+        assert!(err.contains("sharded learner (2 ranks"), "{err}");
+        let mut lone = sharded_trainer(1);
+        load(&dir, &mut lone).unwrap();
+        let err = lone.step(&batch()).unwrap_err().to_string();
+        assert!(err.contains("were not loaded"), "{err}");
+        let unsharded = save(root, &trainer(1), &[], Value::Null).unwrap();
+        let err = load(&unsharded, &mut sharded_trainer(1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("grpo.sharding = \"none\""), "{err}");
+        std::fs::remove_file(shards_dir(root, 2).join(shard_file_name(1, 2))).unwrap();
+        let err = load(&dir, &mut sharded_trainer(1)).unwrap_err().to_string();
+        assert!(err.contains("shard of rank 1 is missing"), "{err}");
     }
 }

@@ -38,6 +38,16 @@ impl GradSync {
         self.collective.world_size()
     }
 
+    /// Bytes of gradient per collective call.
+    pub fn bucket_bytes(&self) -> usize {
+        self.bucket_bytes
+    }
+
+    /// The collective itself (the sharded optimizer's reduce-scatter and all-gather).
+    pub(crate) fn collective(&mut self) -> &mut dyn Collective {
+        self.collective.as_mut()
+    }
+
     /// Sums the ranks' loss statistics and agrees whether every rank's loss was finite.
     pub(crate) fn reduce_sums(
         &mut self,

@@ -11,5 +11,6 @@ pub mod optim;
 mod peak_memory_tests;
 pub mod sample;
 pub mod schedule;
+pub mod shard;
 mod state_file;
 pub mod trainer;

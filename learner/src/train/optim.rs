@@ -129,6 +129,16 @@ pub struct AdamW {
 impl AdamW {
     /// An optimizer with zeroed moments for every trainable variable of `vs`.
     pub fn new(vs: &VarStore, config: AdamWConfig) -> Result<Self> {
+        Self::with_moments(vs, config, true)
+    }
+
+    /// An optimizer whose moments are allocated only when a full (unsharded) update or a
+    /// full state needs them: a sharded learner keeps its moments in `train::shard`.
+    pub fn deferred(vs: &VarStore, config: AdamWConfig) -> Result<Self> {
+        Self::with_moments(vs, config, false)
+    }
+
+    fn with_moments(vs: &VarStore, config: AdamWConfig, allocate: bool) -> Result<Self> {
         config.validate()?;
         let mut named: Vec<(String, Tensor)> = vs
             .variables()
@@ -138,11 +148,20 @@ impl AdamW {
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let slots = named
             .into_iter()
-            .map(|(name, param)| Slot {
-                exp_avg: param.zeros_like(),
-                exp_avg_sq: param.zeros_like(),
-                name,
-                param,
+            .map(|(name, param)| {
+                let moment = || {
+                    if allocate {
+                        param.zeros_like()
+                    } else {
+                        Tensor::new()
+                    }
+                };
+                Slot {
+                    exp_avg: moment(),
+                    exp_avg_sq: moment(),
+                    name,
+                    param,
+                }
             })
             .collect();
         Ok(AdamW {
@@ -167,7 +186,18 @@ impl AdamW {
         self.config.schedule.lr(self.config.lr, self.steps + 1)
     }
 
-    /// Each parameter's name with its first and second moments, in name order.
+    /// Allocates zero moments where they were deferred.
+    fn ensure_moments(&mut self) {
+        for slot in &mut self.slots {
+            if !slot.exp_avg.defined() {
+                slot.exp_avg = slot.param.zeros_like();
+                slot.exp_avg_sq = slot.param.zeros_like();
+            }
+        }
+    }
+
+    /// Each parameter's name with its first and second moments, in name order (undefined
+    /// tensors while they are deferred).
     pub fn moments(&self) -> impl Iterator<Item = (&str, &Tensor, &Tensor)> {
         self.slots
             .iter()
@@ -185,7 +215,7 @@ impl AdamW {
     }
 
     /// Every trained parameter (shallow copies), in name order.
-    pub(crate) fn params(&self) -> Vec<Tensor> {
+    pub fn params(&self) -> Vec<Tensor> {
         self.slots.iter().map(|s| s.param.shallow_clone()).collect()
     }
 
@@ -233,6 +263,7 @@ impl AdamW {
     /// Applies one update with the scheduled learning rate (parameters without a gradient
     /// are left alone, as torch does) and returns that rate.
     pub fn step(&mut self) -> Result<f64> {
+        self.ensure_moments();
         let _guard = tch::no_grad_guard();
         let c = &self.config;
         let lr = self.next_lr();
@@ -266,9 +297,22 @@ impl AdamW {
     /// optimizer file.
     pub fn state(&self) -> OptimizerState {
         let mut tensors = Vec::with_capacity(2 * self.slots.len());
+        let copy = |moment: &Tensor, param: &Tensor| {
+            if moment.defined() {
+                moment.copy()
+            } else {
+                param.zeros_like()
+            }
+        };
         for slot in &self.slots {
-            tensors.push((format!("{EXP_AVG}{}", slot.name), slot.exp_avg.copy()));
-            tensors.push((format!("{EXP_AVG_SQ}{}", slot.name), slot.exp_avg_sq.copy()));
+            tensors.push((
+                format!("{EXP_AVG}{}", slot.name),
+                copy(&slot.exp_avg, &slot.param),
+            ));
+            tensors.push((
+                format!("{EXP_AVG_SQ}{}", slot.name),
+                copy(&slot.exp_avg_sq, &slot.param),
+            ));
         }
         let metadata = HashMap::from([(STEP_KEY.to_owned(), self.steps.to_string())]);
         OptimizerState { tensors, metadata }
@@ -301,8 +345,8 @@ impl AdamW {
         };
         let mut loaded = Vec::with_capacity(self.slots.len());
         for slot in &self.slots {
-            let m = take(format!("{EXP_AVG}{}", slot.name), &slot.exp_avg)?;
-            let v = take(format!("{EXP_AVG_SQ}{}", slot.name), &slot.exp_avg_sq)?;
+            let m = take(format!("{EXP_AVG}{}", slot.name), &slot.param)?;
+            let v = take(format!("{EXP_AVG_SQ}{}", slot.name), &slot.param)?;
             loaded.push((m, v));
         }
         if let Some(extra) = tensors.keys().min() {
@@ -311,6 +355,7 @@ impl AdamW {
                 format!("unexpected tensor `{extra}` (the model has no such parameter)"),
             ));
         }
+        self.ensure_moments();
         let _guard = tch::no_grad_guard();
         for (slot, (m, v)) in self.slots.iter_mut().zip(loaded) {
             slot.exp_avg.f_copy_(&m)?;

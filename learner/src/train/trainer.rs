@@ -7,6 +7,7 @@ use crate::train::grad_sync::GradSync;
 use crate::train::grpo::{self, GrpoConfig, LossSums, MemoryConfig};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::sample::{micro_batches, padded_tokens, validate_batch, TrainSample};
+use crate::train::shard::{ShardedState, Sharding};
 use quill_model::Qwen2;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -26,6 +27,9 @@ pub struct TrainerConfig {
     pub memory: MemoryConfig,
     /// How many bad (skipped) steps in a row are tolerated before `step` fails.
     pub max_consecutive_bad_steps: u32,
+    /// How a data-parallel group spreads the optimiser state (ZeRO stage).
+    #[serde(default)]
+    pub sharding: Sharding,
 }
 
 impl Default for TrainerConfig {
@@ -38,6 +42,7 @@ impl Default for TrainerConfig {
             micro_batch_tokens: 16_384,
             memory: MemoryConfig::default(),
             max_consecutive_bad_steps: 3,
+            sharding: Sharding::None,
         }
     }
 }
@@ -48,6 +53,12 @@ impl TrainerConfig {
         self.grpo.validate()?;
         self.optimizer.validate()?;
         self.memory.validate()?;
+        if self.sharding == Sharding::Zero3 {
+            return Err(LearnerError::config(
+                "grpo.sharding",
+                "\"zero3\" (parameter sharding) is not built yet: use \"zero1\" or \"zero2\"",
+            ));
+        }
         if self.micro_batch_tokens == 0 {
             return Err(LearnerError::config(
                 "micro_batch_tokens",
@@ -123,6 +134,10 @@ pub struct Trainer {
     config: TrainerConfig,
     progress: Progress,
     sync: Option<GradSync>,
+    /// This rank's optimiser shard (sharded and in a group).
+    shard: Option<ShardedState>,
+    /// The step of a sharded checkpoint whose optimiser shards are still to be loaded.
+    pending_shards: Option<u64>,
 }
 
 impl Trainer {
@@ -150,7 +165,11 @@ impl Trainer {
                 ));
             }
         }
-        let optimizer = AdamW::new(model.var_store(), config.optimizer.clone())?;
+        let optimizer = if config.sharding.shards() {
+            AdamW::deferred(model.var_store(), config.optimizer.clone())?
+        } else {
+            AdamW::new(model.var_store(), config.optimizer.clone())?
+        };
         Ok(Trainer {
             model,
             reference,
@@ -158,15 +177,25 @@ impl Trainer {
             config,
             progress: Progress::default(),
             sync: None,
+            shard: None,
+            pending_shards: None,
         })
     }
 
     /// Joins a data-parallel group: rank 0's weights, optimizer state and counters are
     /// copied to every rank (all ranks call this together), and from now on every step
-    /// sums the ranks' gradients.
+    /// sums the ranks' gradients. With sharding, only the weights are copied and every
+    /// rank then keeps its shard of the optimizer (zero moments, or, when rank 0 resumed
+    /// a sharded checkpoint, [`Self::pending_shards`] names the step whose shard files
+    /// each rank loads next).
     pub fn attach(&mut self, mut sync: GradSync) -> Result<()> {
         let device = self.model.device();
-        let mut state = self.optimizer.state_tensors();
+        let sharded = self.config.sharding.shards();
+        let mut state = if sharded {
+            self.optimizer.params()
+        } else {
+            self.optimizer.state_tensors()
+        };
         let p = self.progress;
         let counters = [
             p.step as f32,
@@ -174,6 +203,7 @@ impl Trainer {
             p.consecutive_bad_steps as f32,
             p.skipped_steps as f32,
             self.optimizer.steps() as f32,
+            self.pending_shards.map_or(-1.0, |step| step as f32),
         ];
         state.push(Tensor::from_slice(&counters).to_device(device));
         sync.broadcast_from_root(&mut state)?;
@@ -186,8 +216,29 @@ impl Trainer {
             skipped_steps: counters[3] as u64,
         };
         self.optimizer.set_steps(counters[4] as u64);
+        if sharded {
+            self.shard = Some(ShardedState::new(
+                &self.optimizer.params(),
+                self.config.sharding,
+                sync.world_size(),
+                sync.rank(),
+                sync.bucket_bytes(),
+            )?);
+            self.pending_shards = (counters[5] >= 0.0).then_some(counters[5] as u64);
+        }
         self.sync = Some(sync);
         Ok(())
+    }
+
+    /// The step of the sharded checkpoint whose optimiser shards this rank must load
+    /// ([`crate::train::checkpoint::load_shard`]) before training on.
+    pub fn pending_shards(&self) -> Option<u64> {
+        self.pending_shards
+    }
+
+    /// This rank's optimiser shard (sharding on, in a group).
+    pub fn shard(&self) -> Option<&ShardedState> {
+        self.shard.as_ref()
     }
 
     /// Checks that every rank holds the same weights (all ranks call it together); returns
@@ -226,6 +277,18 @@ impl Trainer {
         (&mut self.model, &mut self.optimizer, &mut self.progress)
     }
 
+    /// The optimizer shard, the optimizer (for its update count) and the pending step,
+    /// for restoring a sharded checkpoint.
+    pub(crate) fn shard_parts_mut(
+        &mut self,
+    ) -> (Option<&mut ShardedState>, &mut AdamW, &mut Option<u64>) {
+        (
+            self.shard.as_mut(),
+            &mut self.optimizer,
+            &mut self.pending_shards,
+        )
+    }
+
     /// Trains on one batch: validates it, accumulates the gradient of the batch loss over
     /// micro-batches, clips, and applies one AdamW update, unless the loss or the gradient
     /// norm is not finite; then the weights and optimizer state stay as they were and the
@@ -256,8 +319,21 @@ impl Trainer {
 
     /// The step itself on a checked `batch` with one loss weight per sample.
     fn train(&mut self, batch: &[TrainSample], weights: &[f64]) -> Result<StepStats> {
+        if let Some(step) = self.pending_shards {
+            return Err(LearnerError::config(
+                "grpo.sharding",
+                format!(
+                    "the optimizer shards of the sharded checkpoint of step {step} were not \
+                     loaded: a sharded checkpoint resumes on a group of the learner ranks \
+                     that wrote it"
+                ),
+            ));
+        }
         let start = Instant::now();
         let groups = micro_batches(batch, self.config.micro_batch_tokens);
+        if let Some(shard) = &self.shard {
+            shard.restore_grads(&self.optimizer.params())?;
+        }
         self.optimizer.zero_grad();
         if self.sync.is_some() {
             self.define_zero_grads()?;
@@ -289,19 +365,32 @@ impl Trainer {
             let device = self.model.device();
             (sums, sequences, finite) = sync.reduce_sums(&sums, sequences, finite, device)?;
             if finite {
-                sync.all_reduce_grads(&self.optimizer.params())?;
+                match &mut self.shard {
+                    Some(shard) => {
+                        shard.reduce_scatter_grads(sync.collective(), &self.optimizer.params())?
+                    }
+                    None => sync.all_reduce_grads(&self.optimizer.params())?,
+                }
             }
         }
-        let grad_norm = if finite {
-            self.optimizer.clip_grad_norm()?
-        } else {
-            f64::NAN
+        let max_norm = self.config.optimizer.max_grad_norm;
+        let grad_norm = match (&mut self.shard, &mut self.sync) {
+            _ if !finite => f64::NAN,
+            (Some(shard), Some(sync)) => shard.clip_grad_norm(sync.collective(), max_norm)?,
+            _ => self.optimizer.clip_grad_norm()?,
         };
         let applied = grad_norm.is_finite();
-        let lr = if applied {
-            self.optimizer.step()?
-        } else {
-            self.optimizer.next_lr()
+        let lr = match (&mut self.shard, &mut self.sync) {
+            _ if !applied => self.optimizer.next_lr(),
+            (Some(shard), Some(sync)) => {
+                let lr = self.optimizer.next_lr();
+                let k = self.optimizer.steps() + 1;
+                shard.step(&self.config.optimizer, k, lr)?;
+                self.optimizer.set_steps(k);
+                shard.all_gather_params(sync.collective(), &self.optimizer.params())?;
+                lr
+            }
+            _ => self.optimizer.step()?,
         };
         self.optimizer.zero_grad();
         let p = &mut self.progress;

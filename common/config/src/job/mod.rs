@@ -24,7 +24,8 @@ use crate::template::PromptTemplate;
 pub use sections::{
     CheckpointSection, ClusterSection, CollectiveKind, DataSection, GrpoSection, JobSection,
     KlEstimator, LossAggregation, LrSchedule, MetricsSection, ModelSection, OptimizerSection,
-    ParallelSection, RangePredictorSection, RewardsSection, SamplingSection, MAX_RELAY_FANOUT,
+    ParallelSection, RangePredictorSection, RewardsSection, SamplingSection, Sharding,
+    MAX_RELAY_FANOUT,
     MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
 };
 

@@ -267,6 +267,26 @@ pub struct GrpoSection {
     /// Whether the learner recomputes each decoder layer in the backward pass instead
     /// of keeping its activations (less memory, about one more forward pass of time).
     pub activation_checkpointing: bool,
+    /// How a learner of several ranks spreads its training state (ZeRO stages):
+    /// `none`, `zero1` (f32 master weights and AdamW moments sharded), `zero2` (also the
+    /// gradients between steps); `zero3` (also the weights) is not built and is refused.
+    pub sharding: Sharding,
+}
+
+/// `grpo.sharding`: which part of the learner's training state each rank keeps only a
+/// 1/K share of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharding {
+    /// Every rank holds everything.
+    #[default]
+    None,
+    /// f32 master weights and AdamW moments sharded.
+    Zero1,
+    /// Also the gradients.
+    Zero2,
+    /// Also the weights (not built: refused by validation).
+    Zero3,
 }
 
 impl Default for GrpoSection {
@@ -285,6 +305,7 @@ impl Default for GrpoSection {
             micro_batch_tokens: 8192,
             logprob_chunk_tokens: 1024,
             activation_checkpointing: false,
+            sharding: Sharding::None,
         }
     }
 }

@@ -159,6 +159,7 @@ fn a_minimal_file_gets_the_recipe_defaults() {
     assert_eq!(config.grpo.micro_batch_tokens, 8192);
     assert_eq!(config.grpo.logprob_chunk_tokens, 1024);
     assert!(!config.grpo.activation_checkpointing);
+    assert_eq!(config.grpo.sharding, crate::job::Sharding::None);
     assert_eq!(config.optimizer.lr, 1e-6);
     assert_eq!(config.optimizer.betas, [0.9, 0.999]);
     assert_eq!(config.optimizer.eps, 1e-8);

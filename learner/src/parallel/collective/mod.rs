@@ -1,6 +1,11 @@
-//! Collectives for the data-parallel learner: all-reduce, broadcast and barrier over the
-//! learner ranks, every operation bounded by a timeout so that a rank that dies makes the
-//! others fail with a clear error instead of hanging.
+//! Collectives for the data-parallel learner: all-reduce, reduce-scatter, all-gather,
+//! broadcast and barrier over the learner ranks, every operation bounded by a timeout so
+//! that a rank that dies makes the others fail with a clear error instead of hanging.
+//!
+//! Reduce-scatter and all-gather split a buffer of `K·n` elements into `K` equal parts in
+//! rank order (rank `r` owns elements `r·n .. (r+1)·n`). They take no uneven sizes: a
+//! caller with a length that is not a multiple of `K` pads it with zeros to the next
+//! multiple (the sharded optimiser's layout does, see `train::shard`).
 //!
 //! Two backends: [`RingCollective`], a ring all-reduce over TCP for CPU tensors (tests and
 //! CPU-only clusters), and [`NcclCollective`], raw NCCL calls on CUDA tensors' device
@@ -97,10 +102,38 @@ pub trait Collective: Send {
     /// Reduces `tensor` (contiguous, f32 or bf16) over all ranks, in place; every rank ends
     /// with the same bits.
     fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<()>;
+    /// Reduces `input` (contiguous, `K·n` elements, f32 or bf16) over all ranks and writes
+    /// this rank's part of the result, elements `rank·n .. (rank+1)·n`, into `output`
+    /// (`n` elements). Sizes that are not `K·n` against `n` are a [`CollectiveError::Mismatch`].
+    fn reduce_scatter(&mut self, input: &Tensor, output: &mut Tensor, op: ReduceOp) -> Result<()>;
+    /// Concatenates every rank's `input` (`n` elements) in rank order into `output`
+    /// (`K·n` elements, same kind) on every rank.
+    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()>;
     /// Copies `root`'s `tensor` into every other rank's `tensor` (same shape and kind).
     fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
+}
+
+/// Checks that `whole` holds `world` times the elements of `part` (reduce-scatter and
+/// all-gather).
+pub(crate) fn check_parts(
+    op: &'static str,
+    whole: &Tensor,
+    part: &Tensor,
+    world: usize,
+) -> Result<()> {
+    if whole.numel() != part.numel() * world {
+        return Err(CollectiveError::Mismatch {
+            op,
+            detail: format!(
+                "the full buffer has {} elements, not {world} ranks × {} (pad it to a multiple of the world size)",
+                whole.numel(),
+                part.numel()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Timeout used when none is configured.

@@ -1,4 +1,4 @@
-//! The GPU backend: raw NCCL calls (through cudarc, loaded at run time) on the device
+//! The GPU backend (never run on a GPU yet): raw NCCL calls (through cudarc, loaded at run time) on the device
 //! pointers of CUDA tensors, f32 and bf16. libtorch runs its kernels on the legacy default
 //! stream, so the collectives are queued there too and ordered with them; completion is
 //! polled so a dead rank becomes a timeout error (the communicator is aborted) instead of a
@@ -22,6 +22,7 @@ fn unavailable(reason: impl Into<String>) -> CollectiveError {
 #[cfg(feature = "nccl")]
 mod imp {
     use super::*;
+    use crate::parallel::collective::check_parts;
     use cudarc::driver::sys as cuda;
     use cudarc::nccl::{result, sys};
     use std::time::Instant;
@@ -55,6 +56,13 @@ mod imp {
         let id =
             result::get_uniqueid().map_err(|e| unavailable(format!("ncclGetUniqueId: {e:?}")))?;
         Ok(id.internal.iter().map(|&c| c as u8).collect())
+    }
+
+    fn red_op(op: ReduceOp) -> sys::ncclRedOp_t {
+        match op {
+            ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
+            ReduceOp::Average => sys::ncclRedOp_t::ncclAvg,
+        }
     }
 
     /// An NCCL communicator over the learner ranks, one CUDA device per rank.
@@ -171,6 +179,24 @@ mod imp {
             }
         }
 
+        /// The NCCL dtype of an input/output pair: both checked, and of the same kind.
+        fn check_pair(
+            &self,
+            op: &'static str,
+            input: &Tensor,
+            output: &Tensor,
+        ) -> Result<sys::ncclDataType_t> {
+            let dtype = self.check_tensor(input)?;
+            self.check_tensor(output)?;
+            if input.kind() != output.kind() {
+                return Err(CollectiveError::Mismatch {
+                    op,
+                    detail: format!("input is {:?}, output {:?}", input.kind(), output.kind()),
+                });
+            }
+            Ok(dtype)
+        }
+
         fn abort(&mut self) {
             if !self.aborted {
                 self.aborted = true;
@@ -211,10 +237,7 @@ mod imp {
         fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
             self.check_live("all_reduce")?;
             let dtype = self.check_tensor(tensor)?;
-            let red = match op {
-                ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
-                ReduceOp::Average => sys::ncclRedOp_t::ncclAvg,
-            };
+            let red = red_op(op);
             let ptr = tensor.data_ptr();
             // SAFETY: `ptr` is the tensor's contiguous device memory of `numel` elements.
             unsafe {
@@ -230,6 +253,51 @@ mod imp {
             }
             .map_err(|e| CollectiveError::Setup(format!("ncclAllReduce: {e:?}")))?;
             self.wait("all_reduce")
+        }
+
+        fn reduce_scatter(
+            &mut self,
+            input: &Tensor,
+            output: &mut Tensor,
+            op: ReduceOp,
+        ) -> Result<()> {
+            self.check_live("reduce_scatter")?;
+            let dtype = self.check_pair("reduce_scatter", input, output)?;
+            check_parts("reduce_scatter", input, output, self.world)?;
+            // SAFETY: both pointers are contiguous device memory of the checked sizes
+            // (`K·n` and `n` elements of `dtype`).
+            unsafe {
+                result::reduce_scatter(
+                    input.data_ptr(),
+                    output.data_ptr(),
+                    output.numel(),
+                    dtype,
+                    red_op(op),
+                    self.comm,
+                    std::ptr::null_mut(),
+                )
+            }
+            .map_err(|e| CollectiveError::Setup(format!("ncclReduceScatter: {e:?}")))?;
+            self.wait("reduce_scatter")
+        }
+
+        fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+            self.check_live("all_gather")?;
+            let dtype = self.check_pair("all_gather", input, output)?;
+            check_parts("all_gather", output, input, self.world)?;
+            // SAFETY: as in reduce_scatter (`n` and `K·n` elements).
+            unsafe {
+                result::all_gather(
+                    input.data_ptr(),
+                    output.data_ptr(),
+                    input.numel(),
+                    dtype,
+                    self.comm,
+                    std::ptr::null_mut(),
+                )
+            }
+            .map_err(|e| CollectiveError::Setup(format!("ncclAllGather: {e:?}")))?;
+            self.wait("all_gather")
         }
 
         fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<()> {
@@ -288,6 +356,12 @@ mod imp {
             match self.0 {}
         }
         fn all_reduce(&mut self, _: &mut Tensor, _: ReduceOp) -> Result<()> {
+            match self.0 {}
+        }
+        fn reduce_scatter(&mut self, _: &Tensor, _: &mut Tensor, _: ReduceOp) -> Result<()> {
+            match self.0 {}
+        }
+        fn all_gather(&mut self, _: &Tensor, _: &mut Tensor) -> Result<()> {
             match self.0 {}
         }
         fn broadcast(&mut self, _: &mut Tensor, _: usize) -> Result<()> {

@@ -4,7 +4,7 @@
 //! starts with a header (operation, sequence number, length) so ranks that fall out of
 //! step fail loudly. Socket timeouts bound every wait; a closed socket names the rank.
 
-use super::{Collective, CollectiveError, ReduceOp, Result};
+use super::{check_parts, Collective, CollectiveError, ReduceOp, Result};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::io::{ErrorKind, Read, Write};
@@ -119,9 +119,13 @@ const BROADCAST_CHUNK: usize = 4 << 20;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u32)]
 enum Op {
-    ReduceScatter = 1,
-    AllGather = 2,
+    /// The reduce half of an all-reduce.
+    Reduce = 1,
+    /// The gather half of an all-reduce.
+    Gather = 2,
     Broadcast = 3,
+    ReduceScatter = 4,
+    AllGather = 5,
 }
 
 /// A ring of TCP connections between the learner ranks (CPU tensors).
@@ -302,32 +306,97 @@ impl RingCollective {
         if k > 1 {
             let n = data.len();
             let bounds = |i: usize| (i * n / k, (i + 1) * n / k);
-            for step in 0..k - 1 {
-                let send = (self.rank + k - step) % k;
-                let recv = (self.rank + k - step - 1) % k;
-                let (s0, s1) = bounds(send);
-                let (r0, r1) = bounds(recv);
-                let incoming =
-                    self.exchange(Op::ReduceScatter, &to_bytes(&data[s0..s1]), (r1 - r0) * 4)?;
-                for (x, b) in data[r0..r1].iter_mut().zip(incoming.chunks_exact(4)) {
-                    *x += f32::from_le_bytes(b.try_into().expect("4 bytes"));
-                }
-            }
-            for step in 0..k - 1 {
-                let send = (self.rank + 1 + k - step) % k;
-                let recv = (self.rank + k - step) % k;
-                let (s0, s1) = bounds(send);
-                let (r0, r1) = bounds(recv);
-                let incoming =
-                    self.exchange(Op::AllGather, &to_bytes(&data[s0..s1]), (r1 - r0) * 4)?;
-                for (x, b) in data[r0..r1].iter_mut().zip(incoming.chunks_exact(4)) {
-                    *x = f32::from_le_bytes(b.try_into().expect("4 bytes"));
-                }
-            }
+            self.reduce_phase(data, &bounds, 1, Op::Reduce)?;
+            self.gather_phase(data, &bounds, 1, Op::Gather)?;
         }
         if op == ReduceOp::Average && k > 1 {
             let scale = 1.0 / k as f32;
             data.iter_mut().for_each(|x| *x *= scale);
+        }
+        Ok(())
+    }
+
+    /// Ring reduce-scatter of a flat f32 buffer of `K·n` values: afterwards
+    /// `data[rank·n .. (rank+1)·n]` holds the reduction over ranks (the rest is partial).
+    pub fn reduce_scatter_f32(&mut self, data: &mut [f32], op: ReduceOp) -> Result<()> {
+        let k = self.world;
+        if data.len() % k != 0 {
+            return Err(CollectiveError::Mismatch {
+                op: op_name(Op::ReduceScatter),
+                detail: format!("{} values do not split into {k} equal parts", data.len()),
+            });
+        }
+        let n = data.len() / k;
+        if k > 1 {
+            self.reduce_phase(data, &|i| (i * n, (i + 1) * n), 0, Op::ReduceScatter)?;
+            if op == ReduceOp::Average {
+                let scale = 1.0 / k as f32;
+                let own = &mut data[self.rank * n..(self.rank + 1) * n];
+                own.iter_mut().for_each(|x| *x *= scale);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ring all-gather of a flat f32 buffer of `K·n` values whose part `rank` this rank
+    /// fills: afterwards every part holds its owner's values, on every rank.
+    pub fn all_gather_f32(&mut self, data: &mut [f32]) -> Result<()> {
+        let k = self.world;
+        if data.len() % k != 0 {
+            return Err(CollectiveError::Mismatch {
+                op: op_name(Op::AllGather),
+                detail: format!("{} values do not split into {k} equal parts", data.len()),
+            });
+        }
+        let n = data.len() / k;
+        if k > 1 {
+            self.gather_phase(data, &|i| (i * n, (i + 1) * n), 0, Op::AllGather)?;
+        }
+        Ok(())
+    }
+
+    /// The reduce-scatter half of a ring all-reduce: `K − 1` exchanges after which part
+    /// `(rank + shift) % K` of `data` (parts given by `bounds`) holds the sum over ranks.
+    fn reduce_phase(
+        &mut self,
+        data: &mut [f32],
+        bounds: &dyn Fn(usize) -> (usize, usize),
+        shift: usize,
+        op: Op,
+    ) -> Result<()> {
+        let k = self.world;
+        for step in 0..k - 1 {
+            let send = (self.rank + shift + 2 * k - 1 - step) % k;
+            let recv = (self.rank + shift + 2 * k - 2 - step) % k;
+            let (s0, s1) = bounds(send);
+            let (r0, r1) = bounds(recv);
+            let incoming = self.exchange(op, &to_bytes(&data[s0..s1]), (r1 - r0) * 4)?;
+            for (x, b) in data[r0..r1].iter_mut().zip(incoming.chunks_exact(4)) {
+                *x += f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The all-gather half: part `(rank + shift) % K` is this rank's, and `K − 1`
+    /// exchanges pass every part around the ring.
+    fn gather_phase(
+        &mut self,
+        data: &mut [f32],
+        bounds: &dyn Fn(usize) -> (usize, usize),
+        shift: usize,
+        op: Op,
+    ) -> Result<()> {
+        let k = self.world;
+        for step in 0..k - 1 {
+            let send = (self.rank + shift + 2 * k - step) % k;
+            let recv = (self.rank + shift + 2 * k - 1 - step) % k;
+            let (s0, s1) = bounds(send);
+            let (r0, r1) = bounds(recv);
+            let incoming = self.exchange(op, &to_bytes(&data[s0..s1]), (r1 - r0) * 4)?;
+            for (x, b) in data[r0..r1].iter_mut().zip(incoming.chunks_exact(4)) {
+                *x = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            }
         }
         Ok(())
     }
@@ -397,8 +466,10 @@ fn try_connect(addr: &str) -> Result<Option<TcpStream>> {
 
 fn op_name(op: Op) -> &'static str {
     match op {
-        Op::ReduceScatter | Op::AllGather => "all_reduce",
+        Op::Reduce | Op::Gather => "all_reduce",
         Op::Broadcast => "broadcast",
+        Op::ReduceScatter => "reduce_scatter",
+        Op::AllGather => "all_gather",
     }
 }
 
@@ -496,6 +567,37 @@ impl Collective for RingCollective {
             .f_reshape(tensor.size())?
             .f_to_kind(tensor.kind())?;
         tensor.f_copy_(&reduced)?;
+        Ok(())
+    }
+
+    fn reduce_scatter(&mut self, input: &Tensor, output: &mut Tensor, op: ReduceOp) -> Result<()> {
+        check_cpu(input)?;
+        check_cpu(output)?;
+        check_parts("reduce_scatter", input, output, self.world)?;
+        let mut values = Vec::<f32>::try_from(&input.f_to_kind(Kind::Float)?.f_reshape([-1])?)?;
+        self.reduce_scatter_f32(&mut values, op)?;
+        let n = output.numel();
+        let own = &values[self.rank * n..(self.rank + 1) * n];
+        let reduced = Tensor::from_slice(own)
+            .f_reshape(output.size())?
+            .f_to_kind(output.kind())?;
+        output.f_copy_(&reduced)?;
+        Ok(())
+    }
+
+    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+        check_cpu(input)?;
+        check_cpu(output)?;
+        check_parts("all_gather", output, input, self.world)?;
+        let n = input.numel();
+        let mut values = vec![0f32; n * self.world];
+        let own = Vec::<f32>::try_from(&input.f_to_kind(Kind::Float)?.f_reshape([-1])?)?;
+        values[self.rank * n..(self.rank + 1) * n].copy_from_slice(&own);
+        self.all_gather_f32(&mut values)?;
+        let gathered = Tensor::from_slice(&values)
+            .f_reshape(output.size())?
+            .f_to_kind(output.kind())?;
+        output.f_copy_(&gathered)?;
         Ok(())
     }
 
@@ -611,6 +713,120 @@ mod tests {
                     assert_eq!(sum, &results[0].0, "every rank holds the same bits");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_and_all_gather_split_by_rank_on_every_world_size() {
+        for world in 1..=4 {
+            for n in [1, 5, 300] {
+                let results = on_ranks(world, Duration::from_secs(10), |mut ring| {
+                    let rank = ring.rank();
+                    let full = Tensor::from_slice(&values(rank, n * world));
+                    let mut part = Tensor::zeros([n as i64], (Kind::Float, Device::Cpu));
+                    ring.reduce_scatter(&full, &mut part, ReduceOp::Sum)
+                        .unwrap();
+                    let mut mean = Tensor::zeros([n as i64], (Kind::BFloat16, Device::Cpu));
+                    ring.reduce_scatter(&full, &mut mean, ReduceOp::Average)
+                        .unwrap();
+                    let mut gathered =
+                        Tensor::zeros([world as i64, n as i64], (Kind::Float, Device::Cpu));
+                    ring.all_gather(&part, &mut gathered).unwrap();
+                    (
+                        Vec::<f32>::try_from(&part).unwrap(),
+                        Vec::<f32>::try_from(mean.to_kind(Kind::Float)).unwrap(),
+                        Vec::<f32>::try_from(gathered.reshape([-1])).unwrap(),
+                    )
+                });
+                let expected: Vec<f64> = (0..n * world)
+                    .map(|i| (0..world).map(|r| f64::from(values(r, n * world)[i])).sum())
+                    .collect();
+                for (rank, (part, mean, gathered)) in results.iter().enumerate() {
+                    for i in 0..n {
+                        let want = expected[rank * n + i];
+                        assert!((f64::from(part[i]) - want).abs() < 1e-4, "rank {rank}");
+                        let tolerance = 1e-2 * want.abs().max(1.0);
+                        assert!((f64::from(mean[i]) - want / world as f64).abs() < tolerance);
+                    }
+                    assert_eq!(gathered, &results[0].2, "every rank gathers the same bits");
+                    assert_eq!(&gathered[rank * n..(rank + 1) * n], part.as_slice());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_and_all_gather_refuse_bad_sizes_and_name_dead_ranks() {
+        let errors = on_ranks(2, Duration::from_secs(5), |mut ring| {
+            let zeros = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu));
+            let local = ring
+                .reduce_scatter(&zeros(5), &mut zeros(2), ReduceOp::Sum)
+                .unwrap_err();
+            let gather_local = ring.all_gather(&zeros(2), &mut zeros(3)).unwrap_err();
+            // The ranks disagree on the part size: 2 × 3 against 2 × 4.
+            let n = 3 + ring.rank() as i64;
+            let across = ring
+                .reduce_scatter(&zeros(2 * n), &mut zeros(n), ReduceOp::Sum)
+                .unwrap_err();
+            (local, gather_local, across)
+        });
+        for (local, gather_local, across) in errors {
+            assert!(
+                matches!(
+                    local,
+                    CollectiveError::Mismatch {
+                        op: "reduce_scatter",
+                        ..
+                    }
+                ) && local.to_string().contains("not 2 ranks × 2"),
+                "{local}"
+            );
+            assert!(
+                matches!(
+                    gather_local,
+                    CollectiveError::Mismatch {
+                        op: "all_gather",
+                        ..
+                    }
+                ),
+                "{gather_local}"
+            );
+            assert!(
+                matches!(
+                    across,
+                    CollectiveError::Mismatch {
+                        op: "reduce_scatter",
+                        ..
+                    }
+                ),
+                "{across}"
+            );
+        }
+        let gone = on_ranks(3, Duration::from_millis(800), |mut ring| {
+            if ring.rank() == 2 {
+                drop(ring);
+                return None;
+            }
+            let mut out = Tensor::zeros([300], (Kind::Float, Device::Cpu));
+            let part = Tensor::zeros([100], (Kind::Float, Device::Cpu));
+            Some(ring.all_gather(&part, &mut out).unwrap_err())
+        });
+        for err in gone.into_iter().flatten() {
+            let text = err.to_string();
+            assert!(
+                matches!(
+                    err,
+                    CollectiveError::PeerGone {
+                        op: "all_gather",
+                        ..
+                    } | CollectiveError::Timeout {
+                        op: "all_gather",
+                        ..
+                    }
+                ),
+                "{text}"
+            );
+            assert!(text.contains("learner rank"), "{text}");
         }
     }
 

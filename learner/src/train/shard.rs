@@ -1,0 +1,676 @@
+//! Sharded optimiser state and gradients (ZeRO stages 1 and 2) for a data-parallel
+//! learner of K ranks.
+//!
+//! The trained parameters, in the optimiser's name order, are flattened into one vector of
+//! N values and padded with zeros to `K·S` values, `S = ⌈N / K⌉`. Rank `r` owns the
+//! contiguous range `r·S .. (r+1)·S` of that vector: for it, and only for it, the rank keeps
+//! an f32 master copy, both AdamW moments and the summed gradient. A step:
+//!
+//! 1. every rank back-propagates its own samples into full-size gradients (as unsharded);
+//! 2. the gradients are reduce-scattered in buckets: bucket `b` takes elements
+//!    `b·c .. (b+1)·c` of every rank's range (`c` from `parallel.bucket_mb`), so each rank
+//!    receives the sum over ranks of its own range; ZeRO-2 then frees the full gradients
+//!    (they are allocated again at the next step's backward), ZeRO-1 keeps them;
+//! 3. the global gradient norm is the square root of the all-reduced sum of every rank's
+//!    squared shard; clipping scales the shards (`clip_grad_norm_`'s coefficient); a
+//!    non-finite norm skips the step on every rank alike;
+//! 4. each rank applies AdamW (`train::optim`'s formula) to its master shard, and the
+//!    updated shards are all-gathered, bucket by bucket, into every rank's full weights.
+//!
+//! Ownership depends only on N and K, not on the bucket size, so a checkpoint's shard files
+//! fit any `bucket_mb`; another K is refused (see `train::checkpoint`).
+
+use crate::error::{LearnerError, Result};
+use crate::parallel::collective::{Collective, ReduceOp};
+use crate::train::optim::AdamWConfig;
+use crate::train::state_file;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// How the learner spreads its training state over its ranks (`grpo.sharding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharding {
+    /// Every rank holds everything.
+    #[default]
+    None,
+    /// Master weights and AdamW moments sharded.
+    Zero1,
+    /// Also the gradients (the full gradients are freed after the reduce-scatter).
+    Zero2,
+    /// Also the weights: not built; refused by validation.
+    Zero3,
+}
+
+impl Sharding {
+    /// Whether the optimiser state is sharded.
+    pub fn shards(self) -> bool {
+        self != Sharding::None
+    }
+
+    /// The name the job file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sharding::None => "none",
+            Sharding::Zero1 => "zero1",
+            Sharding::Zero2 => "zero2",
+            Sharding::Zero3 => "zero3",
+        }
+    }
+}
+
+/// Metadata keys of a shard file.
+const WORLD_KEY: &str = "world_size";
+const RANK_KEY: &str = "rank";
+const TOTAL_KEY: &str = "flat_params";
+const STEP_KEY: &str = "step";
+const MASTER: &str = "master";
+const EXP_AVG: &str = "exp_avg";
+const EXP_AVG_SQ: &str = "exp_avg_sq";
+
+/// Which part of the flattened parameters a rank owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardLayout {
+    /// Ranks.
+    pub world: usize,
+    /// This rank.
+    pub rank: usize,
+    /// Values in every parameter, in order.
+    pub sizes: Vec<usize>,
+    /// Trained values in all (N).
+    pub total: usize,
+    /// Values per rank (S = ⌈N / K⌉; the last ranks' ranges end in padding).
+    pub shard_len: usize,
+}
+
+impl ShardLayout {
+    /// The layout of parameters with `sizes` values over `world` ranks, seen from `rank`.
+    pub fn new(sizes: Vec<usize>, world: usize, rank: usize) -> Self {
+        let total = sizes.iter().sum::<usize>();
+        ShardLayout {
+            world,
+            rank,
+            shard_len: total.div_ceil(world.max(1)),
+            sizes,
+            total,
+        }
+    }
+
+    /// Calls `f(param, offset_in_param, offset_in_range, len)` for every piece of the flat
+    /// range `start .. end` that lies in a parameter (padding beyond N is skipped).
+    fn segments(&self, start: usize, end: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+        let mut param_start = 0;
+        for (i, &size) in self.sizes.iter().enumerate() {
+            let param_end = param_start + size;
+            let (a, b) = (start.max(param_start), end.min(param_end));
+            if a < b {
+                f(i, a - param_start, a - start, b - a);
+            }
+            if param_end >= end {
+                break;
+            }
+            param_start = param_end;
+        }
+    }
+}
+
+/// One rank's share of the optimiser: f32 master weights, AdamW moments and the summed
+/// gradient for its range of the flattened parameters.
+pub struct ShardedState {
+    sharding: Sharding,
+    layout: ShardLayout,
+    bucket_values: usize,
+    master: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    grad: Tensor,
+}
+
+/// A copy of a rank's shard, detached so another thread can write it.
+pub struct ShardState {
+    tensors: Vec<(String, Tensor)>,
+    metadata: HashMap<String, String>,
+}
+
+impl ShardState {
+    /// Writes the shard to a safetensors file, as [`ShardedState::load`] reads it.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        state_file::write(path, &self.tensors, self.metadata.clone())
+    }
+}
+
+impl ShardedState {
+    /// This rank's shard of `params` (equal on every rank): the master copy taken from
+    /// them, zero moments and gradient; collectives move `bucket_bytes` of f32 per rank at
+    /// a time.
+    pub fn new(
+        params: &[Tensor],
+        sharding: Sharding,
+        world: usize,
+        rank: usize,
+        bucket_bytes: usize,
+    ) -> Result<Self> {
+        let _guard = tch::no_grad_guard();
+        let layout = ShardLayout::new(params.iter().map(Tensor::numel).collect(), world, rank);
+        let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
+        let zeros = || Tensor::f_zeros([layout.shard_len as i64], (Kind::Float, device));
+        let master = zeros()?;
+        let start = rank * layout.shard_len;
+        let mut failed = None;
+        layout.segments(start, start + layout.shard_len, |p, from, to, len| {
+            let copied = params[p]
+                .f_reshape([-1])
+                .and_then(|flat| flat.f_narrow(0, from as i64, len as i64))
+                .and_then(|src| {
+                    master
+                        .f_narrow(0, to as i64, len as i64)?
+                        .f_copy_(&src.f_to_kind(Kind::Float)?)
+                });
+            if let Err(e) = copied {
+                failed.get_or_insert(e);
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        Ok(ShardedState {
+            sharding,
+            bucket_values: (bucket_bytes / 4).clamp(1, layout.shard_len.max(1)),
+            exp_avg: zeros()?,
+            exp_avg_sq: zeros()?,
+            grad: zeros()?,
+            master,
+            layout,
+        })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &ShardLayout {
+        &self.layout
+    }
+
+    /// The f32 master copy of this rank's range.
+    pub fn master(&self) -> &Tensor {
+        &self.master
+    }
+
+    /// The first and second AdamW moments of this rank's range.
+    pub fn moments(&self) -> (&Tensor, &Tensor) {
+        (&self.exp_avg, &self.exp_avg_sq)
+    }
+
+    /// The summed gradient of this rank's range (after the reduce-scatter).
+    pub fn grad(&self) -> &Tensor {
+        &self.grad
+    }
+
+    /// The buckets: (first value in a rank's range, values) of each.
+    fn buckets(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (s, c) = (self.layout.shard_len, self.bucket_values);
+        (0..s.div_ceil(c)).map(move |b| (b * c, c.min(s - b * c)))
+    }
+
+    /// Gives back the full gradients that ZeRO-2 freed after the last step (zeros, the
+    /// parameters' shapes), so the next backward pass can accumulate into them.
+    pub fn restore_grads(&self, params: &[Tensor]) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() && g.numel() != p.numel() {
+                g.f_set_data(&p.f_zeros_like()?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sums every rank's full gradients into the ranks' shards, bucket by bucket (ZeRO-2
+    /// then frees the full gradients). Every gradient must be defined.
+    pub fn reduce_scatter_grads(
+        &mut self,
+        collective: &mut dyn Collective,
+        params: &[Tensor],
+    ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.grad().f_reshape([-1]))
+            .collect::<std::result::Result<_, _>>()?;
+        let (k, s) = (self.layout.world, self.layout.shard_len);
+        let buckets: Vec<(usize, usize)> = self.buckets().collect();
+        for (first, len) in buckets {
+            let input = Tensor::f_zeros([(k * len) as i64], (Kind::Float, self.grad.device()))?;
+            for r in 0..k {
+                let start = r * s + first;
+                let mut failed = None;
+                self.layout.segments(start, start + len, |p, from, to, n| {
+                    let copied =
+                        input
+                            .f_narrow(0, (r * len + to) as i64, n as i64)
+                            .and_then(|mut dst| {
+                                dst.f_copy_(&grads[p].f_narrow(0, from as i64, n as i64)?)
+                            });
+                    if let Err(e) = copied {
+                        failed.get_or_insert(e);
+                    }
+                });
+                if let Some(e) = failed {
+                    return Err(e.into());
+                }
+            }
+            let mut output = self.grad.f_narrow(0, first as i64, len as i64)?;
+            collective.reduce_scatter(&input, &mut output, ReduceOp::Sum)?;
+        }
+        if self.sharding == Sharding::Zero2 {
+            let empty = Tensor::f_zeros([0], (Kind::Float, self.grad.device()))?;
+            for p in params {
+                p.grad().f_set_data(&empty)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The global L2 norm of the summed gradient (from every rank's shard); when
+    /// `max_norm` is set and the norm is finite, the shard is scaled as
+    /// `clip_grad_norm_` does.
+    pub fn clip_grad_norm(
+        &mut self,
+        collective: &mut dyn Collective,
+        max_norm: Option<f64>,
+    ) -> Result<f64> {
+        let _guard = tch::no_grad_guard();
+        let squares = self.grad.f_square()?.f_sum(Kind::Float)?.f_reshape([1])?;
+        let mut total = squares;
+        collective.all_reduce(&mut total, ReduceOp::Sum)?;
+        let total = total.f_sqrt()?;
+        let norm = total.double_value(&[0]);
+        if let (Some(max_norm), true) = (max_norm, norm.is_finite()) {
+            let coef = ((total + 1e-6).f_reciprocal()? * max_norm).f_clamp_max(1.0)?;
+            let _ = self.grad.f_mul_(&coef)?;
+        }
+        Ok(norm)
+    }
+
+    /// AdamW's update number `k` at learning rate `lr` on this rank's master shard
+    /// (`train::optim::AdamW::step`'s formula, op for op).
+    pub fn step(&mut self, config: &AdamWConfig, k: u64, lr: f64) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let k = k as f64;
+        let step_size = lr / (1.0 - config.beta1.powf(k));
+        let bias_correction2_sqrt = (1.0 - config.beta2.powf(k)).sqrt();
+        if config.weight_decay != 0.0 {
+            let _ = self.master.f_mul_scalar_(1.0 - lr * config.weight_decay)?;
+        }
+        let _ = self.exp_avg.f_lerp_(&self.grad, 1.0 - config.beta1)?;
+        let _ = self.exp_avg_sq.f_mul_scalar_(config.beta2)?;
+        let _ = self
+            .exp_avg_sq
+            .f_addcmul_(&self.grad.f_mul_scalar(1.0 - config.beta2)?, &self.grad)?;
+        let denom = (self.exp_avg_sq.f_sqrt()? / bias_correction2_sqrt) + config.eps;
+        let _ = self
+            .master
+            .f_addcdiv_(&self.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+        Ok(())
+    }
+
+    /// Copies every rank's master shard into every rank's full parameters, bucket by
+    /// bucket.
+    pub fn all_gather_params(
+        &mut self,
+        collective: &mut dyn Collective,
+        params: &[Tensor],
+    ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let flats: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.f_view([-1]))
+            .collect::<std::result::Result<_, _>>()?;
+        let (k, s) = (self.layout.world, self.layout.shard_len);
+        let buckets: Vec<(usize, usize)> = self.buckets().collect();
+        for (first, len) in buckets {
+            let input = self.master.f_narrow(0, first as i64, len as i64)?;
+            let mut output =
+                Tensor::f_zeros([(k * len) as i64], (Kind::Float, self.master.device()))?;
+            collective.all_gather(&input, &mut output)?;
+            for r in 0..k {
+                let start = r * s + first;
+                let mut failed = None;
+                self.layout.segments(start, start + len, |p, from, to, n| {
+                    let copied = flats[p]
+                        .f_narrow(0, from as i64, n as i64)
+                        .and_then(|mut dst| {
+                            dst.f_copy_(&output.f_narrow(0, (r * len + to) as i64, n as i64)?)
+                        });
+                    if let Err(e) = copied {
+                        failed.get_or_insert(e);
+                    }
+                });
+                if let Some(e) = failed {
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the master shard and both moment shards.
+    pub fn optimizer_bytes(&self) -> u64 {
+        [&self.master, &self.exp_avg, &self.exp_avg_sq]
+            .iter()
+            .map(|t| bytes(t))
+            .sum()
+    }
+
+    /// A copy of the master and moment shards with the update count `steps`, to be
+    /// written as this rank's shard file.
+    pub fn state(&self, steps: u64) -> ShardState {
+        let metadata = HashMap::from([
+            (WORLD_KEY.to_owned(), self.layout.world.to_string()),
+            (RANK_KEY.to_owned(), self.layout.rank.to_string()),
+            (TOTAL_KEY.to_owned(), self.layout.total.to_string()),
+            (STEP_KEY.to_owned(), steps.to_string()),
+        ]);
+        ShardState {
+            tensors: vec![
+                (MASTER.to_owned(), self.master.copy()),
+                (EXP_AVG.to_owned(), self.exp_avg.copy()),
+                (EXP_AVG_SQ.to_owned(), self.exp_avg_sq.copy()),
+            ],
+            metadata,
+        }
+    }
+
+    /// Restores a shard file written by [`ShardState::write`] for this rank of this
+    /// world over the same parameters and returns its update count; on error nothing
+    /// changes.
+    pub fn load(&mut self, path: &Path) -> Result<u64> {
+        let (mut tensors, metadata) = state_file::read(path)?;
+        let number = |key: &str| -> Result<usize> {
+            metadata
+                .get(key)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| {
+                    LearnerError::state(path, format!("no valid `{key}` in the metadata"))
+                })
+        };
+        let (world, rank, total) = (number(WORLD_KEY)?, number(RANK_KEY)?, number(TOTAL_KEY)?);
+        let steps = number(STEP_KEY)? as u64;
+        let l = &self.layout;
+        if (world, rank) != (l.world, l.rank) {
+            return Err(LearnerError::state(
+                path,
+                format!(
+                    "it is the shard of rank {rank} of {world}, this is rank {} of {}",
+                    l.rank, l.world
+                ),
+            ));
+        }
+        if total != l.total {
+            return Err(LearnerError::state(
+                path,
+                format!(
+                    "it shards {total} parameter values, the model has {}",
+                    l.total
+                ),
+            ));
+        }
+        let mut take = |name: &str| -> Result<Tensor> {
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| LearnerError::MissingTensor {
+                    path: path.to_owned(),
+                    name: name.to_owned(),
+                })?;
+            if t.size() != [l.shard_len as i64] {
+                return Err(LearnerError::TensorShape {
+                    path: path.to_owned(),
+                    name: name.to_owned(),
+                    expected: vec![l.shard_len as i64],
+                    actual: t.size(),
+                });
+            }
+            Ok(t)
+        };
+        let (master, m, v) = (take(MASTER)?, take(EXP_AVG)?, take(EXP_AVG_SQ)?);
+        let _guard = tch::no_grad_guard();
+        self.master.f_copy_(&master)?;
+        self.exp_avg.f_copy_(&m)?;
+        self.exp_avg_sq.f_copy_(&v)?;
+        Ok(steps)
+    }
+}
+
+/// Bytes of a tensor's values.
+pub fn bytes(t: &Tensor) -> u64 {
+    if !t.defined() {
+        return 0;
+    }
+    t.numel() as u64 * t.kind().elt_size_in_bytes() as u64
+}
+
+/// The shard file of `rank` of `world` ranks.
+pub fn shard_file_name(rank: usize, world: usize) -> String {
+    format!("rank-{rank:05}-of-{world:05}.safetensors")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::collective::on_loopback_ranks;
+    use crate::testing::{batch, sample, tiny_model, trainer_config};
+    use crate::train::grad_sync::GradSync;
+    use crate::train::grpo::{token_weights, LossAggregation};
+    use crate::train::sample::TrainSample;
+    use crate::train::trainer::{StepStats, Trainer, TrainerConfig};
+    use std::time::Duration;
+
+    /// Four global batches: clipping is active in every applied step (max norm 0.5), and
+    /// the second holds a sample whose ratio overflows, so that step is skipped.
+    fn batches() -> Vec<Vec<TrainSample>> {
+        let mut poisoned = batch();
+        poisoned.push(sample(1, 3, 4, -1000.0, -1.0));
+        let mut flipped = batch();
+        flipped.iter_mut().for_each(|s| s.advantage = -s.advantage);
+        flipped.push(sample(9, 4, 3, -3.6, 0.3));
+        vec![
+            batch(),
+            poisoned,
+            flipped,
+            vec![sample(5, 3, 5, -3.8, 1.0), sample(6, 2, 4, -3.9, -1.0)],
+        ]
+    }
+
+    fn config(sharding: Sharding) -> TrainerConfig {
+        TrainerConfig {
+            sharding,
+            ..trainer_config(16, LossAggregation::TokenMean, 0.5)
+        }
+    }
+
+    fn flat_weights(trainer: &Trainer) -> Vec<f32> {
+        trainer
+            .optimizer()
+            .params()
+            .iter()
+            .flat_map(|p| Vec::<f32>::try_from(p.reshape([-1])).unwrap())
+            .collect()
+    }
+
+    /// Rank `rank`'s shard (every `world`-th sample) of a global batch, with weights.
+    fn shard_of(global: &[TrainSample], rank: usize, world: usize) -> (Vec<TrainSample>, Vec<f64>) {
+        let weights = token_weights(global, LossAggregation::TokenMean);
+        global
+            .iter()
+            .cloned()
+            .zip(weights)
+            .enumerate()
+            .filter(|(i, _)| i % world == rank)
+            .map(|(_, pair)| pair)
+            .unzip()
+    }
+
+    /// A rank's weights and stats after each step.
+    type History = Vec<(Vec<f32>, StepStats)>;
+
+    /// Every rank's weights and stats after each step, and its trainer's shard bytes.
+    fn train_ranks(world: usize, sharding: Sharding) -> Vec<(History, u64)> {
+        on_loopback_ranks(world, Duration::from_secs(20), |ring| {
+            let rank = ring.rank();
+            let mut trainer =
+                Trainer::new(tiny_model(1 + rank as u64), None, config(sharding)).unwrap();
+            trainer.attach(GradSync::new(Box::new(ring), 700)).unwrap();
+            let history = batches()
+                .iter()
+                .map(|global| {
+                    let (shard, weights) = shard_of(global, rank, world);
+                    let stats = trainer.step_shard(&shard, &weights).unwrap();
+                    assert_eq!(trainer.check_ranks().unwrap(), 0.0);
+                    (flat_weights(&trainer), stats)
+                })
+                .collect();
+            (history, trainer.shard().unwrap().optimizer_bytes())
+        })
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn sharded_ranks_take_the_same_steps_as_one_rank() {
+        let mut single = Trainer::new(tiny_model(1), None, config(Sharding::None)).unwrap();
+        let initial = flat_weights(&single);
+        let reference: Vec<(Vec<f32>, StepStats)> = batches()
+            .iter()
+            .map(|b| {
+                let stats = single.step(b).unwrap();
+                (flat_weights(&single), stats)
+            })
+            .collect();
+        assert!(reference[1].1.skipped, "the poisoned step is skipped");
+        for (_, stats) in reference.iter().filter(|(_, s)| !s.skipped) {
+            assert!(stats.grad_norm > 0.5, "clipping is active: {stats:?}");
+        }
+        for sharding in [Sharding::Zero1, Sharding::Zero2] {
+            for world in [2, 3] {
+                let ranks = train_ranks(world, sharding);
+                for (step, (want, want_stats)) in reference.iter().enumerate() {
+                    for (rank, (history, _)) in ranks.iter().enumerate() {
+                        let (weights, stats) = &history[step];
+                        let at = format!("{sharding:?}, {world} ranks, step {step}, rank {rank}");
+                        assert_eq!(weights, &ranks[0].0[step].0, "{at}: differs from rank 0");
+                        assert_eq!(stats.skipped, want_stats.skipped, "{at}");
+                        // The ranks sum the same gradients in another order than one
+                        // backward pass does (and the norm from squared shards): f32
+                        // rounding, a few ulps of the ~0.01 steps of lr 1e-2 AdamW.
+                        let diff = max_diff(weights, want);
+                        assert!(diff < 1e-5, "{at}: {diff} from one rank");
+                        if !stats.skipped {
+                            let norm = (stats.grad_norm - want_stats.grad_norm).abs();
+                            assert!(norm < 1e-4 * want_stats.grad_norm, "{at}: {stats:?}");
+                        }
+                    }
+                }
+                let skipped = &ranks[0].0;
+                assert_eq!(skipped[1].0, skipped[0].0, "a skipped step changes nothing");
+                assert_eq!(skipped[3].1.version, 3);
+                assert!(
+                    max_diff(&skipped[3].0, &initial) > 1e-3,
+                    "training moved the weights"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn each_rank_holds_a_kth_of_the_optimizer_and_zero2_frees_the_gradients() {
+        let bytes_of = |world: usize, sharding: Sharding| -> Vec<(u64, u64, u64, u64)> {
+            on_loopback_ranks(world, Duration::from_secs(20), |ring| {
+                let rank = ring.rank();
+                let mut trainer = Trainer::new(tiny_model(1), None, config(sharding)).unwrap();
+                trainer.attach(GradSync::new(Box::new(ring), 700)).unwrap();
+                let (shard, weights) = shard_of(&batch(), rank, world);
+                trainer.step_shard(&shard, &weights).unwrap();
+                let params = trainer.optimizer().params();
+                let full_grads: u64 = params.iter().map(|p| bytes(&p.grad())).sum();
+                let moments: u64 = trainer
+                    .optimizer()
+                    .moments()
+                    .map(|(_, m, v)| bytes(m) + bytes(v))
+                    .sum();
+                let state = trainer.shard().unwrap();
+                (
+                    state.optimizer_bytes(),
+                    bytes(state.grad()),
+                    full_grads,
+                    moments,
+                )
+            })
+        };
+        let params: u64 = tiny_model(1)
+            .var_store()
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as u64)
+            .sum();
+        let one = bytes_of(1, Sharding::Zero2)[0];
+        // One rank: master and both moments, 12 bytes a parameter, none padded.
+        assert_eq!(one.0, 12 * params);
+        for sharding in [Sharding::Zero1, Sharding::Zero2] {
+            for world in [2u64, 3] {
+                for (rank, (optimizer, grad, full_grads, moments)) in
+                    bytes_of(world as usize, sharding).into_iter().enumerate()
+                {
+                    let at = format!("{sharding:?}, {world} ranks, rank {rank}");
+                    // ⌈N / K⌉ values each: at most K − 1 values of padding over all ranks.
+                    assert_eq!(optimizer, 12 * params.div_ceil(world), "{at}");
+                    assert!(optimizer * world - one.0 < 12 * world, "{at}");
+                    assert_eq!(grad, 4 * params.div_ceil(world), "{at}");
+                    assert_eq!(moments, 0, "{at}: no full moments are allocated");
+                    let expected_full = match sharding {
+                        Sharding::Zero2 => 0,
+                        _ => 4 * params,
+                    };
+                    assert_eq!(full_grads, expected_full, "{at}: full gradients");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn layout_segments_cover_every_value_once() {
+        let layout = ShardLayout::new(vec![5, 1, 7], 3, 1);
+        assert_eq!((layout.total, layout.shard_len), (13, 5));
+        let mut pieces = Vec::new();
+        for r in 0..3 {
+            layout.segments(r * 5, r * 5 + 5, |p, from, to, n| {
+                pieces.push((r, p, from, to, n))
+            });
+        }
+        assert_eq!(
+            pieces,
+            [
+                (0, 0, 0, 0, 5),
+                (1, 1, 0, 0, 1),
+                (1, 2, 0, 1, 4),
+                (2, 2, 4, 0, 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn zero3_is_refused_with_a_clear_error() {
+        let err = Trainer::new(tiny_model(1), None, config(Sharding::Zero3))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("grpo.sharding") && err.contains("not built"),
+            "{err}"
+        );
+    }
+}
