@@ -75,7 +75,11 @@ async fn forged_chunks(
             offset: (i * 64 * 1024) as u64,
             data: data.to_vec().into(),
             total_bytes: total,
-            manifest_json: if i == 0 { manifest.clone() } else { String::new() },
+            manifest_json: if i == 0 {
+                manifest.clone()
+            } else {
+                String::new()
+            },
             crc32,
             chunk_crc32: crc32fast::hash(data),
         })
@@ -144,7 +148,15 @@ async fn forged_weights_from_a_relay_are_refused_and_fetched_from_the_learner() 
     let _reward = job.start("reward", &["reward", "--learner", &addr]);
     let mut actor = job.start(
         "actor",
-        &["actor", "--learner", &addr, "--threads", "1", "--name", "honest"],
+        &[
+            "actor",
+            "--learner",
+            &addr,
+            "--threads",
+            "1",
+            "--name",
+            "honest",
+        ],
     );
     let ended = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
@@ -171,7 +183,11 @@ async fn forged_weights_from_a_relay_are_refused_and_fetched_from_the_learner() 
         actor_log.contains("SHA-256") && actor_log.contains("fetching it again from the learner"),
         "the actor refused the forged bytes: {actor_log}"
     );
-    assert_eq!(job.steps().len(), 2, "the honest actor's groups trained the job");
+    assert_eq!(
+        job.steps().len(),
+        2,
+        "the honest actor's groups trained the job"
+    );
     wait_until("the actor's end", Duration::from_secs(30), &mut [], || {
         actor.child.try_wait().unwrap()
     });
