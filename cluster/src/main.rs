@@ -40,6 +40,8 @@ enum Command {
     Plot(plot::Args),
     /// Plan GPU memory: what learner ranks and actors hold, what fits, what would.
     Plan(cli::plan::Args),
+    /// Make a job CA and per-host certificates and keys for mutual TLS.
+    Certs(cli::certs::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,5 +63,6 @@ fn main() -> anyhow::Result<()> {
         Command::Plot(args) => plot::run(args),
         Command::Status(args) => cli::status::run(args),
         Command::Plan(args) => cli::plan::run(args),
+        Command::Certs(args) => cli::certs::run(args),
     }
 }

@@ -2,6 +2,7 @@
 //! library crate that does the work.
 
 pub mod actor;
+pub mod certs;
 pub mod generate;
 pub mod init_model;
 pub mod learner;
@@ -11,6 +12,7 @@ pub mod plan;
 pub mod reward;
 pub mod status;
 mod status_table;
+pub mod tls_args;
 
 /// A member name for logs: host and process id.
 pub fn default_name() -> String {

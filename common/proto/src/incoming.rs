@@ -225,6 +225,45 @@ mod tests {
         assert!(accepted.unwrap().unwrap().is_ok());
     }
 
+    /// This host's address on its default route (not loopback), if it has one.
+    fn outside_address() -> Option<std::net::IpAddr> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        socket.connect("192.0.2.1:9").ok()?;
+        let ip = socket.local_addr().ok()?.ip();
+        (!ip.is_loopback()).then_some(ip)
+    }
+
+    #[tokio::test]
+    async fn a_plaintext_server_takes_only_loopback_peers() {
+        let Some(outside) = outside_address() else {
+            panic!("this test needs a non-loopback IPv4 address on the host");
+        };
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let limits = Limits {
+            max_connections: 8,
+            idle: Duration::from_secs(10),
+            loopback_only: true,
+        };
+        let mut incoming = Box::pin(bounded(listener, limits));
+        let mut stranger = TcpStream::connect((outside, port)).await.unwrap();
+        let mut byte = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(5), stranger.read(&mut byte)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "a peer from {outside} was kept: {closed:?}"
+        );
+        let _local = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let accepted = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await;
+        let guarded = accepted.unwrap().unwrap().unwrap();
+        assert!(guarded
+            .connect_info()
+            .remote_addr()
+            .unwrap()
+            .ip()
+            .is_loopback());
+    }
+
     #[test]
     fn the_default_connection_limit_follows_the_descriptor_limit() {
         let limits = Limits::for_process(Duration::from_secs(1));

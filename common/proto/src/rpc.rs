@@ -179,7 +179,7 @@ grpc_servers!(
 ///
 /// The process's transport ([`Transport::process`]) carries the connections: TLS (a
 /// client certificate from the job CA required, the handshake within
-/// [`tls::HANDSHAKE_TIMEOUT`] on a bounded connection), or plaintext, which takes only
+/// [`tls::HANDSHAKE_TIMEOUT`] or `idle`, whichever is shorter, on a bounded connection), or plaintext, which takes only
 /// loopback peers unless the job allows plaintext.
 pub async fn serve(
     listener: TcpListener,
@@ -220,7 +220,7 @@ pub async fn serve_on(
     limits.loopback_only = matches!(transport, Transport::Loopback);
     let mut builder = Server::builder();
     if let Some(identity) = transport.tls() {
-        builder = builder.tls_config(identity.tonic_server())?;
+        builder = builder.tls_config(identity.tonic_server(tls::HANDSHAKE_TIMEOUT.min(idle)))?;
     }
     builder
         .initial_stream_window_size(Some(STREAM_WINDOW))
@@ -487,6 +487,57 @@ pub(crate) mod tests {
         assert!(misnamed.contains("NotValidForName"), "{misnamed}");
         // The server still serves its job after all that.
         assert!(score_over(&job, &addr).await.unwrap().accepted);
+    }
+
+    /// A peer that trickles a TLS hello a byte at a time (never silent for the idle limit)
+    /// is cut off when the handshake deadline passes.
+    #[tokio::test]
+    async fn a_trickled_handshake_is_cut_off_at_its_deadline() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::tls::tests::write_job_certs(dir.path(), &["127.0.0.1"]);
+        let transport =
+            Transport::Tls(std::sync::Arc::new(tls::TlsIdentity::load(&files).unwrap()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            serve_on(
+                &transport,
+                listener,
+                "right".into(),
+                RewardServer::new(Fragile),
+                SMALL_REQUEST_BYTES,
+                Duration::from_millis(1500),
+                std::future::pending(),
+            )
+            .await
+        });
+        let mut peer = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        // A handshake record header announcing 16 KiB, then a byte every 300 ms.
+        let mut trickle = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+        trickle.extend(std::iter::repeat_n(0x01, 30));
+        let mut closed = false;
+        for byte in trickle {
+            if peer.write_all(&[byte]).await.is_err() {
+                closed = true;
+                break;
+            }
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(300), peer.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let waited = started.elapsed();
+        assert!(closed, "the trickling peer was kept for {waited:?}");
+        assert!(
+            waited >= Duration::from_millis(1200) && waited < Duration::from_secs(4),
+            "{waited:?}"
+        );
     }
 
     #[tokio::test]

@@ -21,8 +21,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-/// Longest a TLS handshake on an accepted connection may take before the connection is
-/// closed (so a silent or slow peer cannot hold a connection slot in the handshake).
+/// Longest a TLS handshake on an accepted gRPC connection may take before the connection
+/// is closed (so a silent or slow peer cannot hold a connection slot in the handshake);
+/// shorter when the server's idle limit is.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The subject name of a job CA made by [`make_ca`] (also how [`make_host`] names its
@@ -188,12 +189,13 @@ impl TlsIdentity {
         Arc::clone(&self.client)
     }
 
-    /// tonic's server settings for this identity, with [`HANDSHAKE_TIMEOUT`].
-    pub fn tonic_server(&self) -> ServerTlsConfig {
+    /// tonic's server settings for this identity: a handshake not done within `handshake`
+    /// closes the connection.
+    pub fn tonic_server(&self, handshake: Duration) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
             .client_ca_root(Certificate::from_pem(&self.ca_pem))
-            .timeout(HANDSHAKE_TIMEOUT)
+            .timeout(handshake)
     }
 
     /// tonic's client settings for dialing `host` (a name or IP the server's certificate
@@ -267,6 +269,16 @@ impl Transport {
     /// Whether a plaintext server may take a connection from `peer`.
     pub fn admits(&self, peer: IpAddr) -> bool {
         !matches!(self, Transport::Loopback) || peer.is_loopback()
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Loopback => "plaintext, loopback only",
+            Transport::Plaintext => "plaintext, any address (allowed by the job)",
+            Transport::Tls(_) => "mutual TLS with the job CA",
+        })
     }
 }
 
