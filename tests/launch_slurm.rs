@@ -116,6 +116,39 @@ fn dry_run_renders_the_parameters() {
 }
 
 #[test]
+fn members_get_the_jobs_transport() {
+    let script = |edit: fn(&mut toml::Table)| {
+        let job = TestJob::new(edit);
+        let out = launch(&job, &["--dry-run"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert!(script(|_| {}).lines().any(|l| l == "TRANSPORT=()"));
+    let plain = script(|t| set(t, "cluster", "allow_plaintext", true));
+    assert!(
+        plain.lines().any(|l| l == "TRANSPORT=(--allow-plaintext)"),
+        "{plain}"
+    );
+    let tls = script(|t| {
+        let mut tls = toml::Table::new();
+        for (key, file) in [
+            ("ca_cert", "/c/ca.pem"),
+            ("cert", "/c/all.pem"),
+            ("key", "/c/all.key"),
+        ] {
+            tls.insert(key.into(), file.into());
+        }
+        set(t, "cluster", "tls", tls);
+    });
+    assert!(
+        tls.lines().any(|l| l
+            == "TRANSPORT=(--tls-ca '/c/ca.pem' --tls-cert '/c/all.pem' --tls-key '/c/all.key')"),
+        "{tls}"
+    );
+    assert!(tls.contains(r#""$QUILL" actor --learner "$learner" "${common[@]}" "${TRANSPORT[@]}""#));
+}
+
+#[test]
 fn dry_run_defaults_leave_out_what_is_not_given() {
     let job = TestJob::new(|t| set(t, "job", "token_file", "/secrets/quill.token"));
     let out = launch(&job, &["--dry-run"]);

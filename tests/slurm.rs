@@ -255,6 +255,8 @@ fn a_job_trains_on_a_real_slurm_cluster() {
         set(t, "sampling", "group_size", 4);
         set(t, "sampling", "max_new_tokens", 48);
         set(t, "checkpoint", "every_steps", 0);
+        // The batch script listens on all interfaces; this one-machine cluster runs plaintext.
+        set(t, "cluster", "allow_plaintext", true);
     });
     let launch = |extra: &[&str]| {
         Command::new(quill_bin())

@@ -45,6 +45,8 @@ enum Command {
     /// Offline tools for prompt files (length ranges).
     #[command(subcommand)]
     Data(cli::data::Data),
+    /// Make a job CA and per-host certificates and keys for mutual TLS.
+    Certs(cli::certs::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,5 +70,6 @@ fn main() -> anyhow::Result<()> {
         Command::Plan(args) => cli::plan::run(args),
         Command::TrainRm(args) => cli::train_rm::run(args),
         Command::Data(command) => cli::data::run(command),
+        Command::Certs(args) => cli::certs::run(args),
     }
 }

@@ -37,6 +37,9 @@ pub struct WeightsArgs {
     /// Bytes per chunk in MiB (the job's cluster.weight_chunk_bytes).
     #[arg(long, default_value_t = 4)]
     pub chunk_mb: usize,
+    /// Carry every transfer over mutual TLS with a throwaway job CA (what TLS costs).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// Flags of the hidden `quill bench relay-node`.
@@ -45,6 +48,8 @@ pub struct NodeArgs {
     /// Where to serve the relay (IP:PORT).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
+    #[command(flatten)]
+    pub tls: crate::cli::tls_args::TlsArgs,
 }
 
 /// The plan one relay node gets on its stdin.
@@ -74,6 +79,13 @@ pub fn run(args: WeightsArgs) -> anyhow::Result<()> {
         args.size_mb,
         held / 1e9
     );
+    let certs = tempfile::tempdir().context("a folder for the bench's certificates")?;
+    let node_flags = if args.tls {
+        bench_tls(certs.path())?
+    } else {
+        Vec::new()
+    };
+    println!("connections: {}", quill_proto::tls::Transport::process());
     let blob = Arc::new(synthetic_blob(size));
     let token = format!("bench-{}", std::process::id());
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -90,7 +102,14 @@ pub fn run(args: WeightsArgs) -> anyhow::Result<()> {
     let mut first = None;
     for &n in &args.actors {
         let served_before = root.bytes_served.load(Ordering::Relaxed);
-        let seconds = deliver(n, &root_addr, &token, blob.version, args.fanout)?;
+        let seconds = deliver(
+            n,
+            &root_addr,
+            &token,
+            &node_flags,
+            blob.version,
+            args.fanout,
+        )?;
         let copies =
             (root.bytes_served.load(Ordering::Relaxed) - served_before) as f64 / size as f64;
         let rate = size as f64 / seconds;
@@ -104,6 +123,33 @@ pub fn run(args: WeightsArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Makes a throwaway job CA and a certificate for 127.0.0.1 in `dir`, carries this
+/// process's connections over TLS with them, and returns the flags that do the same for a
+/// relay node.
+fn bench_tls(dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    use quill_proto::tls::{make_ca, make_host, TlsFiles, Transport};
+    let ca = make_ca(1)?;
+    let host = make_host(&ca.key_pem, &["127.0.0.1".to_owned()], 1)?;
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("host.pem"),
+        key: dir.join("host.key"),
+    };
+    std::fs::write(&files.ca, ca.cert_pem)?;
+    std::fs::write(&files.cert, host.cert_pem)?;
+    std::fs::write(&files.key, host.key_pem)?;
+    Transport::from_settings(Some(&files), false)?.install()?;
+    let text = |p: &std::path::Path| p.display().to_string();
+    Ok(vec![
+        "--tls-ca".into(),
+        text(&files.ca),
+        "--tls-cert".into(),
+        text(&files.cert),
+        "--tls-key".into(),
+        text(&files.key),
+    ])
 }
 
 /// Bytes per second of one plain TCP stream over loopback moving `size` bytes: read into
@@ -247,12 +293,20 @@ impl WaitTimeout for Child {
 
 /// Starts `n` relay nodes, hands each its sources from the relay tree, and returns the
 /// seconds until the last one holds the verified blob.
-fn deliver(n: usize, root: &str, token: &str, version: u64, fanout: usize) -> anyhow::Result<f64> {
+fn deliver(
+    n: usize,
+    root: &str,
+    token: &str,
+    node_flags: &[String],
+    version: u64,
+    fanout: usize,
+) -> anyhow::Result<f64> {
     let exe = std::env::current_exe().context("finding the quill binary")?;
     let mut nodes = Vec::with_capacity(n);
     for _ in 0..n {
         let mut child = Command::new(&exe)
             .args(["bench", "relay-node"])
+            .args(node_flags)
             .env(TOKEN_ENV, token)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -315,6 +369,7 @@ fn deliver(n: usize, root: &str, token: &str, version: u64, fanout: usize) -> an
 /// relays the version, prints `done` (or `failed: …`), and serves until stdin closes.
 pub fn node(args: NodeArgs) -> anyhow::Result<()> {
     let token = quill_proto::auth::load_token(None)?;
+    args.tls.install_for_member()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.listen)

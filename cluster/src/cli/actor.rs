@@ -27,6 +27,8 @@ pub struct Args {
 /// Runs an actor until the job ends.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let token = args.member.token()?;
+    args.member
+        .install_transport(&[("--relay-listen", &args.relay_listen)])?;
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
     }

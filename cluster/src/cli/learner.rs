@@ -48,6 +48,8 @@ pub struct Args {
     /// Train on this device instead of `model.device` (e.g. `cuda:1` for a second GPU).
     #[arg(long)]
     pub device: Option<String>,
+    #[command(flatten)]
+    pub tls: super::tls_args::TlsArgs,
 }
 
 /// Runs the learner until training ends (rank 0: or until SIGTERM or SIGINT, after a
@@ -73,6 +75,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.threads > 0 {
         tch::set_num_threads(args.threads);
+    }
+    args.tls.install_for_job(&mut job)?;
+    if let Some(listen) = &args.listen {
+        quill_proto::tls::Transport::process().check("--listen", listen)?;
     }
     if args.rank > 0 {
         let Some(learner) = args.learner else {

@@ -1,5 +1,5 @@
 //! Command-line flags every member command (`quill actor`, `quill reward`) shares: where
-//! the learner is, the job token, the member's name and its Prometheus endpoint.
+//! the learner is, the job token, the member's name, its Prometheus endpoint and TLS.
 
 use quill_proto::auth::load_token;
 use std::path::PathBuf;
@@ -20,12 +20,26 @@ pub struct MemberArgs {
     /// `metrics.member_prometheus_addr` (port 0 picks a free port; the bound address is logged).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub tls: super::tls_args::TlsArgs,
 }
 
 impl MemberArgs {
     /// The job token: from `--token-file`, else `$QUILL_TOKEN`.
     pub fn token(&self) -> anyhow::Result<String> {
         Ok(load_token(self.token_file.as_deref())?)
+    }
+
+    /// Chooses the process's transport from the TLS flags; `listens` are the flags and
+    /// addresses this member serves on, checked against it (plaintext stays on loopback
+    /// unless allowed). The learner's address is checked when it is dialed.
+    pub fn install_transport(&self, listens: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.tls.install_for_member()?;
+        for (flag, addr) in listens {
+            quill_proto::tls::Transport::process().check(flag, addr)?;
+        }
+        quill_proto::tls::Transport::process().check("--learner", &self.learner)?;
+        Ok(())
     }
 
     /// `--name`, else host and process id.

@@ -3,6 +3,7 @@
 
 pub mod actor;
 pub mod data;
+pub mod certs;
 pub mod generate;
 pub mod init_model;
 pub mod learner;
@@ -13,6 +14,7 @@ pub mod reward;
 pub mod status;
 mod status_table;
 pub mod train_rm;
+pub mod tls_args;
 
 /// A member name for logs: host and process id.
 pub fn default_name() -> String {

@@ -20,6 +20,8 @@ pub struct Args {
 /// Runs a reward worker until the job ends.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let token = args.member.token()?;
+    args.member
+        .install_transport(&[("--listen", &args.listen)])?;
     let options = RewardOptions {
         name: args.member.name(),
         learner: args.member.learner,

@@ -30,11 +30,14 @@ pub struct Args {
     /// Print the status document (JSON) instead of the table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: super::tls_args::TlsArgs,
 }
 
 /// Shows the job's status.
 pub fn run(args: Args) -> anyhow::Result<()> {
     check_address(&args.learner)?;
+    args.tls.install_for_member()?;
     let token = load_token(args.token_file.as_deref()).map_err(|e| anyhow!("--token-file: {e}"))?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {

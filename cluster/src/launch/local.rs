@@ -80,6 +80,27 @@ fn wait_for_address(path: &Path, learner: &mut Process) -> anyhow::Result<String
     }
 }
 
+/// The TLS flags every member gets: the job's own `[cluster.tls]` files (all processes
+/// run on this host), or none.
+fn member_transport(job: &JobConfig) -> anyhow::Result<Vec<String>> {
+    let Some(tls) = &job.cluster.tls else {
+        return Ok(Vec::new());
+    };
+    let mut flags = Vec::new();
+    for (flag, path, field) in [
+        ("--tls-ca", &tls.ca_cert, "cluster.tls.ca_cert"),
+        ("--tls-cert", &tls.cert, "cluster.tls.cert"),
+        ("--tls-key", &tls.key, "cluster.tls.key"),
+    ] {
+        let path = std::path::absolute(path).with_context(|| format!("{field}: resolving"))?;
+        let path = path
+            .to_str()
+            .with_context(|| format!("{field}: path is not UTF-8"))?;
+        flags.extend([flag.to_owned(), path.to_owned()]);
+    }
+    Ok(flags)
+}
+
 pub fn run(args: LocalArgs) -> anyhow::Result<()> {
     let mut job = JobConfig::from_file(&args.config)?;
     if let Some(dir) = &args.output_dir {
@@ -144,11 +165,12 @@ pub fn run(args: LocalArgs) -> anyhow::Result<()> {
             quill(&argv, args.threads)?,
         )?);
     }
+    let transport = member_transport(&job)?;
     // Reward workers first, so that actors find one at their first heartbeat.
     for (role, count, threads) in [("reward", rewards, 0), ("actor", actors, args.threads)] {
         for i in 0..count {
             let name = format!("{role}-{i}");
-            let argv = [
+            let mut argv = vec![
                 role,
                 "--learner",
                 &address,
@@ -157,6 +179,7 @@ pub fn run(args: LocalArgs) -> anyhow::Result<()> {
                 "--name",
                 &name,
             ];
+            argv.extend(transport.iter().map(String::as_str));
             processes.push(Process::spawn(&name, quill(&argv, threads)?)?);
         }
     }

@@ -180,6 +180,25 @@ fn configured_port(job: &JobConfig) -> anyhow::Result<u16> {
         })
 }
 
+/// The members' transport flags, shell-quoted: the job's `[cluster.tls]` files (the same
+/// on every node, on the shared file system), `--allow-plaintext` when the job allows it,
+/// else none.
+fn transport(job: &JobConfig) -> anyhow::Result<String> {
+    let Some(tls) = &job.cluster.tls else {
+        return Ok(if job.cluster.allow_plaintext {
+            "--allow-plaintext".to_owned()
+        } else {
+            String::new()
+        });
+    };
+    Ok(format!(
+        "--tls-ca {} --tls-cert {} --tls-key {}",
+        quoted_path(&tls.ca_cert, "cluster.tls.ca_cert")?,
+        quoted_path(&tls.cert, "cluster.tls.cert")?,
+        quoted_path(&tls.key, "cluster.tls.key")?
+    ))
+}
+
 /// Renders the batch script for `args` and the job.
 pub fn script(args: &SlurmArgs, job: &JobConfig) -> anyhow::Result<String> {
     let (learner_gpus, actor_gpus) = check(args, job)?;
@@ -231,6 +250,7 @@ pub fn script(args: &SlurmArgs, job: &JobConfig) -> anyhow::Result<String> {
         ("threads", Some(args.threads.to_string())),
         ("resume", Some(u8::from(args.resume).to_string())),
         ("grace_seconds", Some(grace.to_string())),
+        ("transport", Some(transport(job)?)),
     ];
     render(TEMPLATE, &values)
 }

@@ -2,7 +2,10 @@
 //! [`Limits::max_connections`] at once (a connection beyond is closed at once), a peer
 //! that sends nothing for [`Limits::idle`] is cut off (the server's HTTP/2 pings keep live
 //! clients talking, so only silent sockets hit it), and running out of file descriptors
-//! makes the accept loop pause instead of spinning.
+//! makes the accept loop pause instead of spinning. A plaintext server that may only talk
+//! to loopback ([`Limits::loopback_only`]) drops connections from anywhere else. TLS, when
+//! on, runs over these connections (tonic's acceptor, with a handshake deadline), so a
+//! handshake holds a slot and is cut off like any other silence.
 
 use std::future::Future;
 use std::io;
@@ -27,16 +30,19 @@ pub struct Limits {
     pub max_connections: usize,
     /// Longest silence from a peer before its connection is closed.
     pub idle: Duration,
+    /// Close connections that do not come from a loopback address.
+    pub loopback_only: bool,
 }
 
 impl Limits {
     /// The default bounds: an idle limit of `idle`, and at most half of this process's
     /// file-descriptor limit in connections (at most 4,096, at least 16), so a flood of
-    /// sockets cannot starve the process of descriptors.
+    /// sockets cannot starve the process of descriptors; peers from any address.
     pub fn for_process(idle: Duration) -> Self {
         Limits {
             max_connections: (open_file_limit() / 2).clamp(16, 4096),
             idle,
+            loopback_only: false,
         }
     }
 }
@@ -67,6 +73,10 @@ pub fn bounded(
     tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
+                Ok((_, peer)) if limits.loopback_only && !peer.ip().is_loopback() => {
+                    tracing::warn!(%peer, "plaintext server: closing a connection from outside loopback");
+                    continue;
+                }
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     tracing::warn!("accept failed: {e}; pausing");
@@ -177,6 +187,7 @@ mod tests {
         let limits = Limits {
             max_connections: 2,
             idle: Duration::from_millis(300),
+            loopback_only: false,
         };
         let mut incoming = Box::pin(bounded(listener, limits));
         let _first = TcpStream::connect(addr).await.unwrap();
@@ -212,6 +223,45 @@ mod tests {
         let _fourth = TcpStream::connect(addr).await.unwrap();
         let accepted = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await;
         assert!(accepted.unwrap().unwrap().is_ok());
+    }
+
+    /// This host's address on its default route (not loopback), if it has one.
+    fn outside_address() -> Option<std::net::IpAddr> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        socket.connect("192.0.2.1:9").ok()?;
+        let ip = socket.local_addr().ok()?.ip();
+        (!ip.is_loopback()).then_some(ip)
+    }
+
+    #[tokio::test]
+    async fn a_plaintext_server_takes_only_loopback_peers() {
+        let Some(outside) = outside_address() else {
+            panic!("this test needs a non-loopback IPv4 address on the host");
+        };
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let limits = Limits {
+            max_connections: 8,
+            idle: Duration::from_secs(10),
+            loopback_only: true,
+        };
+        let mut incoming = Box::pin(bounded(listener, limits));
+        let mut stranger = TcpStream::connect((outside, port)).await.unwrap();
+        let mut byte = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(5), stranger.read(&mut byte)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "a peer from {outside} was kept: {closed:?}"
+        );
+        let _local = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let accepted = tokio::time::timeout(Duration::from_secs(5), incoming.next()).await;
+        let guarded = accepted.unwrap().unwrap().unwrap();
+        assert!(guarded
+            .connect_info()
+            .remote_addr()
+            .unwrap()
+            .ip()
+            .is_loopback());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! gRPC plumbing shared by every role: message limits, HTTP/2 windows sized for weight
 //! streams, client endpoints, the one authenticated server every role runs ([`serve`]),
-//! and clients that carry the job token.
+//! and clients that carry the job token. Every endpoint and server uses the process's
+//! [`Transport`] (plaintext on loopback by default, or mutual TLS with the job CA).
 //!
 //! [`serve`] checks the job token on every call, applies the message limits and windows,
 //! and turns a panic in a handler into a gRPC `INTERNAL` answer ("handler panicked: …")
@@ -12,6 +13,7 @@ use crate::learner_client::LearnerClient;
 use crate::learner_server::{Learner, LearnerServer};
 use crate::reward_client::RewardClient;
 use crate::reward_server::{Reward, RewardServer};
+use crate::tls::{self, Transport};
 use crate::weight_relay_client::WeightRelayClient;
 use crate::weight_relay_server::{WeightRelay, WeightRelayServer};
 use std::any::Any;
@@ -72,10 +74,38 @@ pub type RewardConn = RewardClient<InterceptedService<Channel, AttachToken>>;
 /// An actor-relay client that sends the job token.
 pub type RelayConn = WeightRelayClient<InterceptedService<Channel, AttachToken>>;
 
-/// A client endpoint for `HOST:PORT` with connect and call timeouts and wide windows.
+/// A client endpoint for `HOST:PORT` with connect and call timeouts and wide windows,
+/// over the process's transport ([`Transport::process`]).
 pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint, String> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad address `{addr}`: {e}"))?
+    endpoint_on(Transport::process(), addr, timeout)
+}
+
+/// A client endpoint for `HOST:PORT` over `transport`: `https://` checked against the job
+/// CA and `HOST` when TLS is on (with `timeout` for the handshake too), else `http://`,
+/// which is refused for an address that is not loopback unless plaintext is allowed.
+pub fn endpoint_on(
+    transport: &Transport,
+    addr: &str,
+    timeout: Duration,
+) -> Result<Endpoint, String> {
+    let scheme = if transport.tls().is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| format!("bad address `{addr}`: {e}"))?;
+    match transport.tls() {
+        Some(identity) => {
+            endpoint = endpoint
+                .tls_config(identity.tonic_client(tls::host_of(addr), timeout))
+                .map_err(|e| format!("TLS for `{addr}`: {e}"))?;
+        }
+        None => transport
+            .check("the address", addr)
+            .map_err(|e| e.to_string())?,
+    }
+    Ok(endpoint
         .connect_timeout(timeout)
         .timeout(timeout)
         .initial_stream_window_size(Some(STREAM_WINDOW))
@@ -146,7 +176,35 @@ grpc_servers!(
 /// descriptors, each closed after `idle` without a byte from the peer (the server pings
 /// every `idle / 4`, which live clients answer), at most [`MAX_STREAMS`] calls at once on
 /// one connection.
+///
+/// The process's transport ([`Transport::process`]) carries the connections: TLS (a
+/// client certificate from the job CA required, the handshake within
+/// [`tls::HANDSHAKE_TIMEOUT`] or `idle`, whichever is shorter, on a bounded connection), or plaintext, which takes only
+/// loopback peers unless the job allows plaintext.
 pub async fn serve(
+    listener: TcpListener,
+    token: String,
+    service: impl GrpcServer,
+    max_request_bytes: usize,
+    idle: Duration,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let transport = Transport::process();
+    serve_on(
+        transport,
+        listener,
+        token,
+        service,
+        max_request_bytes,
+        idle,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] over `transport`.
+pub async fn serve_on(
+    transport: &Transport,
     listener: TcpListener,
     token: String,
     service: impl GrpcServer,
@@ -158,7 +216,13 @@ pub async fn serve(
         CatchPanic(service.limit_messages(max_request_bytes, MAX_MESSAGE_BYTES)),
         require_token(token),
     );
-    Server::builder()
+    let mut limits = incoming::Limits::for_process(idle);
+    limits.loopback_only = matches!(transport, Transport::Loopback);
+    let mut builder = Server::builder();
+    if let Some(identity) = transport.tls() {
+        builder = builder.tls_config(identity.tonic_server(tls::HANDSHAKE_TIMEOUT.min(idle)))?;
+    }
+    builder
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .max_frame_size(Some(MAX_FRAME))
@@ -166,10 +230,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(idle / 4))
         .http2_keepalive_timeout(Some(idle / 4))
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            incoming::bounded(listener, incoming::Limits::for_process(idle)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming::bounded(listener, limits), shutdown)
         .await
 }
 
@@ -355,6 +416,154 @@ pub(crate) mod tests {
             refused.message()
         );
         assert!(reward.score(lease(4)).await.unwrap().into_inner().accepted);
+    }
+
+    /// A TLS reward server on loopback for the job in `dir` (certificate for `names`);
+    /// its address and the server's files.
+    async fn tls_server(dir: &std::path::Path, names: &[&str]) -> (String, tls::TlsFiles) {
+        let files = crate::tls::tests::write_job_certs(dir, names);
+        let transport =
+            Transport::Tls(std::sync::Arc::new(tls::TlsIdentity::load(&files).unwrap()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            serve_on(
+                &transport,
+                listener,
+                "right".into(),
+                RewardServer::new(Fragile),
+                SMALL_REQUEST_BYTES,
+                Duration::from_secs(60),
+                std::future::pending(),
+            )
+            .await
+        });
+        (addr, files)
+    }
+
+    /// Scores one group at `addr` over `transport`.
+    async fn score_over(transport: &Transport, addr: &str) -> Result<ScoreReply, String> {
+        let channel = endpoint_on(transport, addr, Duration::from_secs(5))?
+            .connect()
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        reward_client(channel, "right")
+            .score(lease(5))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| format!("{s:?}"))
+    }
+
+    #[tokio::test]
+    async fn a_tls_server_takes_only_clients_of_its_job_ca_that_dial_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, files) = tls_server(dir.path(), &["127.0.0.1"]).await;
+        let port = addr.rsplit_once(':').unwrap().1.to_owned();
+        let job = Transport::Tls(std::sync::Arc::new(tls::TlsIdentity::load(&files).unwrap()));
+        // The job's own client works.
+        assert!(score_over(&job, &addr).await.unwrap().accepted);
+        // A plaintext client gets no answer.
+        let plain = score_over(&Transport::Loopback, &addr).await.unwrap_err();
+        assert!(!plain.is_empty());
+        // A client whose certificate (and trust) come from another CA is refused.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let other = crate::tls::tests::write_job_certs(elsewhere.path(), &["127.0.0.1"]);
+        let stranger = Transport::Tls(std::sync::Arc::new(tls::TlsIdentity::load(&other).unwrap()));
+        score_over(&stranger, &addr).await.unwrap_err();
+        // A stranger's certificate with the job CA trusted: the server refuses it.
+        let impostor_files = tls::TlsFiles {
+            ca: files.ca.clone(),
+            ..other
+        };
+        let impostor = Transport::Tls(std::sync::Arc::new(
+            tls::TlsIdentity::load(&impostor_files).unwrap(),
+        ));
+        let refused = score_over(&impostor, &addr).await.unwrap_err();
+        assert!(!refused.is_empty());
+        // Dialing a name the certificate does not carry fails the client's check.
+        let misnamed = score_over(&job, &format!("localhost:{port}"))
+            .await
+            .unwrap_err();
+        assert!(misnamed.contains("NotValidForName"), "{misnamed}");
+        // The server still serves its job after all that.
+        assert!(score_over(&job, &addr).await.unwrap().accepted);
+    }
+
+    /// A peer that trickles a TLS hello a byte at a time (never silent for the idle limit)
+    /// is cut off when the handshake deadline passes.
+    #[tokio::test]
+    async fn a_trickled_handshake_is_cut_off_at_its_deadline() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::tls::tests::write_job_certs(dir.path(), &["127.0.0.1"]);
+        let transport =
+            Transport::Tls(std::sync::Arc::new(tls::TlsIdentity::load(&files).unwrap()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            serve_on(
+                &transport,
+                listener,
+                "right".into(),
+                RewardServer::new(Fragile),
+                SMALL_REQUEST_BYTES,
+                Duration::from_millis(1500),
+                std::future::pending(),
+            )
+            .await
+        });
+        let mut peer = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        // A handshake record header announcing 16 KiB, then a byte every 300 ms.
+        let mut trickle = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+        trickle.extend(std::iter::repeat_n(0x01, 30));
+        let mut closed = false;
+        for byte in trickle {
+            if peer.write_all(&[byte]).await.is_err() {
+                closed = true;
+                break;
+            }
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(300), peer.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let waited = started.elapsed();
+        assert!(closed, "the trickling peer was kept for {waited:?}");
+        assert!(
+            waited >= Duration::from_millis(1200) && waited < Duration::from_secs(4),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn plaintext_is_refused_off_loopback_unless_allowed() {
+        let err = endpoint_on(
+            &Transport::Loopback,
+            "10.0.0.7:50051",
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("10.0.0.7:50051 is not a loopback address"),
+            "{err}"
+        );
+        endpoint_on(
+            &Transport::Plaintext,
+            "10.0.0.7:50051",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        endpoint_on(
+            &Transport::Loopback,
+            "127.0.0.1:50051",
+            Duration::from_secs(1),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub use sections::{
     CheckpointSection, ClusterSection, CollectiveKind, DataSection, GrpoSection, JobSection,
     KlEstimator, LossAggregation, LrSchedule, MetricsSection, ModelSection, OptimizerSection,
     ParallelSection, RangePredictorSection, RewardsSection, SamplingSection, Sharding,
-    MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
+    TlsSection, MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
 };
 
 /// A whole RL job, as one TOML file describes it.

@@ -422,6 +422,25 @@ pub struct ClusterSection {
     /// above 0 (servers ping their clients every quarter of it, so only dead or idle
     /// sockets are closed).
     pub idle_connection_seconds: f64,
+    /// Let processes talk in plaintext across non-loopback addresses (default false: a
+    /// job whose addresses are not all loopback must set `cluster.tls`).
+    pub allow_plaintext: bool,
+    /// `[cluster.tls]`: mutual TLS with the job's own CA on every gRPC endpoint and the
+    /// learner ring (`quill certs` makes the files); absent: plaintext.
+    pub tls: Option<TlsSection>,
+}
+
+/// `[cluster.tls]`: the PEM files of the job CA and of this host's certificate and key
+/// (members and learner ranks on other hosts give theirs with `--tls-cert`/`--tls-key`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// The job CA's certificate.
+    pub ca_cert: PathBuf,
+    /// This host's certificate, issued by the job CA.
+    pub cert: PathBuf,
+    /// This host's private key.
+    pub key: PathBuf,
 }
 
 impl ClusterSection {
@@ -448,6 +467,8 @@ impl Default for ClusterSection {
             heartbeat_seconds: 2.0,
             rpc_timeout_seconds: 30.0,
             idle_connection_seconds: 120.0,
+            allow_plaintext: false,
+            tls: None,
         }
     }
 }

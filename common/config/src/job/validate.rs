@@ -362,7 +362,51 @@ impl ClusterSection {
         positive(
             "cluster.idle_connection_seconds",
             self.idle_connection_seconds,
-        )
+        )?;
+        self.check_transport()
+    }
+
+    /// TLS files are all named when `[cluster.tls]` is given; without it (and without
+    /// `allow_plaintext`) every address must be loopback.
+    fn check_transport(&self) -> Check {
+        if let Some(tls) = &self.tls {
+            for (field, path, what) in [
+                (
+                    "cluster.tls.ca_cert",
+                    &tls.ca_cert,
+                    "the job CA's certificate",
+                ),
+                ("cluster.tls.cert", &tls.cert, "this host's certificate"),
+                ("cluster.tls.key", &tls.key, "this host's private key"),
+            ] {
+                ensure(!path.as_os_str().is_empty(), field, || {
+                    format!("missing: the PEM file of {what} (`quill certs` makes one)")
+                })?;
+            }
+            return Ok(());
+        }
+        if self.allow_plaintext {
+            return Ok(());
+        }
+        let addresses = std::iter::once(("cluster.learner_addr".to_owned(), &self.learner_addr))
+            .chain(
+                self.reward_addrs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, addr)| (format!("cluster.reward_addrs[{i}]"), addr)),
+            );
+        for (field, addr) in addresses {
+            let loopback = addr
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback());
+            ensure(loopback, &field, || {
+                format!(
+                    "{addr} is not a loopback address and TLS is off: set [cluster.tls] \
+                     (see `quill certs`) or cluster.allow_plaintext = true"
+                )
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -456,6 +500,28 @@ mod tests {
                 "[cluster]\nweight_chunk_bytes = 0",
                 "cluster.weight_chunk_bytes",
                 "must be in [1024, 67108864] (1 KiB to 64 MiB), got 0",
+            ),
+            (
+                "[cluster]\nlearner_addr = \"10.0.0.1:50051\"",
+                "cluster.learner_addr",
+                "10.0.0.1:50051 is not a loopback address and TLS is off: set [cluster.tls] \
+                 (see `quill certs`) or cluster.allow_plaintext = true",
+            ),
+            (
+                "[cluster]\nreward_addrs = [\"127.0.0.1:7\", \"0.0.0.0:7\"]",
+                "cluster.reward_addrs[1]",
+                "0.0.0.0:7 is not a loopback address and TLS is off: set [cluster.tls] \
+                 (see `quill certs`) or cluster.allow_plaintext = true",
+            ),
+            (
+                "[cluster.tls]\nca_cert = \"ca.pem\"\ncert = \"host.pem\"",
+                "cluster.tls.key",
+                "missing: the PEM file of this host's private key (`quill certs` makes one)",
+            ),
+            (
+                "[cluster.tls]\ncert = \"host.pem\"\nkey = \"host.key\"",
+                "cluster.tls.ca_cert",
+                "missing: the PEM file of the job CA's certificate (`quill certs` makes one)",
             ),
             (
                 "[cluster]\nrelay_fanout = 65",
@@ -553,6 +619,22 @@ mod tests {
             config.validate().unwrap_err().to_string(),
             "job config: cluster.actors: must be at least 1, got 0"
         );
+    }
+
+    #[test]
+    fn addresses_off_loopback_need_tls_or_leave_for_plaintext() {
+        let remote = "[cluster]\nlearner_addr = \"10.0.0.1:50051\"\n";
+        let allowed = format!("{remote}allow_plaintext = true\n");
+        let parsed = JobConfig::from_toml_str(&job(&allowed), "job.toml").unwrap();
+        assert!(parsed.cluster.allow_plaintext && parsed.cluster.tls.is_none());
+        let with_tls = format!(
+            "{remote}[cluster.tls]\nca_cert = \"c/ca.pem\"\ncert = \"c/h.pem\"\nkey = \"c/h.key\"\n"
+        );
+        let parsed = JobConfig::from_toml_str(&job(&with_tls), "job.toml").unwrap();
+        let tls = parsed.cluster.tls.unwrap();
+        assert_eq!(tls.key, std::path::Path::new("c/h.key"));
+        let (field, _) = invalid(&job("[cluster.tls]\nca = \"x\"\n"));
+        assert_eq!(field, "cluster.tls.ca");
     }
 
     #[test]

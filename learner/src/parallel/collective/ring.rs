@@ -3,9 +3,18 @@
 //! 2(K-1)/K of the buffer), broadcast is forwarded around the ring in chunks. Each message
 //! starts with a header (operation, sequence number, length) so ranks that fall out of
 //! step fail loudly. Socket timeouts bound every wait; a closed socket names the rank.
+//!
+//! Ranks prove who they are with an HMAC challenge over the job token. When the process's
+//! transport is TLS ([`Transport`]), every ring connection is mutual TLS with the job CA
+//! first (the connecting rank checks the next rank's certificate against its ring address,
+//! the accepting rank requires a client certificate from the job CA), and the challenge
+//! and all traffic run inside it. Without TLS the ring is plaintext, and only over loopback
+//! addresses unless the job allows plaintext.
 
 use super::{check_parts, Collective, CollectiveError, ReduceOp, Result};
 use hmac::{Hmac, Mac};
+use quill_proto::tls::{self, Transport};
+use rustls::{ClientConnection, ServerConnection, StreamOwned};
 use sha2::Sha256;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -86,29 +95,125 @@ fn configure(stream: TcpStream, timeout: Duration) -> Result<TcpStream> {
     Ok(stream)
 }
 
-/// Challenges an accepted connection and keeps it only if it proves to be `expected`
-/// within [`HANDSHAKE_TIMEOUT`]; why not otherwise.
+/// One ring connection: a TCP socket, or TLS over it (as the dialing or the accepting
+/// side).
+enum Link {
+    Plain(TcpStream),
+    Dialed(Box<StreamOwned<ClientConnection, TcpStream>>),
+    Accepted(Box<StreamOwned<ServerConnection, TcpStream>>),
+}
+
+impl Link {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Link::Plain(s) => s,
+            Link::Dialed(s) => &s.sock,
+            Link::Accepted(s) => &s.sock,
+        }
+    }
+
+    /// Sets the read and write timeout of the socket underneath.
+    fn set_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.socket().set_read_timeout(Some(timeout))?;
+        self.socket().set_write_timeout(Some(timeout))
+    }
+
+    /// Dials TLS over `stream` to the rank at `addr` (its certificate must carry the
+    /// host of `addr`), or keeps `stream` plaintext without TLS.
+    fn dial(
+        stream: TcpStream,
+        transport: &Transport,
+        addr: &str,
+    ) -> std::result::Result<Self, String> {
+        let Some(identity) = transport.tls() else {
+            return Ok(Link::Plain(stream));
+        };
+        let name = tls::server_name(addr)?;
+        let connection = ClientConnection::new(identity.client_config(), name)
+            .map_err(|e| format!("TLS: {e}"))?;
+        let mut link = StreamOwned::new(connection, stream);
+        while link.conn.is_handshaking() {
+            link.conn
+                .complete_io(&mut link.sock)
+                .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+        }
+        Ok(Link::Dialed(Box::new(link)))
+    }
+
+    /// Accepts TLS on `stream` (a client certificate from the job CA required), or keeps
+    /// it plaintext without TLS.
+    fn accept(stream: TcpStream, transport: &Transport) -> std::result::Result<Self, String> {
+        let Some(identity) = transport.tls() else {
+            return Ok(Link::Plain(stream));
+        };
+        let connection =
+            ServerConnection::new(identity.server_config()).map_err(|e| format!("TLS: {e}"))?;
+        let mut link = StreamOwned::new(connection, stream);
+        while link.conn.is_handshaking() {
+            link.conn
+                .complete_io(&mut link.sock)
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+        }
+        Ok(Link::Accepted(Box::new(link)))
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.read(buf),
+            Link::Dialed(s) => s.read(buf),
+            Link::Accepted(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.write(buf),
+            Link::Dialed(s) => s.write(buf),
+            Link::Accepted(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Link::Plain(s) => s.flush(),
+            Link::Dialed(s) => s.flush(),
+            Link::Accepted(s) => s.flush(),
+        }
+    }
+}
+
+/// Challenges an accepted connection (after its TLS handshake, when TLS is on) and keeps
+/// it only if it proves to be `expected` within [`HANDSHAKE_TIMEOUT`] per read; why not
+/// otherwise.
 fn admit(
     stream: TcpStream,
+    transport: &Transport,
     expected: Hello,
     key: &[u8],
     timeout: Duration,
-) -> std::result::Result<TcpStream, String> {
+) -> std::result::Result<Link, String> {
     let handshake = HANDSHAKE_TIMEOUT.min(timeout);
-    let mut stream = configure(stream, handshake).map_err(|e| e.to_string())?;
+    let stream = configure(stream, handshake).map_err(|e| e.to_string())?;
+    let mut link = Link::accept(stream, transport)?;
     let nonce: [u8; NONCE_BYTES] = rand::random();
-    stream.write_all(&nonce).map_err(|e| e.to_string())?;
+    link.write_all(&nonce)
+        .and_then(|()| link.flush())
+        .map_err(|e| e.to_string())?;
     let mut answer = [0u8; SIGNED_HELLO_BYTES];
-    stream
-        .read_exact(&mut answer)
+    link.read_exact(&mut answer)
         .map_err(|e| format!("no hello ({e})"))?;
     expected.check(&nonce, &answer, key)?;
-    configure(stream, timeout).map_err(|e| e.to_string())
+    link.set_timeout(timeout).map_err(|e| e.to_string())?;
+    Ok(link)
 }
 
 /// The nonce the accepting rank sends first (zeros if it sends none: the answer is then
 /// refused there, and the connection closed).
-fn read_nonce(stream: &mut TcpStream) -> [u8; NONCE_BYTES] {
+fn read_nonce(stream: &mut impl Read) -> [u8; NONCE_BYTES] {
     let mut nonce = [0u8; NONCE_BYTES];
     let _ = stream.read_exact(&mut nonce);
     nonce
@@ -132,8 +237,8 @@ enum Op {
 pub struct RingCollective {
     rank: usize,
     world: usize,
-    next: Option<TcpStream>,
-    prev: Option<TcpStream>,
+    next: Option<Link>,
+    prev: Option<Link>,
     timeout: Duration,
     seq: u32,
 }
@@ -169,8 +274,28 @@ impl RingCollective {
     /// accepting rank sends a fresh nonce and the connecting rank answers with its hello
     /// (rank, world size) and an HMAC-SHA256 of nonce and hello. A connection that sends
     /// anything else, or nothing within [`HANDSHAKE_TIMEOUT`], is dropped and the rank
-    /// goes on waiting for the true previous rank.
+    /// goes on waiting for the true previous rank. Connections use the process's transport
+    /// ([`Transport::process`]; see the module docs).
     pub fn connect(
+        rank: usize,
+        listener: TcpListener,
+        addresses: &[String],
+        timeout: Duration,
+        key: &[u8],
+    ) -> Result<Self> {
+        Self::connect_on(
+            Transport::process(),
+            rank,
+            listener,
+            addresses,
+            timeout,
+            key,
+        )
+    }
+
+    /// [`RingCollective::connect`] over `transport`.
+    pub fn connect_on(
+        transport: &Transport,
         rank: usize,
         listener: TcpListener,
         addresses: &[String],
@@ -194,6 +319,11 @@ impl RingCollective {
         if world == 1 {
             return Ok(ring);
         }
+        for (r, addr) in addresses.iter().enumerate() {
+            transport
+                .check(&format!("the ring address of rank {r}"), addr)
+                .map_err(|e| CollectiveError::Setup(e.to_string()))?;
+        }
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
         let deadline = Instant::now() + timeout;
@@ -211,7 +341,7 @@ impl RingCollective {
         // each side runs on its own thread, or a ring of ranks that all connect first
         // would wait on each other.
         let (next, prev) = std::thread::scope(|scope| {
-            let connecting = scope.spawn(|| -> Result<TcpStream> {
+            let connecting = scope.spawn(|| -> Result<Link> {
                 loop {
                     if Instant::now() > deadline {
                         return Err(within(format!(
@@ -219,12 +349,15 @@ impl RingCollective {
                         )));
                     }
                     if let Some(stream) = try_connect(next_addr)? {
-                        let mut stream = configure(stream, timeout)?;
-                        let hello = Hello { rank, world }.signed(&read_nonce(&mut stream), key);
-                        stream
-                            .write_all(&hello)
+                        let stream = configure(stream, timeout)?;
+                        let mut link = Link::dial(stream, transport, next_addr).map_err(|e| {
+                            CollectiveError::Setup(format!("rank {rank} to rank {next_rank}: {e}"))
+                        })?;
+                        let hello = Hello { rank, world }.signed(&read_nonce(&mut link), key);
+                        link.write_all(&hello)
+                            .and_then(|()| link.flush())
                             .map_err(|e| io_error("connect", next_rank, timeout, e))?;
-                        return Ok(stream);
+                        return Ok(link);
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -238,7 +371,7 @@ impl RingCollective {
                     break Err(within(format!("rank {prev_rank} did not connect")));
                 }
                 match listener.accept() {
-                    Ok((stream, peer)) => match admit(stream, expected, key, timeout) {
+                    Ok((stream, peer)) => match admit(stream, transport, expected, key, timeout) {
                         Ok(stream) => break Ok(stream),
                         Err(why) => tracing::warn!(
                             rank,
@@ -262,7 +395,7 @@ impl RingCollective {
         Ok(ring)
     }
 
-    fn next_stream(&mut self) -> &mut TcpStream {
+    fn next_stream(&mut self) -> &mut Link {
         self.next.as_mut().expect("connected")
     }
 
@@ -286,7 +419,8 @@ impl RingCollective {
         std::thread::scope(|scope| {
             let sender = scope.spawn(move || {
                 next.write_all(&header(op, seq, payload.len()))?;
-                next.write_all(payload)
+                next.write_all(payload)?;
+                next.flush()
             });
             let received =
                 receive(prev, op, seq, expect).map_err(|e| e.into_error(name, prev_rank, timeout));
@@ -423,7 +557,8 @@ impl RingCollective {
             let next = self.next_stream();
             next.write_all(&header(Op::Broadcast, seq, data.len()))
                 .map_err(send_err)?;
-            return next.write_all(data).map_err(send_err);
+            next.write_all(data).map_err(send_err)?;
+            return next.flush().map_err(send_err);
         }
         let prev = self.prev.as_mut().expect("connected");
         read_header(prev, Op::Broadcast, seq, data.len())
@@ -442,6 +577,9 @@ impl RingCollective {
             if forward {
                 self.next_stream().write_all(chunk).map_err(send_err)?;
             }
+        }
+        if forward {
+            self.next_stream().flush().map_err(send_err)?;
         }
         Ok(())
     }
@@ -499,7 +637,7 @@ impl ReceiveError {
 }
 
 fn read_header(
-    stream: &mut TcpStream,
+    stream: &mut impl Read,
     op: Op,
     seq: u32,
     len: usize,
@@ -518,7 +656,7 @@ fn read_header(
 }
 
 fn receive(
-    stream: &mut TcpStream,
+    stream: &mut impl Read,
     op: Op,
     seq: u32,
     len: usize,
@@ -959,6 +1097,128 @@ mod tests {
             .check(&nonce, &replayed, KEY)
             .unwrap_err()
             .contains("not signed with the job token"));
+    }
+
+    /// A transport with a certificate for `127.0.0.1` issued by the CA whose key is
+    /// `ca_key` (trusting `ca_cert`), its files in `dir`.
+    fn tls_transport(dir: &std::path::Path, ca_cert: &str, ca_key: &str) -> Transport {
+        let host = tls::make_host(ca_key, &["127.0.0.1".to_owned()], 1).unwrap();
+        let files = tls::TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("host.pem"),
+            key: dir.join("host.key"),
+        };
+        std::fs::write(&files.ca, ca_cert).unwrap();
+        std::fs::write(&files.cert, host.cert_pem).unwrap();
+        std::fs::write(&files.key, host.key_pem).unwrap();
+        Transport::Tls(std::sync::Arc::new(tls::TlsIdentity::load(&files).unwrap()))
+    }
+
+    /// With TLS on, a plaintext peer that knows the token and a TLS peer whose certificate
+    /// comes from another CA reach rank 1 first: both are refused, and the ring of three
+    /// forms over TLS, all-reduces and broadcasts.
+    #[test]
+    fn a_tls_ring_refuses_plaintext_and_strangers_and_reduces() {
+        let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+        let job_ca = tls::make_ca(1).unwrap();
+        let job = tls_transport(dirs[0].path(), &job_ca.cert_pem, &job_ca.key_pem);
+        let other_ca = tls::make_ca(1).unwrap();
+        // Trusts the job CA, but holds a certificate from another.
+        let stranger = tls_transport(dirs[1].path(), &job_ca.cert_pem, &other_ca.key_pem);
+        let (listeners, addresses) = loopback_listeners(3);
+        // Both connect before any rank does, so rank 1 meets them first.
+        let mut plain = TcpStream::connect(&addresses[1]).unwrap();
+        let hello = Hello { rank: 0, world: 3 }.signed(&[0u8; NONCE_BYTES], KEY);
+        plain.write_all(&hello).unwrap();
+        let stream = TcpStream::connect(&addresses[1]).unwrap();
+        let impostor = {
+            let address = addresses[1].clone();
+            std::thread::spawn(move || {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                // The handshake fails on the server's side (or its first read here).
+                if let Ok(mut link) = Link::dial(stream, &stranger, &address) {
+                    let nonce = read_nonce(&mut link);
+                    let _ = link.write_all(&Hello { rank: 0, world: 3 }.signed(&nonce, KEY));
+                    let _ = link.flush();
+                    let mut byte = [0u8; 1];
+                    assert!(!matches!(link.read(&mut byte), Ok(1)));
+                }
+            })
+        };
+        let results = std::thread::scope(|scope| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let (addresses, job) = (&addresses, &job);
+                    scope.spawn(move || {
+                        let mut ring = RingCollective::connect_on(
+                            job,
+                            rank,
+                            listener,
+                            addresses,
+                            Duration::from_secs(10),
+                            KEY,
+                        )
+                        .unwrap();
+                        assert!(matches!(ring.next, Some(Link::Dialed(_))));
+                        assert!(matches!(ring.prev, Some(Link::Accepted(_))));
+                        let mut sum = values(rank, 1001);
+                        ring.all_reduce_f32(&mut sum, ReduceOp::Sum).unwrap();
+                        let mut big = vec![rank as u8; 9 << 20];
+                        ring.broadcast_bytes(&mut big, 2).unwrap();
+                        (sum, big.iter().all(|&b| b == 2))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        });
+        impostor.join().unwrap();
+        let mut rest = Vec::new();
+        plain
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = plain.read_to_end(&mut rest);
+        assert!(
+            rest.is_empty() || rest[0] == 0x15,
+            "a plaintext peer got {rest:?}"
+        );
+        for (sum, broadcast) in &results {
+            for (i, x) in sum.iter().enumerate() {
+                let expected: f32 = (0..3).map(|r| values(r, 1001)[i]).sum();
+                assert!((x - expected).abs() < 1e-4);
+            }
+            assert!(broadcast);
+        }
+    }
+
+    #[test]
+    fn a_plaintext_ring_stays_on_loopback_unless_allowed() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addresses = vec![
+            listener.local_addr().unwrap().to_string(),
+            "10.0.0.9:4000".to_owned(),
+        ];
+        let err = RingCollective::connect_on(
+            &Transport::Loopback,
+            0,
+            listener,
+            &addresses,
+            Duration::from_millis(200),
+            KEY,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            err.to_string()
+                .contains("the ring address of rank 1 10.0.0.9:4000 is not a loopback address"),
+            "{err}"
+        );
     }
 
     #[test]
