@@ -12,10 +12,13 @@ use std::path::Path;
 /// Flags of `quill plan`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Sharding zero1-3 and bf16 precision plan for the sharded, \
-    mixed-precision learner, which quill does not have yet: today's learner is \
-    `--sharding none --precision f32`. Not counted: attention scores (fused kernels keep \
-    none), gradient-sync buckets and a KL reference model."
+    after_help = "Sharding zero1-3 plans for the sharded learner, which quill does not \
+    have yet: today's learner is `--sharding none`. `--precision bf16` is the learner's \
+    grpo.precision = \"bf16\": bf16 weights, activations and gradients in the passes, f32 \
+    master weights, gradient accumulation and AdamW moments (20 bytes per parameter \
+    before activations, against 16 in f32). Tokens per pass are --micro-batch-tokens \
+    (packed: real tokens) or one longer sample. Not counted: attention scores (fused \
+    kernels keep none), gradient-sync buckets and a KL reference model."
 )]
 pub struct Args {
     /// The model: a config.json, a folder holding one, or `default` (the embedded model).
@@ -49,7 +52,8 @@ pub struct Args {
     /// (`grpo.activation_checkpointing`).
     #[arg(long)]
     pub activation_checkpointing: bool,
-    /// Padded tokens per learner forward/backward pass (`grpo.micro_batch_tokens`).
+    /// Tokens per learner forward/backward pass (`grpo.micro_batch_tokens`: real tokens
+    /// when packed, rows × longest row when padded).
     #[arg(long, value_name = "TOKENS", default_value_t = 8192, value_parser = at_least_one)]
     pub micro_batch_tokens: usize,
     /// Response tokens whose logits are formed at once (`grpo.logprob_chunk_tokens`).
@@ -273,15 +277,18 @@ fn learner_section(
             "off"
         }
     )?;
-    let optimizer = match setup.precision {
-        Precision::F32 => "optimiser state (AdamW moments)",
-        Precision::Bf16 => "optimiser state (f32 master + AdamW moments)",
+    let (gradients, optimizer) = match setup.precision {
+        Precision::F32 => ("gradients", "optimiser state (AdamW moments)"),
+        Precision::Bf16 => (
+            "gradients (bf16 + f32 accumulation)",
+            "optimiser state (f32 master + AdamW moments)",
+        ),
     };
     let passes = format!("activations ({} tokens per pass)", m.tokens_per_pass);
     let chunk = format!("logits (chunks of {} tokens)", setup.logprob_chunk_tokens);
     for (name, bytes) in [
         ("weights", m.weights),
-        ("gradients", m.gradients),
+        (gradients, m.gradients),
         (optimizer, m.optimizer),
         (passes.as_str(), m.activations),
         (chunk.as_str(), m.logits),

@@ -24,7 +24,7 @@ use crate::template::PromptTemplate;
 pub use sections::{
     CheckpointSection, ClusterSection, CollectiveKind, DataSection, GrpoSection, JobSection,
     KlEstimator, LossAggregation, LrSchedule, MetricsSection, ModelSection, OptimizerSection,
-    ParallelSection, RewardsSection, SamplingSection, MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES,
+    ParallelSection, Precision, RewardsSection, SamplingSection, MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES,
     MIN_WEIGHT_CHUNK_BYTES,
 };
 

@@ -196,6 +196,19 @@ pub enum KlEstimator {
     K3,
 }
 
+/// The dtype of the learner's forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Weights, activations and gradients in f32.
+    #[default]
+    F32,
+    /// Mixed precision: a bf16 copy of the weights runs the passes (bf16 activations and
+    /// gradients), gradients are accumulated into f32, and AdamW updates f32 master
+    /// weights; log-softmax and loss stay in f32.
+    Bf16,
+}
+
 /// `[grpo]`: the objective and the training schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -229,6 +242,13 @@ pub struct GrpoSection {
     /// Whether the learner recomputes each decoder layer in the backward pass instead
     /// of keeping its activations (less memory, about one more forward pass of time).
     pub activation_checkpointing: bool,
+    /// `f32` (default) or `bf16` mixed precision for the learner's passes.
+    pub precision: Precision,
+    /// Whether micro-batches are packed: samples laid end to end in one row without
+    /// padding (positions restart and attention stays within each sample), filled up to
+    /// `micro_batch_tokens` real tokens. Off: rows are right-padded and
+    /// `micro_batch_tokens` bounds rows × longest row.
+    pub packing: bool,
 }
 
 impl Default for GrpoSection {
@@ -247,6 +267,8 @@ impl Default for GrpoSection {
             micro_batch_tokens: 8192,
             logprob_chunk_tokens: 1024,
             activation_checkpointing: false,
+            precision: Precision::default(),
+            packing: true,
         }
     }
 }
