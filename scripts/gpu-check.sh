@@ -11,6 +11,9 @@
 # print. On a machine without CUDA it stops at once with exit status 1.
 #
 # This script has never run on a GPU (no GPU machine was available when it was written).
+# Step 2 is a contract with the multi-rank test it names: that test must read
+# QUILL_TEST_DEVICE, QUILL_TEST_COLLECTIVE and QUILL_TEST_SHARDING. None does yet; until
+# one does, step 2 runs the named test as it is (the loopback ring on CPU).
 #
 # Environment:
 #   QUILL_GPU_CHECK_MODES       sharding modes for step 2 (default "none zero1 zero2 zero3")

@@ -429,7 +429,10 @@ fn plan_says_what_fits_and_what_would() {
     let total = text.lines().find(|l| l.contains("total per rank")).unwrap();
     assert!(total.ends_with("  fits"), "{text}");
     assert!(text.contains("f32 master + AdamW moments"), "{text}");
-    assert!(text.contains("gradients (bf16 + f32 accumulation)"), "{text}");
+    assert!(
+        text.contains("gradients (bf16 + f32 accumulation)"),
+        "{text}"
+    );
     let out = quill(&[
         "plan",
         "--model",

@@ -422,8 +422,7 @@ fn a_bf16_step_matches_pytorch_autocast() {
     let memory = MemoryConfig::default();
     for part in [0..2, 2..4] {
         let samples: Vec<&TrainSample> = batches[0][part.clone()].iter().collect();
-        micro_batch_backward(copy.model(), None, &samples, &weights[part], &grpo, &memory)
-            .unwrap();
+        micro_batch_backward(copy.model(), None, &samples, &weights[part], &grpo, &memory).unwrap();
         copy.accumulate_grads(&master).unwrap();
     }
     let ours = hf_grads(&master);
@@ -461,8 +460,16 @@ fn a_bf16_step_matches_pytorch_autocast() {
             exact.grad_norms[k]
         );
         assert!(!s.skipped, "{s:?}");
-        assert!(rel(s.loss, loss) <= BF16_STAT_TOLERANCE, "step {}: {s:?}", k + 1);
-        assert!(rel(s.grad_norm, norm) <= BF16_STAT_TOLERANCE, "step {}: {s:?}", k + 1);
+        assert!(
+            rel(s.loss, loss) <= BF16_STAT_TOLERANCE,
+            "step {}: {s:?}",
+            k + 1
+        );
+        assert!(
+            rel(s.grad_norm, norm) <= BF16_STAT_TOLERANCE,
+            "step {}: {s:?}",
+            k + 1
+        );
     }
     let mut names: Vec<&String> = ours.keys().collect();
     let mut theirs: Vec<&String> = autocast.grads.keys().collect();

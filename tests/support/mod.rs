@@ -104,10 +104,7 @@ pub fn test_device() -> tch::Device {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
     let on_cpu = |t: &Tensor| t.to_device(tch::Device::Cpu).to_kind(tch::Kind::Double);
-    (on_cpu(a) - on_cpu(b))
-        .abs()
-        .max()
-        .double_value(&[])
+    (on_cpu(a) - on_cpu(b)).abs().max().double_value(&[])
 }
 
 /// Runs the `quill` binary with `args` (no `LD_LIBRARY_PATH`: the rpath must do).

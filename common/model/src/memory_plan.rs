@@ -248,8 +248,9 @@ pub struct LearnerMemory {
     pub activations: u64,
     /// Logits working set of one chunk of response tokens: logits in the compute
     /// precision plus four f32 `[tokens, vocab]` tensors (the log-softmax kept for the
-    /// backward pass, and up to three gradients of that size at once in it; the count
-    /// is the one `quill_learner`'s peak-memory test measures on CPU).
+    /// backward pass and the gradients of that size in it). Four is the count that
+    /// bounds the CPU peak `quill_learner`'s peak-memory test measures; which tensors
+    /// are alive at that peak was not traced.
     pub logits: u64,
     /// The same working set with every token of a micro-batch at once (no chunks).
     pub logits_unchunked: u64,
@@ -542,7 +543,10 @@ mod tests {
             (size.params * 6, shard * 6),
             "bf16 gradients and their f32 accumulation"
         );
-        assert_eq!(none.weights + none.gradients + none.optimizer, 20 * size.params);
+        assert_eq!(
+            none.weights + none.gradients + none.optimizer,
+            20 * size.params
+        );
         assert_eq!(z2.weights, size.params * 2);
         assert_eq!(z3.weights, (shard + size.embedding_params) * 2);
         assert!(none.total() > z1.total() && z1.total() > z2.total() && z2.total() > z3.total());

@@ -802,7 +802,10 @@ mod tests {
             // gradient sums differ: f32 rounding.
             for (what, want) in [("padded", &padded.grads), ("per sequence", &grads(&alone))] {
                 let diff = relative_diff(want, &got);
-                assert!(diff < 1e-5, "{chunk}/{checkpointing}: {what} differs by {diff}");
+                assert!(
+                    diff < 1e-5,
+                    "{chunk}/{checkpointing}: {what} differs by {diff}"
+                );
             }
         }
     }

@@ -202,7 +202,9 @@ fn measure_long() {
     drop(weights);
     let sample = |seed: i64, len: usize| TrainSample {
         prompt: vec![1 + seed],
-        response: (1..len as i64).map(|i| (seed * 31 + i * 7919) % (vocab - 1) + 1).collect(),
+        response: (1..len as i64)
+            .map(|i| (seed * 31 + i * 7919) % (vocab - 1) + 1)
+            .collect(),
         behaviour_logprobs: vec![-10.0; len - 1],
         advantage: 1.0,
     };
@@ -216,8 +218,15 @@ fn measure_long() {
     let memory = MemoryConfig::default();
     std::fs::write("/proc/self/clear_refs", "5").expect("clear_refs");
     let before = status_bytes("VmRSS:");
-    micro_batch_backward(&model, None, &refs, &weight, &GrpoConfig::default(), &memory)
-        .expect("pass");
+    micro_batch_backward(
+        &model,
+        None,
+        &refs,
+        &weight,
+        &GrpoConfig::default(),
+        &memory,
+    )
+    .expect("pass");
     println!("PEAK_GROWTH {}", status_bytes("VmHWM:") - before);
 }
 

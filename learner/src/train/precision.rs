@@ -56,7 +56,9 @@ impl ComputeCopy {
             .collect();
         define_grads(pairs.iter().map(|(_, master)| master))?;
         for (mut compute, master) in pairs {
-            let _ = master.grad().f_add_(&compute.grad().f_to_kind(Kind::Float)?)?;
+            let _ = master
+                .grad()
+                .f_add_(&compute.grad().f_to_kind(Kind::Float)?)?;
             compute.zero_grad();
         }
         Ok(())
@@ -126,7 +128,9 @@ mod tests {
         for ((name, m), (_, c)) in sorted_vars(&master).iter().zip(sorted_vars(copy.model())) {
             assert_eq!(c.kind(), Kind::BFloat16, "{name}");
             assert!(c.requires_grad(), "{name}");
-            assert!(c.to_kind(Kind::Float).equal(&m.to_kind(Kind::BFloat16).to_kind(Kind::Float)));
+            assert!(c
+                .to_kind(Kind::Float)
+                .equal(&m.to_kind(Kind::BFloat16).to_kind(Kind::Float)));
         }
         tch::no_grad(|| {
             for (_, mut m) in sorted_vars(&master) {
@@ -155,7 +159,10 @@ mod tests {
             copy.accumulate_grads(&master).unwrap();
         };
         pass(&refs, &weights);
-        let whole: Vec<Tensor> = sorted_vars(&master).iter().map(|(_, v)| v.grad().copy()).collect();
+        let whole: Vec<Tensor> = sorted_vars(&master)
+            .iter()
+            .map(|(_, v)| v.grad().copy())
+            .collect();
         assert!(whole.iter().all(|g| g.kind() == Kind::Float));
         for (name, c) in sorted_vars(copy.model()) {
             assert_eq!(c.grad().abs().max().double_value(&[]), 0.0, "{name} zeroed");

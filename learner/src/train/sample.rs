@@ -204,7 +204,10 @@ impl Packed {
         let (tokens, segments) = if packing {
             let flat = inputs.concat();
             let lens = inputs.iter().map(|r| r.len() as i64).collect();
-            (Tensor::from_slice(&flat).to(device).unsqueeze(0), Some(lens))
+            (
+                Tensor::from_slice(&flat).to(device).unsqueeze(0),
+                Some(lens),
+            )
         } else {
             (pad_right(&inputs, 0, device).0, None)
         };

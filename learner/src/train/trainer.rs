@@ -224,7 +224,9 @@ impl Trainer {
     /// The model the passes run on: the bf16 compute copy under mixed precision (as of
     /// the last step's start), else the policy itself.
     pub fn compute_model(&self) -> &Qwen2 {
-        self.compute.as_ref().map_or(&self.model, ComputeCopy::model)
+        self.compute
+            .as_ref()
+            .map_or(&self.model, ComputeCopy::model)
     }
 
     /// The optimizer.
@@ -560,11 +562,17 @@ mod tests {
         let (full, mixed) = (losses(Precision::F32, 6), losses(Precision::Bf16, 6));
         eprintln!("f32 losses {full:?}\nbf16 losses {mixed:?}");
         let drop = full[0] - full[5];
-        assert!(drop > 0.0 && mixed[0] - mixed[5] > 0.5 * drop, "{full:?} vs {mixed:?}");
+        assert!(
+            drop > 0.0 && mixed[0] - mixed[5] > 0.5 * drop,
+            "{full:?} vs {mixed:?}"
+        );
         // Loosely the same course: bf16 rounding (2^-9 relative per operation) moves
         // each loss by a small fraction of the total descent.
         for (k, (a, b)) in full.iter().zip(&mixed).enumerate() {
-            assert!((a - b).abs() < 0.1 * drop, "step {k}: {full:?} vs {mixed:?}");
+            assert!(
+                (a - b).abs() < 0.1 * drop,
+                "step {k}: {full:?} vs {mixed:?}"
+            );
         }
     }
 
