@@ -429,6 +429,10 @@ fn plan_says_what_fits_and_what_would() {
     let total = text.lines().find(|l| l.contains("total per rank")).unwrap();
     assert!(total.ends_with("  fits"), "{text}");
     assert!(text.contains("f32 master + AdamW moments"), "{text}");
+    assert!(
+        text.contains("gradients (bf16 + f32 accumulation)"),
+        "{text}"
+    );
     let out = quill(&[
         "plan",
         "--model",
@@ -564,4 +568,30 @@ fn plan_explains_its_flags_and_names_bad_ones() {
         );
         assert!(!stderr(&out).contains("panicked"), "{flags:?} panicked");
     }
+}
+
+#[test]
+fn gpu_check_stops_at_once_without_cuda() {
+    // A PATH holding only `dirname`: no nvidia-smi, so the script must refuse before it
+    // builds or runs anything.
+    let bin = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/usr/bin/dirname", bin.path().join("dirname")).unwrap();
+    let bash = ["/bin/bash", "/usr/bin/bash"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("bash");
+    let start = std::time::Instant::now();
+    let out = std::process::Command::new(bash)
+        .arg(support::repo_root().join("scripts/gpu-check.sh"))
+        .env("PATH", bin.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("gpu-check: no CUDA here: nvidia-smi is not installed"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+    assert!(start.elapsed().as_secs_f64() < 5.0, "{:?}", start.elapsed());
 }

@@ -2,11 +2,18 @@
 //! checkpoint and the same two batches, the GRPO loss written from its formula on top of
 //! transformers, `torch.optim.AdamW` and `clip_grad_norm_`. The reference runs twice, in
 //! float32 (what quill must agree with) and in float64 (the exact answer, to check that
-//! quill is no further from it than PyTorch's own float32 run).
+//! quill is no further from it than PyTorch's own float32 run). Half the variants pack
+//! their micro-batches, half pad them.
+//!
+//! bf16 mixed precision is compared with the same PyTorch step run under
+//! `torch.autocast("cpu", dtype=torch.bfloat16)`: the first step's gradients, and the loss
+//! and gradient norm of two steps. quill's side runs on `QUILL_TEST_DEVICE` (CPU unless
+//! set; see `scripts/gpu-check.sh`).
 
 mod support;
 
-use quill_learner::train::grpo::response_logprobs;
+use quill_learner::train::grpo::{micro_batch_backward, response_logprobs, token_weights};
+use quill_learner::train::precision::{ComputeCopy, Precision};
 use quill_learner::{
     AdamWConfig, GrpoConfig, KlEstimator, LossAggregation, MemoryConfig, StepStats, TrainSample,
     Trainer, TrainerConfig,
@@ -17,7 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
-use support::{fixtures, run_reference};
+use support::{fixtures, run_reference, test_device};
 use tch::{Device, Kind, Tensor};
 
 /// Largest allowed |quill − torch f32| of any weight after the steps, as a fraction of the
@@ -54,6 +61,7 @@ struct Variant {
     fixture: &'static str,
     grpo: GrpoConfig,
     reference: bool,
+    packing: bool,
 }
 
 fn variants() -> Vec<Variant> {
@@ -72,6 +80,7 @@ fn variants() -> Vec<Variant> {
             fixture: "tied_gqa_single",
             grpo: base.clone(),
             reference: false,
+            packing: true,
         },
         Variant {
             name: "ppo-sequence-mean",
@@ -81,6 +90,7 @@ fn variants() -> Vec<Variant> {
                 ..base.clone()
             },
             reference: false,
+            packing: false,
         },
         Variant {
             name: "ppo-sequence-mean-k1",
@@ -92,6 +102,7 @@ fn variants() -> Vec<Variant> {
                 ..base.clone()
             },
             reference: true,
+            packing: true,
         },
         Variant {
             name: "tis-token-mean-k3",
@@ -102,6 +113,7 @@ fn variants() -> Vec<Variant> {
                 ..base
             },
             reference: true,
+            packing: false,
         },
     ]
 }
@@ -139,14 +151,14 @@ fn snapshot(model: &Qwen2) -> HashMap<String, Tensor> {
     model
         .hf_tensors(Kind::Float)
         .into_iter()
-        .map(|(name, t)| (name, t.copy()))
+        .map(|(name, t)| (name, t.to_device(Device::Cpu).copy()))
         .collect()
 }
 
 fn run(variant: &Variant) {
     let name = variant.name;
     let dir = fixtures().join(variant.fixture);
-    let load = || Qwen2::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let load = || Qwen2::load(&dir, test_device(), Kind::Float).unwrap();
     let optimizer = AdamWConfig {
         lr: 1e-3,
         eps: ADAM_EPS,
@@ -158,7 +170,11 @@ fn run(variant: &Variant) {
         grpo: variant.grpo.clone(),
         optimizer: optimizer.clone(),
         micro_batch_tokens: 40,
-        memory: MemoryConfig::default(),
+        memory: MemoryConfig {
+            packing: variant.packing,
+            ..MemoryConfig::default()
+        },
+        precision: Precision::F32,
         max_consecutive_bad_steps: 0,
         sharding: Default::default(),
     };
@@ -184,8 +200,8 @@ fn run(variant: &Variant) {
     let spec = scratch.path().join("batch.json");
     let body = json!({"grpo": variant.grpo, "optimizer": optimizer, "steps": batches});
     std::fs::write(&spec, serde_json::to_string(&body).unwrap()).unwrap();
-    let torch = reference_run(&dir, &spec, false);
-    let exact = reference_run(&dir, &spec, true);
+    let torch = reference_run(&dir, &spec, &[]);
+    let exact = reference_run(&dir, &spec, &["--float64"]);
 
     for (k, s) in stats.iter().enumerate() {
         let close = |ours: f64, theirs: f64| (ours - theirs).abs() <= STAT_TOLERANCE * theirs.abs();
@@ -237,20 +253,21 @@ struct Reference {
     losses: Vec<f64>,
     /// The gradient norm (before clipping) of each step.
     grad_norms: Vec<f64>,
+    /// The first step's gradients by Hugging Face name (with `--grads`).
+    grads: HashMap<String, Tensor>,
 }
 
-/// Runs `reference.py grpo-step` on the model in `dir` and the batches in `spec`.
-fn reference_run(dir: &Path, spec: &Path, float64: bool) -> Reference {
-    let out = spec.with_file_name(format!("torch-float64-{float64}.safetensors"));
+/// Runs `reference.py grpo-step` on the model in `dir` and the batches in `spec`, with
+/// `flags` (`--float64`, `--autocast-bf16`, `--grads`).
+fn reference_run(dir: &Path, spec: &Path, flags: &[&str]) -> Reference {
+    let out = spec.with_file_name(format!("torch{}.safetensors", flags.concat()));
     let mut args = vec![
         "grpo-step".as_ref(),
         dir.as_os_str(),
         spec.as_os_str(),
         out.as_os_str(),
     ];
-    if float64 {
-        args.push("--float64".as_ref());
-    }
+    args.extend(flags.iter().map(|f| std::ffi::OsStr::new(*f)));
     run_reference(&args);
     let mut weights: HashMap<String, Tensor> = Tensor::read_safetensors(&out)
         .unwrap()
@@ -266,10 +283,23 @@ fn reference_run(dir: &Path, spec: &Path, float64: bool) -> Reference {
     };
     let losses = series("loss");
     let grad_norms = series("grad_norm");
+    let grad_names: Vec<String> = weights
+        .keys()
+        .filter(|n| n.starts_with("grad."))
+        .cloned()
+        .collect();
+    let grads = grad_names
+        .into_iter()
+        .map(|n| {
+            let t = weights.remove(&n).unwrap();
+            (n["grad.".len()..].to_owned(), t)
+        })
+        .collect();
     Reference {
         weights,
         losses,
         grad_norms,
+        grads,
     }
 }
 
@@ -317,4 +347,136 @@ fn grpo_steps_match_pytorch() {
     for variant in variants() {
         run(&variant);
     }
+}
+
+/// The gradients of `model`'s parameters under Hugging Face names (fused ones split).
+fn hf_grads(model: &Qwen2) -> HashMap<String, Tensor> {
+    let holder = Qwen2::new(model.config().clone(), Device::Cpu, Kind::Float).unwrap();
+    let grads: HashMap<String, Tensor> = model
+        .var_store()
+        .variables()
+        .into_iter()
+        .map(|(name, v)| (name, v.grad().to_device(Device::Cpu)))
+        .collect();
+    tch::no_grad(|| {
+        for (name, mut var) in holder.var_store().variables() {
+            var.copy_(&grads[&name]);
+        }
+    });
+    holder.hf_tensors(Kind::Float).into_iter().collect()
+}
+
+/// The largest entry of a set of tensors, in absolute value.
+fn largest(tensors: &HashMap<String, Tensor>) -> f64 {
+    tensors
+        .values()
+        .map(|t| t.abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+/// How much further from the float64 gradient quill's bf16 gradient may be than
+/// autocast's, and how far from autocast's, as multiples of autocast's own mean error.
+const BF16_ERROR_HEADROOM: f64 = 2.0;
+
+/// bf16 mixed precision against PyTorch autocast.
+///
+/// Tolerance: bf16 keeps 8 significant bits (unit roundoff 2^-9 ≈ 2e-3); autocast's own
+/// mean gradient error against float64 is the scale of bf16 rounding here, and quill's
+/// must stay within twice that, both against float64 and against autocast. Only means
+/// are asserted. Known gap (measured, not fixed): quill's pass rounds the weights, the
+/// residual stream and every gradient to bf16, and the tied embedding's gradient
+/// (accumulated in bf16 over the head's log-prob chunks and the embedding lookup) is
+/// off by up to ~80 % of the largest gradient entry (autocast: ~20 %), which moves the
+/// first step's gradient norm by ~18 % (18.5 against autocast's 22.6); the printed
+/// figures show it.
+#[test]
+#[ignore = "slow tier: parity with PyTorch autocast"]
+fn a_bf16_step_matches_pytorch_autocast() {
+    let dir = fixtures().join("tied_gqa_single");
+    let load = || Qwen2::load(&dir, test_device(), Kind::Float).unwrap();
+    let grpo = variants().remove(0).grpo;
+    let optimizer = AdamWConfig {
+        lr: 1e-3,
+        eps: ADAM_EPS,
+        weight_decay: 0.01,
+        max_grad_norm: Some(0.5),
+        ..AdamWConfig::default()
+    };
+    let master = load();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let batches: Vec<Vec<TrainSample>> = SHAPES
+        .iter()
+        .map(|shapes| batch(&master, shapes, grpo.temperature, &mut rng))
+        .collect();
+
+    // quill's first-step gradient: the bf16 compute copy's passes over two packed
+    // micro-batches, accumulated into the f32 masters.
+    let copy = ComputeCopy::new(&master).unwrap();
+    let weights = token_weights(&batches[0], grpo.aggregation);
+    let memory = MemoryConfig::default();
+    for part in [0..2, 2..4] {
+        let samples: Vec<&TrainSample> = batches[0][part.clone()].iter().collect();
+        micro_batch_backward(copy.model(), None, &samples, &weights[part], &grpo, &memory).unwrap();
+        copy.accumulate_grads(&master).unwrap();
+    }
+    let ours = hf_grads(&master);
+
+    let config = TrainerConfig {
+        grpo: grpo.clone(),
+        optimizer: optimizer.clone(),
+        micro_batch_tokens: 40,
+        memory,
+        precision: Precision::Bf16,
+        max_consecutive_bad_steps: 0,
+    };
+    let mut trainer = Trainer::new(load(), None, config).unwrap();
+    let stats: Vec<StepStats> = batches.iter().map(|b| trainer.step(b).unwrap()).collect();
+    assert_eq!(trainer.model().kind(), Kind::Float, "the masters stay f32");
+    assert_eq!(trainer.compute_model().kind(), Kind::BFloat16);
+
+    let scratch = tempfile::tempdir().unwrap();
+    let spec = scratch.path().join("batch.json");
+    let body = json!({"grpo": grpo, "optimizer": optimizer, "steps": batches});
+    std::fs::write(&spec, serde_json::to_string(&body).unwrap()).unwrap();
+    let autocast = reference_run(&dir, &spec, &["--autocast-bf16", "--grads"]);
+    let exact = reference_run(&dir, &spec, &["--float64", "--grads"]);
+
+    let mut names: Vec<&String> = ours.keys().collect();
+    let mut theirs: Vec<&String> = autocast.grads.keys().collect();
+    names.sort();
+    theirs.sort();
+    assert_eq!(names, theirs, "gradient sets differ");
+    let scale = largest(&exact.grads);
+    let direct = Deviation::between(&ours, &autocast.grads);
+    let quill_error = Deviation::between(&ours, &exact.grads);
+    let autocast_error = Deviation::between(&autocast.grads, &exact.grads);
+    println!(
+        "bf16 first-step gradients (largest entry {scale:.3e}): quill − autocast {direct}; \
+         from float64: quill {quill_error}, autocast {autocast_error}"
+    );
+    for (k, s) in stats.iter().enumerate() {
+        let (loss, norm) = (autocast.losses[k], autocast.grad_norms[k]);
+        println!(
+            "bf16 step {}: loss {:.6} (autocast {loss:.6}, f64 {:.6}), grad norm {:.5} \
+             (autocast {norm:.5}, f64 {:.5})",
+            k + 1,
+            s.loss,
+            exact.losses[k],
+            s.grad_norm,
+            exact.grad_norms[k]
+        );
+    }
+    for s in &stats {
+        assert!(!s.skipped && s.loss.is_finite(), "{s:?}");
+    }
+    assert!(
+        direct.mean <= BF16_ERROR_HEADROOM * autocast_error.mean,
+        "quill bf16 and autocast gradients differ by {direct} (autocast from float64: \
+         {autocast_error})"
+    );
+    assert!(
+        quill_error.mean <= BF16_ERROR_HEADROOM * autocast_error.mean,
+        "quill bf16 is further from float64 ({quill_error}) than autocast allows \
+         ({autocast_error})"
+    );
 }

@@ -1,17 +1,18 @@
 //! The Qwen2 model against Hugging Face transformers: logits, cached decoding, the
 //! classification head, and checkpoints written by quill loaded back in transformers.
+//! quill's side runs on `QUILL_TEST_DEVICE` (CPU unless set; see `scripts/gpu-check.sh`).
 
 mod support;
 
 use quill_model::{checkpoint, KvCache};
 use quill_model::{Qwen2, Tokenizer};
-use support::{expected, fixtures, ids, max_abs_diff, run_reference, VARIANTS};
+use support::{expected, fixtures, ids, max_abs_diff, run_reference, test_device, VARIANTS};
 use tch::{Device, Kind, Tensor};
 
 const TOLERANCE: f64 = 1e-4;
 
 fn load(variant: &str) -> Qwen2 {
-    Qwen2::load(&fixtures().join(variant), Device::Cpu, Kind::Float).expect("fixture loads")
+    Qwen2::load(&fixtures().join(variant), test_device(), Kind::Float).expect("fixture loads")
 }
 
 #[test]
@@ -20,7 +21,8 @@ fn logits_match_transformers() {
     for variant in VARIANTS {
         let model = load(variant);
         let want = expected(variant);
-        let got = tch::no_grad(|| model.logits(&want["logits_input"]));
+        let input = want["logits_input"].to_device(model.device());
+        let got = tch::no_grad(|| model.logits(&input));
         let diff = max_abs_diff(&got, &want["logits"]);
         assert!(diff <= TOLERANCE, "{variant}: max |Δlogit| = {diff}");
     }
@@ -34,7 +36,7 @@ fn right_padded_rows_keep_their_logits() {
     let input = &want["logits_input"];
     let mut rows = vec![ids(&input.get(0)), ids(&input.get(1))];
     rows[1].truncate(15);
-    let (batch, _) = quill_model::pad_right(&rows, 7, Device::Cpu);
+    let (batch, _) = quill_model::pad_right(&rows, 7, model.device());
     let got = tch::no_grad(|| model.logits(&batch));
     let diff = max_abs_diff(
         &got.get(1).narrow(0, 0, 15),
@@ -55,7 +57,7 @@ fn cached_decoding_matches_full_forward() {
         let diff = max_abs_diff(&prefix.last_logits, &want["logits"].get(0).get(9));
         assert!(diff <= TOLERANCE, "{variant} prefill: {diff}");
         // Slot 2 of 3, with a capacity that has to grow along the way.
-        let mut cache = KvCache::new(model.config(), 3, 4, Kind::Float, Device::Cpu);
+        let mut cache = KvCache::new(model.config(), 3, 4, Kind::Float, model.device());
         cache.load_prefix(2, &prefix);
         for (pos, &token) in row.iter().enumerate().skip(10) {
             let logits = model
@@ -72,7 +74,7 @@ fn cached_decoding_matches_full_forward() {
 #[ignore = "slow tier: parity with transformers"]
 fn classification_head_matches_transformers() {
     let dir = fixtures().join("reward_model");
-    let model = Qwen2::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let model = Qwen2::load(&dir, test_device(), Kind::Float).unwrap();
     let want = expected("reward_model");
     let rows: Vec<Vec<i64>> = (0..3).map(|i| ids(&want[&format!("row_{i}")])).collect();
     let got = tch::no_grad(|| model.classify(&rows)).unwrap();
@@ -88,12 +90,13 @@ fn classification_head_matches_transformers() {
 fn bf16_weights_run_close_to_f32() {
     let model = Qwen2::load(
         &fixtures().join("tied_gqa_single"),
-        Device::Cpu,
+        test_device(),
         Kind::BFloat16,
     )
     .unwrap();
     let want = expected("tied_gqa_single");
-    let got = tch::no_grad(|| model.logits(&want["logits_input"])).to_kind(Kind::Float);
+    let input = want["logits_input"].to_device(model.device());
+    let got = tch::no_grad(|| model.logits(&input)).to_kind(Kind::Float);
     assert_eq!(got.kind(), Kind::Float);
     let scale = want["logits"].abs().max().double_value(&[]);
     let diff = max_abs_diff(&got, &want["logits"]);

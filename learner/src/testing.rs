@@ -5,6 +5,7 @@ use crate::data::{default_prompts, Dataset};
 use crate::hub::leases::Ledger;
 use crate::hub::{Accepted, Hub, JobInfo};
 use crate::train::grpo::{GrpoConfig, LossAggregation, MemoryConfig};
+use crate::train::precision::Precision;
 use crate::train::sample::TrainSample;
 use crate::{AdamWConfig, TrainerConfig};
 use quill_config::job::JobConfig;
@@ -87,6 +88,7 @@ pub fn trainer_config(
         },
         micro_batch_tokens,
         memory: MemoryConfig::default(),
+        precision: Precision::F32,
         max_consecutive_bad_steps: 1,
         sharding: crate::Sharding::None,
     }

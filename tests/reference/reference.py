@@ -5,7 +5,7 @@ Subcommands:
   logits MODEL_DIR INPUT_JSON OUT_FILE   logits of a saved checkpoint for given token rows
   reward-model OUT TOKENIZER TEXTS OUT   a random reward model and its scores of texts
   bench-generate ...                     time transformers' generate() (see --help)
-  grpo-step MODEL_DIR BATCH_JSON OUT_FILE [--float64]
+  grpo-step MODEL_DIR BATCH_JSON OUT_FILE [--float64 | --autocast-bf16] [--grads]
                                          GRPO + AdamW steps from a checkpoint, weights after
 """
 
@@ -239,9 +239,12 @@ def grpo_loss(model, reference, batch, cfg):
     return (per_token.sum(-1) / mask.sum(-1)).mean()
 
 
-def grpo_step(model_dir, batch_json, out_file, dtype):
+def grpo_step(model_dir, batch_json, out_file, dtype, autocast=False, grads=False):
     """Runs the steps of BATCH_JSON in `dtype`; float64 gives the exact result that float32
-    implementations are judged against."""
+    implementations are judged against. With `autocast` the forward pass runs under
+    torch.autocast("cpu", dtype=torch.bfloat16) (f32 parameters and optimizer, bf16
+    matmuls, f32 log-softmax and loss); with `grads` the first step's gradients (before
+    clipping) are written too, as `grad.<name>`."""
     with open(batch_json) as f:
         spec = json.load(f)
     cfg, opt_cfg = spec["grpo"], spec["optimizer"]
@@ -263,8 +266,13 @@ def grpo_step(model_dir, batch_json, out_file, dtype):
     out = {}
     for k, batch in enumerate(spec["steps"]):
         optimizer.zero_grad()
-        loss = grpo_loss(model, reference, batch, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = grpo_loss(model, reference, batch, cfg)
+        loss = loss.float() if autocast else loss
         loss.backward()
+        if grads and k == 0:
+            for name, p in model.named_parameters():
+                out[f"grad.{name}"] = p.grad.detach().clone().contiguous()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg["max_grad_norm"])
         optimizer.step()
         out[f"stats.loss.{k}"] = loss.detach().reshape(1)
@@ -315,6 +323,8 @@ def main():
     p.add_argument("batch_json")
     p.add_argument("out_file")
     p.add_argument("--float64", action="store_true", help="compute in float64 instead of float32")
+    p.add_argument("--autocast-bf16", action="store_true", help="run the loss under bf16 autocast")
+    p.add_argument("--grads", action="store_true", help="also write the first step's gradients")
     p = sub.add_parser("reward-model", help="a random reward model and its scores of texts")
     p.add_argument("out_dir")
     p.add_argument("tokenizer_json")
@@ -328,7 +338,8 @@ def main():
     elif args.command == "reward-model":
         reward_model(args.out_dir, args.tokenizer_json, args.texts_json, args.scores_out)
     elif args.command == "grpo-step":
-        grpo_step(args.model_dir, args.batch_json, args.out_file, torch.float64 if args.float64 else torch.float32)
+        dtype = torch.float64 if args.float64 else torch.float32
+        grpo_step(args.model_dir, args.batch_json, args.out_file, dtype, args.autocast_bf16, args.grads)
     else:
         bench_generate(args)
 

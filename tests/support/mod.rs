@@ -87,13 +87,24 @@ pub fn ids(t: &Tensor) -> Vec<i64> {
     Vec::<i64>::try_from(&t.to_kind(tch::Kind::Int64)).expect("1-D ids")
 }
 
-/// Largest absolute difference between two tensors of the same shape.
+/// The device the parity tests run quill's side on: `QUILL_TEST_DEVICE` (`cpu`, `cuda`
+/// or `cuda:N`; `scripts/gpu-check.sh` sets it), CPU when unset.
+pub fn test_device() -> tch::Device {
+    match std::env::var("QUILL_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("cpu") => tch::Device::Cpu,
+        Ok("cuda") => tch::Device::Cuda(0),
+        Ok(other) => match other.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(index)) => tch::Device::Cuda(index),
+            _ => panic!("QUILL_TEST_DEVICE must be cpu, cuda or cuda:N, got {other:?}"),
+        },
+    }
+}
+
+/// Largest absolute difference between two tensors of the same shape (on any devices).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
-    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
+    let on_cpu = |t: &Tensor| t.to_device(tch::Device::Cpu).to_kind(tch::Kind::Double);
+    (on_cpu(a) - on_cpu(b)).abs().max().double_value(&[])
 }
 
 /// Runs the `quill` binary with `args` (no `LD_LIBRARY_PATH`: the rpath must do).

@@ -15,8 +15,12 @@ use std::path::Path;
     after_help = "`--sharding zero1|zero2` are the learner's `grpo.sharding` (ZeRO-2 holds \
     the full gradients during the backward pass, as ZeRO-1 does, so their peaks are equal); \
     `--sharding zero3` plans parameter sharding, which the learner does not have yet. \
-    Not counted: attention scores (fused kernels keep none), gradient-sync buckets and a \
-    KL reference model."
+    `--precision bf16` is the learner's grpo.precision = \"bf16\": bf16 weights, \
+    activations and gradients in the passes, f32 master weights, gradient accumulation and \
+    AdamW moments (20 bytes per parameter before activations, against 16 in f32). Tokens \
+    per pass are --micro-batch-tokens (packed: real tokens) or one longer sample. Not \
+    counted: attention scores (fused kernels keep none), gradient-sync buckets and a KL \
+    reference model."
 )]
 pub struct Args {
     /// The model: a config.json, a folder holding one, or `default` (the embedded model).
@@ -50,7 +54,8 @@ pub struct Args {
     /// (`grpo.activation_checkpointing`).
     #[arg(long)]
     pub activation_checkpointing: bool,
-    /// Padded tokens per learner forward/backward pass (`grpo.micro_batch_tokens`).
+    /// Tokens per learner forward/backward pass (`grpo.micro_batch_tokens`: real tokens
+    /// when packed, rows × longest row when padded).
     #[arg(long, value_name = "TOKENS", default_value_t = 8192, value_parser = at_least_one)]
     pub micro_batch_tokens: usize,
     /// Response tokens whose logits are formed at once (`grpo.logprob_chunk_tokens`).
@@ -274,6 +279,10 @@ fn learner_section(
             "off"
         }
     )?;
+    let gradients = match setup.precision {
+        Precision::F32 => "gradients",
+        Precision::Bf16 => "gradients (bf16 + f32 accumulation)",
+    };
     let optimizer = match (setup.sharding, setup.precision) {
         (Sharding::None, Precision::F32) => "optimiser state (AdamW moments)",
         _ => "optimiser state (f32 master + AdamW moments)",
@@ -282,7 +291,7 @@ fn learner_section(
     let chunk = format!("logits (chunks of {} tokens)", setup.logprob_chunk_tokens);
     for (name, bytes) in [
         ("weights", m.weights),
-        ("gradients", m.gradients),
+        (gradients, m.gradients),
         (optimizer, m.optimizer),
         (passes.as_str(), m.activations),
         (chunk.as_str(), m.logits),

@@ -9,7 +9,7 @@
 //! the autograd state of one layer, instead of every layer's.
 
 use crate::error::{Error, Result};
-use crate::qwen2::Qwen2;
+use crate::qwen2::{packed_positions, Qwen2};
 use tch::{Kind, Tensor};
 
 /// What a checkpointed forward pass kept for its backward pass.
@@ -17,6 +17,8 @@ pub struct LayerCheckpoints<'a> {
     model: &'a Qwen2,
     tokens: Tensor,
     positions: Tensor,
+    /// The sequence lengths of a packed row (`None`: padded rows).
+    segments: Option<Vec<i64>>,
     /// Each decoder layer's input, without autograd history.
     inputs: Vec<Tensor>,
     /// The last layer's output as a leaf: the final norm's backward fills its gradient.
@@ -30,11 +32,31 @@ impl Qwen2 {
     /// the gradient through the decoder layers and the embedding.
     pub fn hidden_checkpointed(&self, tokens: &Tensor) -> (Tensor, LayerCheckpoints<'_>) {
         let positions = self.causal_positions(tokens);
+        self.checkpointed(tokens, positions, None)
+    }
+
+    /// [`Qwen2::hidden_packed`] with activation checkpointing, as
+    /// [`Qwen2::hidden_checkpointed`].
+    pub fn hidden_packed_checkpointed(
+        &self,
+        tokens: &Tensor,
+        lens: &[i64],
+    ) -> (Tensor, LayerCheckpoints<'_>) {
+        let positions = packed_positions(lens, tokens.device());
+        self.checkpointed(tokens, positions, Some(lens.to_vec()))
+    }
+
+    fn checkpointed(
+        &self,
+        tokens: &Tensor,
+        positions: Tensor,
+        segments: Option<Vec<i64>>,
+    ) -> (Tensor, LayerCheckpoints<'_>) {
         let (inputs, last) = tch::no_grad(|| {
             let mut x = self.embed(tokens);
             let mut inputs = Vec::with_capacity(self.num_layers());
             for l in 0..self.num_layers() {
-                let y = self.causal_layer(l, &x, &positions);
+                let y = self.causal_layer(l, &x, &positions, segments.as_deref());
                 inputs.push(x);
                 x = y;
             }
@@ -46,6 +68,7 @@ impl Qwen2 {
             model: self,
             tokens: tokens.shallow_clone(),
             positions,
+            segments,
             inputs,
             last,
         };
@@ -64,7 +87,9 @@ impl LayerCheckpoints<'_> {
         }
         for (l, input) in self.inputs.into_iter().enumerate().rev() {
             let x = input.set_requires_grad(true);
-            let y = self.model.causal_layer(l, &x, &self.positions);
+            let y = self
+                .model
+                .causal_layer(l, &x, &self.positions, self.segments.as_deref());
             y.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
             grad = x.grad();
         }
@@ -108,5 +133,27 @@ mod tests {
         assert_eq!(kept.inputs.len(), 3);
         assert!(kept.inputs.iter().all(|x| !x.requires_grad()));
         assert!(matches!(kept.backward(), Err(Error::NoGradient)));
+    }
+
+    #[test]
+    fn a_packed_row_gives_each_sequence_the_hidden_states_it_has_alone() {
+        let model = tiny();
+        let seqs: [&[i64]; 3] = [&[1, 5, 9, 2, 7], &[7, 3], &[4, 4, 8, 1]];
+        let flat: Vec<i64> = seqs.concat();
+        let tokens = Tensor::from_slice(&flat).unsqueeze(0);
+        let lens: Vec<i64> = seqs.iter().map(|s| s.len() as i64).collect();
+        let packed = model.hidden_packed(&tokens, &lens);
+        assert_eq!(packed.size(), [1, 11, 16]);
+        let mut start = 0;
+        for seq in seqs {
+            let alone = model.hidden(&Tensor::from_slice(seq).unsqueeze(0));
+            let part = packed.narrow(1, start, seq.len() as i64);
+            let diff = (part - &alone).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{seq:?}: {diff}");
+            start += seq.len() as i64;
+        }
+        let (checkpointed, kept) = model.hidden_packed_checkpointed(&tokens, &lens);
+        assert!(checkpointed.equal(&packed));
+        assert_eq!(kept.segments.as_deref(), Some(&lens[..]));
     }
 }

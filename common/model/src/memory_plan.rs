@@ -14,9 +14,18 @@
 //! of the summed gradient; the full gradients exist during the backward pass in both
 //! (ZeRO-2 frees them between steps, which lowers no peak), so at the peak the two
 //! stages hold the same. ZeRO-3 (weights sharded, one decoder layer or the embedding
-//! gathered at a time) is a plan: the learner refuses it. Mixed precision (`Bf16`) keeps
-//! bf16 weights, gradients and activations plus an f32 master copy in the optimiser
-//! state.
+//! gathered at a time) is a plan: the learner refuses it.
+//!
+//! Precision is what the learner does (`grpo.precision`, `quill_learner`'s
+//! `train::precision`): `F32` trains f32 weights directly; mixed precision (`Bf16`) runs
+//! the passes on a bf16 copy of the weights (bf16 activations and gradients), adds each
+//! micro-batch's bf16 gradients into f32 gradients of the f32 master weights, and keeps
+//! the masters with AdamW's moments as optimiser state: 20 bytes per parameter unsharded
+//! (2 weights, 2 + 4 gradients, 4 + 8 optimiser), against 16 in f32.
+//!
+//! Tokens per pass are the micro-batch budget, or one longer sample: packed micro-batches
+//! (`grpo.packing`) fill the budget with real tokens, padded ones with rows × longest
+//! row, and the activations of a pass depend only on its positions.
 
 use crate::config::ModelConfig;
 use crate::params;
@@ -66,9 +75,9 @@ impl Sharding {
 /// The dtype of weights, gradients and activations in the passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
-    /// Everything in f32 (today's learner).
+    /// Everything in f32.
     F32,
-    /// bf16 compute with f32 master weights.
+    /// bf16 compute with f32 master weights and f32 gradient accumulation.
     Bf16,
 }
 
@@ -119,7 +128,8 @@ pub struct LearnerSetup {
     pub precision: Precision,
     /// Whether decoder layers are recomputed in the backward pass.
     pub activation_checkpointing: bool,
-    /// Padded tokens per forward/backward pass (`grpo.micro_batch_tokens`).
+    /// Tokens per forward/backward pass (`grpo.micro_batch_tokens`: real tokens when
+    /// packed, rows × longest row when padded).
     pub micro_batch_tokens: usize,
     /// Response tokens whose logits are formed at once (`grpo.logprob_chunk_tokens`).
     pub logprob_chunk_tokens: usize,
@@ -233,8 +243,9 @@ pub fn validate(size: &ModelSize, setup: &LearnerSetup, work: &Workload) -> Resu
 pub struct LearnerMemory {
     /// Weights the passes use (ZeRO-3: this rank's shard plus one gathered unit).
     pub weights: u64,
-    /// Gradients at the peak (ZeRO-1/2: the full gradients plus the f32 shard they are
-    /// reduce-scattered into; ZeRO-3: this rank's shard).
+    /// Gradients at the peak: the passes' gradients plus (bf16) their f32 accumulation in
+    /// the masters' gradients; ZeRO-1/2 add the f32 shard they are reduce-scattered into,
+    /// ZeRO-3 holds only this rank's shard.
     pub gradients: u64,
     /// f32 master weights (bf16 or sharded; unsharded f32 trains its weights directly) and AdamW's two
     /// f32 moments (ZeRO-1 and up: this rank's shard).
@@ -242,12 +253,14 @@ pub struct LearnerMemory {
     /// What the decoder keeps for the backward pass of one micro-batch.
     pub activations: u64,
     /// Logits working set of one chunk of response tokens: logits in the compute
-    /// precision plus three f32 `[tokens, vocab]` tensors (log-softmax, its gradient and
-    /// the logits' gradient).
+    /// precision plus four f32 `[tokens, vocab]` tensors (the log-softmax kept for the
+    /// backward pass and the gradients of that size in it). Four is the count that
+    /// bounds the CPU peak `quill_learner`'s peak-memory test measures; which tensors
+    /// are alive at that peak was not traced.
     pub logits: u64,
     /// The same working set with every token of a micro-batch at once (no chunks).
     pub logits_unchunked: u64,
-    /// Padded tokens of the largest pass: the micro-batch budget, or one longer sample.
+    /// Positions of the largest pass: the micro-batch budget, or one longer sample.
     pub tokens_per_pass: u64,
 }
 
@@ -267,10 +280,14 @@ pub fn learner_memory(size: &ModelSize, setup: &LearnerSetup, work: &Workload) -
         Sharding::Zero3 => (shard + size.layer_params.max(size.embedding_params)) * b,
         _ => size.params * b,
     };
+    let accumulation = match setup.precision {
+        Precision::F32 => 0,
+        Precision::Bf16 => F32,
+    };
     let gradients = match setup.sharding {
-        Sharding::None => size.params * b,
-        Sharding::Zero1 | Sharding::Zero2 => size.params * b + shard * F32,
-        Sharding::Zero3 => shard * b,
+        Sharding::None => size.params * (b + accumulation),
+        Sharding::Zero1 | Sharding::Zero2 => size.params * (b + accumulation) + shard * F32,
+        Sharding::Zero3 => shard * (b + accumulation),
     };
     let master = match (setup.sharding, setup.precision) {
         (Sharding::None, Precision::F32) => 0,
@@ -290,7 +307,7 @@ pub fn learner_memory(size: &ModelSize, setup: &LearnerSetup, work: &Workload) -
     } else {
         size.layers * layer + ends
     };
-    let logits_per_token = size.vocab * (b + 3 * F32);
+    let logits_per_token = size.vocab * (b + 4 * F32);
     LearnerMemory {
         weights,
         gradients,
@@ -532,9 +549,18 @@ mod tests {
         let shard = size.params.div_ceil(4);
         assert_eq!(none.optimizer, size.params * 12, "f32 master + two moments");
         assert_eq!(z1.optimizer, shard * 12);
-        assert_eq!(z1.gradients, size.params * 2 + shard * 4);
+        assert_eq!(
+            z1.gradients,
+            size.params * 6 + shard * 4,
+            "bf16 gradients, their f32 accumulation and the reduce-scattered shard"
+        );
         assert_eq!(z2, z1, "ZeRO-2 frees the full gradients only between steps");
-        assert_eq!(z3.gradients, shard * 2);
+        assert_eq!(z3.gradients, shard * 6);
+        assert_eq!(
+            none.weights + none.gradients + none.optimizer,
+            20 * size.params
+        );
+        assert_eq!(z2.weights, size.params * 2);
         assert_eq!(z3.weights, (shard + size.embedding_params) * 2);
         assert!(none.total() > z1.total() && z2.total() > z3.total());
         assert_eq!(none.activations, z3.activations);
@@ -556,8 +582,8 @@ mod tests {
         let ends = 2 * 3584 * 16384 * 2;
         assert_eq!(a.activations, 28 * per_layer + ends);
         assert_eq!(b.activations, 28 * 3584 * 16384 * 2 + per_layer + ends);
-        assert_eq!(a.logits_unchunked, 16384 * 152064 * (2 + 12));
-        assert_eq!(a.logits, 1024 * 152064 * (2 + 12));
+        assert_eq!(a.logits_unchunked, 16384 * 152064 * (2 + 16));
+        assert_eq!(a.logits, 1024 * 152064 * (2 + 16));
     }
 
     #[test]

@@ -29,8 +29,11 @@ struct Layer {
 /// How a forward pass gets its keys and values.
 enum Attention<'a> {
     /// Full causal attention over the input itself; optionally keep each layer's k/v.
+    /// With `segments`, the one row holds sequences of these lengths end to end and each
+    /// attends only within itself (a block-diagonal causal mask).
     Causal {
         keep: Option<&'a mut Vec<(Tensor, Tensor)>>,
+        segments: Option<&'a [i64]>,
     },
     /// One new token per row, attending to the cache slots it writes into.
     Cached {
@@ -215,7 +218,24 @@ impl Qwen2 {
     /// Final-norm hidden states `[B, T, hidden]` of a full causal pass.
     pub fn hidden(&self, tokens: &Tensor) -> Tensor {
         let positions = self.causal_positions(tokens);
-        self.body(tokens, &positions, &mut Attention::Causal { keep: None })
+        let mut attention = Attention::Causal {
+            keep: None,
+            segments: None,
+        };
+        self.body(tokens, &positions, &mut attention)
+    }
+
+    /// Final-norm hidden states `[1, N, hidden]` of sequences packed end to end in one
+    /// row `tokens` (`[1, N]`) without padding: `lens` are their lengths (summing to `N`);
+    /// positions restart at 0 for each and each attends only to itself, so every
+    /// sequence gets the hidden states it would get alone.
+    pub fn hidden_packed(&self, tokens: &Tensor, lens: &[i64]) -> Tensor {
+        let positions = packed_positions(lens, tokens.device());
+        let mut attention = Attention::Causal {
+            keep: None,
+            segments: Some(lens),
+        };
+        self.body(tokens, &positions, &mut attention)
     }
 
     /// Runs the prompt once and keeps its keys/values for any number of samples.
@@ -240,6 +260,7 @@ impl Qwen2 {
             &positions,
             &mut Attention::Causal {
                 keep: Some(&mut kept),
+                segments: None,
             },
         );
         let last_logits = self
@@ -358,9 +379,20 @@ impl Qwen2 {
             .expand([b, t], false)
     }
 
-    /// Decoder layer `l` over `x` with full causal attention (no cache).
-    pub(crate) fn causal_layer(&self, l: usize, x: &Tensor, positions: &Tensor) -> Tensor {
-        self.layer(l, x, positions, &mut Attention::Causal { keep: None })
+    /// Decoder layer `l` over `x` with full causal attention (no cache), within each of
+    /// `segments` when the row is packed.
+    pub(crate) fn causal_layer(
+        &self,
+        l: usize,
+        x: &Tensor,
+        positions: &Tensor,
+        segments: Option<&[i64]>,
+    ) -> Tensor {
+        let mut attention = Attention::Causal {
+            keep: None,
+            segments,
+        };
+        self.layer(l, x, positions, &mut attention)
     }
 
     fn layer(&self, l: usize, x: &Tensor, positions: &Tensor, attention: &mut Attention) -> Tensor {
@@ -405,20 +437,40 @@ impl Qwen2 {
         let k = qk.narrow(2, nh, kvh).transpose(1, 2);
         let v = qkv.narrow(2, nh + kvh, kvh).transpose(1, 2);
         let out = match attention {
-            Attention::Causal { keep } => {
+            Attention::Causal { keep, segments } => {
                 if let Some(kept) = keep {
                     kept.push((k.contiguous(), v.contiguous()));
                 }
-                Tensor::scaled_dot_product_attention(
-                    &q,
-                    &k,
-                    &v,
-                    None::<Tensor>,
-                    0.0,
-                    true,
-                    None,
-                    true,
-                )
+                let causal = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                    Tensor::scaled_dot_product_attention(
+                        q,
+                        k,
+                        v,
+                        None::<Tensor>,
+                        0.0,
+                        true,
+                        None,
+                        true,
+                    )
+                };
+                match segments {
+                    None => causal(&q, &k, &v),
+                    // Causal attention within each sequence of the packed row: the
+                    // block-diagonal causal mask, without forming it.
+                    Some(lens) => {
+                        let mut start = 0;
+                        let parts: Vec<Tensor> = lens
+                            .iter()
+                            .map(|&len| {
+                                let part = |t: &Tensor| t.narrow(2, start, len);
+                                let out = causal(&part(&q), &part(&k), &part(&v));
+                                start += len;
+                                out
+                            })
+                            .collect();
+                        Tensor::cat(&parts, 2)
+                    }
+                }
             }
             Attention::Cached {
                 cache,
@@ -457,6 +509,12 @@ impl Qwen2 {
             .reshape([b, t, nh * d])
             .linear(&layer.o_w, None::<Tensor>)
     }
+}
+
+/// Positions `[1, N]` of sequences of lengths `lens` packed end to end: `0..len` each.
+pub(crate) fn packed_positions(lens: &[i64], device: Device) -> Tensor {
+    let flat: Vec<i64> = lens.iter().flat_map(|&len| 0..len).collect();
+    Tensor::from_slice(&flat).to(device).unsqueeze(0)
 }
 
 /// Right-pads rows of token ids with `pad` into a `[B, T]` tensor; also returns the lengths.

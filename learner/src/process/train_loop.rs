@@ -97,7 +97,9 @@ pub fn trainer_config(job: &JobConfig) -> TrainerConfig {
         memory: MemoryConfig {
             logprob_chunk_tokens: grpo.logprob_chunk_tokens,
             activation_checkpointing: grpo.activation_checkpointing,
+            packing: grpo.packing,
         },
+        precision: grpo.precision,
         max_consecutive_bad_steps: opt.max_consecutive_bad_steps,
         sharding: match grpo.sharding {
             job::Sharding::None => Sharding::None,

@@ -28,10 +28,16 @@
 //!   `tokens × vocab`; the head runs once per token, as without chunks. With
 //!   `activation_checkpointing` the decoder keeps only each layer's input and recomputes
 //!   the layer in the backward pass (about one more forward pass of the decoder).
+//! - **Packing** (`MemoryConfig::packing`): a micro-batch's samples run end to end in one
+//!   row without padding; positions restart at each sample and attention stays within it
+//!   (`Qwen2::hidden_packed`), so every token gets the log-prob it gets in a padded row.
+//! - **Precision**: the passes run in the dtype of the model they are given (a bf16
+//!   compute copy under mixed precision, see `train::precision`); the head's logits are
+//!   converted to f32 before the tempered log-softmax, and the loss is f32.
 
 use crate::error::{LearnerError, Result};
 use crate::train::sample::{Packed, TrainSample};
-use quill_model::Qwen2;
+use quill_model::{LayerCheckpoints, Qwen2};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -126,7 +132,8 @@ pub fn token_weights(batch: &[TrainSample], aggregation: LossAggregation) -> Vec
 /// Response tokens whose logits are formed at once unless the job says otherwise.
 pub const DEFAULT_LOGPROB_CHUNK_TOKENS: usize = 1024;
 
-/// How a micro-batch's forward and backward passes trade compute for memory.
+/// How a micro-batch is laid out and how its forward and backward passes trade compute
+/// for memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryConfig {
@@ -137,14 +144,20 @@ pub struct MemoryConfig {
     /// Recompute each decoder layer in the backward pass from its kept input instead of
     /// keeping its activations (see `quill_model::LayerCheckpoints`).
     pub activation_checkpointing: bool,
+    /// Pack a micro-batch's samples end to end in one row without padding (positions
+    /// restart and attention stays within each sample) instead of right-padded rows.
+    #[serde(default)]
+    pub packing: bool,
 }
 
 impl Default for MemoryConfig {
-    /// Chunks of [`DEFAULT_LOGPROB_CHUNK_TOKENS`], no activation checkpointing.
+    /// Chunks of [`DEFAULT_LOGPROB_CHUNK_TOKENS`], no activation checkpointing, packed
+    /// micro-batches.
     fn default() -> Self {
         MemoryConfig {
             logprob_chunk_tokens: DEFAULT_LOGPROB_CHUNK_TOKENS,
             activation_checkpointing: false,
+            packing: true,
         }
     }
 }
@@ -169,6 +182,27 @@ fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (i64, i64)> {
         .map(move |start| (start as i64, chunk.min(n - start) as i64))
 }
 
+/// The decoder's final-norm hidden states of `packed` (packed or padded rows as it is
+/// laid out), with the kept layer inputs when `checkpointing`.
+fn decoder<'a>(
+    model: &'a Qwen2,
+    packed: &Packed,
+    checkpointing: bool,
+) -> (Tensor, Option<LayerCheckpoints<'a>>) {
+    match (&packed.segments, checkpointing) {
+        (None, false) => (model.hidden(&packed.tokens), None),
+        (Some(lens), false) => (model.hidden_packed(&packed.tokens, lens), None),
+        (None, true) => {
+            let (hidden, kept) = model.hidden_checkpointed(&packed.tokens);
+            (hidden, Some(kept))
+        }
+        (Some(lens), true) => {
+            let (hidden, kept) = model.hidden_packed_checkpointed(&packed.tokens, lens);
+            (hidden, Some(kept))
+        }
+    }
+}
+
 /// The hidden states at the response tokens' predicting positions, `[N, hidden]`.
 fn response_hidden(hidden: &Tensor, packed: &Packed) -> Result<Tensor> {
     Ok(hidden.f_index(&[Some(&packed.rows), Some(&packed.cols)])?)
@@ -177,11 +211,11 @@ fn response_hidden(hidden: &Tensor, packed: &Packed) -> Result<Tensor> {
 /// `log_softmax(logits / temperature)` in f32 of a chunk of response hidden states
 /// `[n, hidden]`: `[n, V]`.
 fn tempered_log_softmax(model: &Qwen2, hidden: &Tensor, temperature: f64) -> Result<Tensor> {
-    Ok(model
-        .project(hidden)
-        .f_to_kind(Kind::Float)?
-        .f_div_scalar(temperature)?
-        .f_log_softmax(-1, Kind::Float)?)
+    let mut logits = model.project(hidden).f_to_kind(Kind::Float)?;
+    // In place: neither the head's nor the conversion's backward pass needs this tensor,
+    // and a `[n, V]` copy fewer is alive at once.
+    let _ = logits.f_div_scalar_(temperature)?;
+    Ok(logits.f_log_softmax(-1, Kind::Float)?)
 }
 
 /// The targets' entries of a `[n, V]` log-softmax, `[n]`.
@@ -201,7 +235,7 @@ pub(crate) fn token_logprobs(
     chunk: usize,
 ) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
-    let hidden = response_hidden(&model.hidden(&packed.tokens), packed)?;
+    let hidden = response_hidden(&decoder(model, packed, false).0, packed)?;
     let parts = chunks(packed.len(), chunk)
         .map(|(start, len)| {
             let lsm = tempered_log_softmax(model, &hidden.narrow(0, start, len), temperature)?;
@@ -216,7 +250,8 @@ pub(crate) fn token_logprobs(
 fn entropy_sum(log_softmax: &Tensor) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let lsm = log_softmax.detach();
-    let plogp = lsm.f_exp()?.f_mul(&lsm)?;
+    let mut plogp = lsm.f_exp()?;
+    let _ = plogp.f_mul_(&lsm)?;
     Ok(-plogp.f_sum(Kind::Double)?.double_value(&[]))
 }
 
@@ -228,7 +263,7 @@ pub fn response_logprobs(
     temperature: f64,
 ) -> Result<Vec<Vec<f32>>> {
     let _guard = tch::no_grad_guard();
-    let packed = Packed::new(samples, model.device());
+    let packed = Packed::new(samples, model.device(), false);
     let flat = token_logprobs(model, &packed, temperature, DEFAULT_LOGPROB_CHUNK_TOKENS)?
         .to_device(tch::Device::Cpu);
     let flat = Vec::<f32>::try_from(&flat)?;
@@ -377,17 +412,12 @@ pub fn micro_batch_backward(
     memory: &MemoryConfig,
 ) -> Result<LossSums> {
     let device = policy.device();
-    let packed = Packed::new(samples, device);
+    let packed = Packed::new(samples, device, memory.packing);
     let chunk = memory.logprob_chunk_tokens;
     let ref_logp = reference
         .map(|model| token_logprobs(model, &packed, config.temperature, chunk))
         .transpose()?;
-    let (hidden, checkpoints) = if memory.activation_checkpointing {
-        let (hidden, kept) = policy.hidden_checkpointed(&packed.tokens);
-        (hidden, Some(kept))
-    } else {
-        (policy.hidden(&packed.tokens), None)
-    };
+    let (hidden, checkpoints) = decoder(policy, &packed, memory.activation_checkpointing);
     let picked = response_hidden(&hidden, &packed)?;
     let leaf = picked.detach().set_requires_grad(true);
     let behaviour: Vec<f32> = samples
@@ -598,7 +628,7 @@ mod tests {
         weights: &[f64],
         config: &GrpoConfig,
     ) -> Plain {
-        let packed = Packed::new(samples, Device::Cpu);
+        let packed = Packed::new(samples, Device::Cpu, false);
         let log_softmax = |m: &Qwen2| {
             let logits = m.logits(&packed.tokens);
             (logits.index(&[Some(&packed.rows), Some(&packed.cols)]) / config.temperature)
@@ -667,8 +697,9 @@ mod tests {
             let memory = MemoryConfig {
                 logprob_chunk_tokens: chunk,
                 activation_checkpointing: false,
+                packing: false,
             };
-            let packed = Packed::new(&refs, Device::Cpu);
+            let packed = Packed::new(&refs, Device::Cpu, false);
             let logp = token_logprobs(&policy, &packed, config.temperature, chunk).unwrap();
             close(&values(&logp), &plain.logp);
             let sums =
@@ -697,6 +728,7 @@ mod tests {
             let memory = MemoryConfig {
                 logprob_chunk_tokens: chunk,
                 activation_checkpointing: true,
+                packing: false,
             };
             let sums =
                 micro_batch_backward(&policy, Some(&reference), &refs, &weights, &config, &memory)
@@ -716,9 +748,65 @@ mod tests {
         let bad = MemoryConfig {
             logprob_chunk_tokens: 0,
             activation_checkpointing: true,
+            packing: true,
         };
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("logprob_chunk_tokens"), "{err}");
         MemoryConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn packed_log_probs_and_gradients_equal_the_padded_and_per_sequence_passes() {
+        let (samples, weights, config) = kl_setup();
+        let refs: Vec<&TrainSample> = samples.iter().collect();
+        let reference = tiny_model(16);
+        let padded = plain_pass(&tiny_model(15), Some(&reference), &refs, &weights, &config);
+        // Each sample alone (one row, no padding at all), gradients summed.
+        let alone = tiny_model(15);
+        let mut alone_logp = Vec::new();
+        let mut alone_loss = 0.0;
+        for (s, w) in refs.iter().zip(&weights) {
+            let memory = MemoryConfig {
+                packing: false,
+                ..MemoryConfig::default()
+            };
+            let packed = Packed::new(&[*s], Device::Cpu, false);
+            let lp = token_logprobs(&alone, &packed, config.temperature, 1024).unwrap();
+            alone_logp.extend(values(&lp));
+            let sums =
+                micro_batch_backward(&alone, Some(&reference), &[*s], &[*w], &config, &memory)
+                    .unwrap();
+            alone_loss += sums.loss;
+        }
+        close(&alone_logp, &padded.logp);
+        for (chunk, checkpointing) in [(1024, false), (4, false), (5, true)] {
+            let policy = tiny_model(15);
+            let memory = MemoryConfig {
+                logprob_chunk_tokens: chunk,
+                activation_checkpointing: checkpointing,
+                packing: true,
+            };
+            let packed = Packed::new(&refs, Device::Cpu, true);
+            assert_eq!(packed.tokens.size(), [1, 21 + 17 - 4]);
+            let logp = token_logprobs(&policy, &packed, config.temperature, chunk).unwrap();
+            close(&values(&logp), &padded.logp);
+            let sums =
+                micro_batch_backward(&policy, Some(&reference), &refs, &weights, &config, &memory)
+                    .unwrap();
+            assert!((sums.loss - padded.loss).abs() < 1e-6, "{sums:?}");
+            assert!((sums.loss - alone_loss).abs() < 1e-6, "{sums:?}");
+            assert!((sums.entropy - padded.entropy).abs() < 1e-5 * padded.entropy);
+            let got = grads(&policy);
+            assert!(got.iter().all(|g| g.abs().max().double_value(&[]) > 0.0));
+            // The same per-token terms; only the matmul shapes and the order of the
+            // gradient sums differ: f32 rounding.
+            for (what, want) in [("padded", &padded.grads), ("per sequence", &grads(&alone))] {
+                let diff = relative_diff(want, &got);
+                assert!(
+                    diff < 1e-5,
+                    "{chunk}/{checkpointing}: {what} differs by {diff}"
+                );
+            }
+        }
     }
 }

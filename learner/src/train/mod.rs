@@ -1,6 +1,6 @@
 //! Training on one rank: the GRPO loss, AdamW and learning-rate schedules, the step
-//! (micro-batches, gradient accumulation, clipping, skipping bad steps), checkpoints and
-//! the model-FLOPs accounting.
+//! (micro-batches, gradient accumulation, clipping, skipping bad steps), mixed precision,
+//! checkpoints and the model-FLOPs accounting.
 
 pub mod checkpoint;
 pub mod grad_sync;
@@ -9,6 +9,7 @@ pub mod mfu;
 pub mod optim;
 #[cfg(test)]
 mod peak_memory_tests;
+pub mod precision;
 pub mod sample;
 pub mod schedule;
 pub mod shard;

@@ -1,5 +1,6 @@
-//! Training samples: validation, grouping into micro-batches by a token budget, and packing
-//! into one right-padded forward pass.
+//! Training samples: validation, grouping into micro-batches by a token budget, and laying
+//! a micro-batch out for one forward pass: right-padded rows, or packed end to end in one
+//! row without padding.
 
 use crate::error::{LearnerError, Result};
 use quill_model::pad_right;
@@ -122,6 +123,41 @@ pub fn micro_batches(batch: &[TrainSample], budget: usize) -> Vec<Vec<usize>> {
     groups
 }
 
+/// Groups sample indices into packed micro-batches of at most `budget` real tokens (no
+/// padding): first-fit decreasing, so the longest samples are placed first and the short
+/// ones fill the room they leave. A sample longer than the budget forms a micro-batch of
+/// its own.
+pub fn packed_micro_batches(batch: &[TrainSample], budget: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(batch[i].total_tokens()));
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    for i in order {
+        let len = batch[i].total_tokens();
+        match groups.iter_mut().find(|(used, _)| used + len <= budget) {
+            Some((used, members)) => {
+                *used += len;
+                members.push(i);
+            }
+            None => groups.push((len, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
+/// Forward-pass positions of a batch split into `groups`: with `packing` the samples'
+/// tokens, else rows × longest row ([`padded_tokens`]).
+pub fn pass_tokens(batch: &[TrainSample], groups: &[Vec<usize>], packing: bool) -> usize {
+    if packing {
+        groups
+            .iter()
+            .flatten()
+            .map(|&i| batch[i].total_tokens())
+            .sum()
+    } else {
+        padded_tokens(batch, groups)
+    }
+}
+
 /// Padded tokens of a batch split into `groups` (rows × longest row, summed).
 pub fn padded_tokens(batch: &[TrainSample], groups: &[Vec<usize>]) -> usize {
     groups
@@ -136,11 +172,14 @@ pub fn padded_tokens(batch: &[TrainSample], groups: &[Vec<usize>]) -> usize {
         .sum()
 }
 
-/// A micro-batch laid out for one forward pass: each row is prompt + response without its
-/// last token, and the response tokens are read back as a flat list of `N` positions.
+/// A micro-batch laid out for one forward pass: each sample's input is prompt + response
+/// without its last token, either one right-padded row per sample or all of them end to
+/// end in one row; the response tokens are read back as a flat list of `N` positions.
 pub(crate) struct Packed {
-    /// Right-padded inputs `[B, T]`.
+    /// Right-padded inputs `[B, T]`, or the packed row `[1, Σ inputs]`.
     pub tokens: Tensor,
+    /// Each sample's input length when packed in one row (`None`: padded rows).
+    pub segments: Option<Vec<i64>>,
     /// Row of each response token's predicting position, `[N]`.
     pub rows: Tensor,
     /// Column of each response token's predicting position, `[N]`.
@@ -152,8 +191,8 @@ pub(crate) struct Packed {
 }
 
 impl Packed {
-    /// Lays out `samples` on `device`.
-    pub fn new(samples: &[&TrainSample], device: Device) -> Self {
+    /// Lays out `samples` on `device`: packed in one row when `packing`, else padded.
+    pub fn new(samples: &[&TrainSample], device: Device, packing: bool) -> Self {
         let inputs: Vec<Vec<i64>> = samples
             .iter()
             .map(|s| {
@@ -162,19 +201,34 @@ impl Packed {
                 row
             })
             .collect();
-        let (tokens, _) = pad_right(&inputs, 0, device);
+        let (tokens, segments) = if packing {
+            let flat = inputs.concat();
+            let lens = inputs.iter().map(|r| r.len() as i64).collect();
+            (
+                Tensor::from_slice(&flat).to(device).unsqueeze(0),
+                Some(lens),
+            )
+        } else {
+            (pad_right(&inputs, 0, device).0, None)
+        };
         let (mut rows, mut cols, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+        let mut offset = 0;
         for (b, s) in samples.iter().enumerate() {
-            let start = s.prompt.len() as i64 - 1;
+            let (row, start) = match packing {
+                true => (0, offset + s.prompt.len() as i64 - 1),
+                false => (b as i64, s.prompt.len() as i64 - 1),
+            };
             for (j, &token) in s.response.iter().enumerate() {
-                rows.push(b as i64);
+                rows.push(row);
                 cols.push(start + j as i64);
                 targets.push(token);
             }
+            offset += inputs[b].len() as i64;
         }
         let on_device = |v: &[i64]| Tensor::from_slice(v).to(device);
         Packed {
             tokens,
+            segments,
             rows: on_device(&rows),
             cols: on_device(&cols),
             targets: on_device(&targets),
@@ -279,13 +333,63 @@ mod tests {
             behaviour_logprobs: vec![-1.0],
             advantage: 1.0,
         };
-        let packed = Packed::new(&[&a, &b], Device::Cpu);
+        let packed = Packed::new(&[&a, &b], Device::Cpu, false);
         assert_eq!(packed.tokens.size(), [2, 4]);
+        assert_eq!(packed.segments, None);
         assert_eq!(Vec::<i64>::try_from(&packed.rows).unwrap(), [0, 0, 0, 1]);
         assert_eq!(Vec::<i64>::try_from(&packed.cols).unwrap(), [1, 2, 3, 0]);
         assert_eq!(Vec::<i64>::try_from(&packed.targets).unwrap(), [7, 8, 9, 4]);
         let adv = packed.per_token([1.0f32, 2.0].into_iter(), Device::Cpu);
         assert_eq!(Vec::<f32>::try_from(&adv).unwrap(), [1.0, 1.0, 1.0, 2.0]);
         assert_eq!(packed.len(), 4);
+        // Packed: inputs [5, 6, 7, 8] and [3] in one row.
+        let packed = Packed::new(&[&a, &b], Device::Cpu, true);
+        assert_eq!(
+            Vec::<i64>::try_from(&packed.tokens.view([-1])).unwrap(),
+            [5, 6, 7, 8, 3]
+        );
+        assert_eq!(packed.segments.as_deref(), Some(&[4i64, 1][..]));
+        assert_eq!(Vec::<i64>::try_from(&packed.rows).unwrap(), [0, 0, 0, 0]);
+        assert_eq!(Vec::<i64>::try_from(&packed.cols).unwrap(), [1, 2, 3, 4]);
+        assert_eq!(Vec::<i64>::try_from(&packed.targets).unwrap(), [7, 8, 9, 4]);
+    }
+
+    #[test]
+    fn a_long_sample_and_many_short_ones_share_one_packed_micro_batch() {
+        // One 3,500-token sample and forty of 8 to 16 tokens: 3,970 tokens.
+        let mut batch = vec![sample(100, 3_400)];
+        batch.extend((0..40).map(|i| sample(4, 4 + i % 9)));
+        let groups = packed_micro_batches(&batch, 4_096);
+        assert_eq!(groups.len(), 1, "{groups:?}");
+        assert_eq!(pass_tokens(&batch, &groups, true), 3_970);
+        // Padded, the short samples cannot share the long one's pass (2 × 3,500 rows
+        // exceed the budget); the least padding splits them in two passes padded to 16
+        // and 11 tokens.
+        let padded = micro_batches(&batch, 4_096);
+        assert_eq!(padded.len(), 3, "{padded:?}");
+        assert_eq!(padded_tokens(&batch, &padded), 3_500 + 20 * 16 + 20 * 11);
+        // A tighter budget: the long sample alone, the short ones packed together.
+        let groups = packed_micro_batches(&batch, 3_500);
+        assert_eq!(groups.len(), 2, "{groups:?}");
+        assert_eq!(groups[0], vec![0]);
+        assert_eq!(groups[1].len(), 40);
+        assert_eq!(pass_tokens(&batch, &groups, false), 3_500 + 40 * 16);
+    }
+
+    #[test]
+    fn packed_micro_batches_respect_the_budget_and_keep_every_sample() {
+        let lengths = [3usize, 90, 17, 64, 60, 5, 33, 31, 120, 8, 250];
+        let batch: Vec<TrainSample> = lengths.iter().map(|&n| sample(1, n - 1)).collect();
+        let groups = packed_micro_batches(&batch, 128);
+        for g in &groups {
+            let tokens: usize = g.iter().map(|&i| lengths[i]).sum();
+            assert!(g.len() == 1 || tokens <= 128, "{g:?}: {tokens}");
+        }
+        // 681 tokens: the 250-token sample alone, the rest in ⌈431 / 128⌉ = 4 passes.
+        assert_eq!(groups.len(), 5, "{groups:?}");
+        let mut all: Vec<usize> = groups.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..batch.len()).collect::<Vec<_>>());
+        assert_eq!(pass_tokens(&batch, &groups, true), 681);
     }
 }

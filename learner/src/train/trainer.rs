@@ -6,7 +6,10 @@ use crate::error::{LearnerError, Result};
 use crate::train::grad_sync::GradSync;
 use crate::train::grpo::{self, GrpoConfig, LossSums, MemoryConfig};
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::sample::{micro_batches, padded_tokens, validate_batch, TrainSample};
+use crate::train::precision::{ComputeCopy, Precision};
+use crate::train::sample::{
+    micro_batches, packed_micro_batches, pass_tokens, validate_batch, TrainSample,
+};
 use crate::train::shard::{ShardedState, Sharding};
 use quill_model::Qwen2;
 use serde::{Deserialize, Serialize};
@@ -21,10 +24,14 @@ pub struct TrainerConfig {
     pub grpo: GrpoConfig,
     /// The optimizer.
     pub optimizer: AdamWConfig,
-    /// Padded tokens (rows × longest row) per forward/backward pass.
+    /// Tokens per forward/backward pass: real tokens when `memory.packing`, else padded
+    /// tokens (rows × longest row).
     pub micro_batch_tokens: usize,
-    /// Log-prob chunking and activation checkpointing.
+    /// Packing, log-prob chunking and activation checkpointing.
     pub memory: MemoryConfig,
+    /// f32, or bf16 passes with f32 master weights (`train::precision`).
+    #[serde(default)]
+    pub precision: Precision,
     /// How many bad (skipped) steps in a row are tolerated before `step` fails.
     pub max_consecutive_bad_steps: u32,
     /// How a data-parallel group spreads the optimiser state (ZeRO stage).
@@ -33,14 +40,15 @@ pub struct TrainerConfig {
 }
 
 impl Default for TrainerConfig {
-    /// The recipe's loss and optimizer defaults, 16,384-token micro-batches, log-probs in
-    /// chunks of 1,024 tokens, no activation checkpointing, 3 bad steps.
+    /// The recipe's loss and optimizer defaults, packed 16,384-token micro-batches,
+    /// log-probs in chunks of 1,024 tokens, no activation checkpointing, f32, 3 bad steps.
     fn default() -> Self {
         TrainerConfig {
             grpo: GrpoConfig::default(),
             optimizer: AdamWConfig::default(),
             micro_batch_tokens: 16_384,
             memory: MemoryConfig::default(),
+            precision: Precision::F32,
             max_consecutive_bad_steps: 3,
             sharding: Sharding::None,
         }
@@ -115,7 +123,7 @@ pub struct StepStats {
     pub sequences: usize,
     /// Forward/backward passes.
     pub micro_batches: usize,
-    /// Share of this rank's forward-pass positions that were padding.
+    /// Share of this rank's forward-pass positions that were padding (0 when packed).
     pub padding_share: f64,
     /// Wall time of the step.
     pub seconds: f64,
@@ -126,9 +134,11 @@ pub struct StepStats {
 }
 
 /// The policy, an optional frozen reference, their optimizer, the step counters and, in a
-/// data-parallel group, the link to the other learner ranks.
+/// data-parallel group, the link to the other learner ranks. Under bf16 precision the
+/// policy holds the f32 master weights and a bf16 [`ComputeCopy`] runs the passes.
 pub struct Trainer {
     model: Qwen2,
+    compute: Option<ComputeCopy>,
     reference: Option<Qwen2>,
     optimizer: AdamW,
     config: TrainerConfig,
@@ -170,8 +180,13 @@ impl Trainer {
         } else {
             AdamW::new(model.var_store(), config.optimizer.clone())?
         };
+        let compute = match config.precision {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(ComputeCopy::new(&model)?),
+        };
         Ok(Trainer {
             model,
+            compute,
             reference,
             optimizer,
             config,
@@ -252,9 +267,17 @@ impl Trainer {
         }
     }
 
-    /// The policy being trained.
+    /// The policy being trained (the f32 master weights).
     pub fn model(&self) -> &Qwen2 {
         &self.model
+    }
+
+    /// The model the passes run on: the bf16 compute copy under mixed precision (as of
+    /// the last step's start), else the policy itself.
+    pub fn compute_model(&self) -> &Qwen2 {
+        self.compute
+            .as_ref()
+            .map_or(&self.model, ComputeCopy::model)
     }
 
     /// The optimizer.
@@ -330,7 +353,11 @@ impl Trainer {
             ));
         }
         let start = Instant::now();
-        let groups = micro_batches(batch, self.config.micro_batch_tokens);
+        let packing = self.config.memory.packing;
+        let groups = match packing {
+            true => packed_micro_batches(batch, self.config.micro_batch_tokens),
+            false => micro_batches(batch, self.config.micro_batch_tokens),
+        };
         if let Some(shard) = &self.shard {
             shard.restore_grads(&self.optimizer.params())?;
         }
@@ -338,19 +365,26 @@ impl Trainer {
         if self.sync.is_some() {
             self.define_zero_grads()?;
         }
+        if let Some(compute) = &self.compute {
+            compute.refresh(&self.model)?;
+            compute.zero_grads();
+        }
         let mut sums = LossSums::default();
         let mut finite = true;
         for group in &groups {
             let samples: Vec<&TrainSample> = group.iter().map(|&i| &batch[i]).collect();
             let group_weights: Vec<f64> = group.iter().map(|&i| weights[i]).collect();
             let part = grpo::micro_batch_backward(
-                &self.model,
+                self.compute_model(),
                 self.reference.as_ref(),
                 &samples,
                 &group_weights,
                 &self.config.grpo,
                 &self.config.memory,
             )?;
+            if let Some(compute) = &self.compute {
+                compute.accumulate_grads(&self.model)?;
+            }
             sums.add(&part);
             if !part.loss.is_finite() {
                 finite = false;
@@ -433,7 +467,7 @@ impl Trainer {
             shard_tokens,
             sequences,
             micro_batches: groups.len(),
-            padding_share: padding_share(batch, &groups),
+            padding_share: padding_share(batch, &groups, packing),
             seconds,
             forward_backward_seconds,
             optimizer_seconds: seconds - forward_backward_seconds,
@@ -457,8 +491,8 @@ impl Trainer {
 }
 
 /// Share of the forward-pass positions of `batch` split into `groups` that are padding.
-fn padding_share(batch: &[TrainSample], groups: &[Vec<usize>]) -> f64 {
-    let padded = padded_tokens(batch, groups);
+fn padding_share(batch: &[TrainSample], groups: &[Vec<usize>], packing: bool) -> f64 {
+    let padded = pass_tokens(batch, groups, packing);
     if padded == 0 {
         return 0.0;
     }
@@ -514,6 +548,7 @@ mod tests {
         saving_config.memory = MemoryConfig {
             logprob_chunk_tokens: 2,
             activation_checkpointing: true,
+            packing: true,
         };
         let mut plain = Trainer::new(tiny_model(6), None, config).unwrap();
         let mut saving = Trainer::new(tiny_model(6), None, saving_config).unwrap();
@@ -533,41 +568,124 @@ mod tests {
 
     #[test]
     fn the_memory_plan_counts_the_bytes_the_trainer_holds() {
-        use quill_model::memory_plan::{self, LearnerSetup, ModelSize, Precision, Sharding};
-        let (model, _) = quill_model::default_model::load(tch::Device::Cpu, Kind::Float).unwrap();
-        let size = ModelSize::of(model.config());
-        let mut trainer = Trainer::new(model, None, TrainerConfig::default()).unwrap();
-        // A step allocates the gradients (zeroed after the update, not freed).
-        trainer.step(&batch()).unwrap();
-        let bytes = |t: &Tensor| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
-        let vars = trainer.model().var_store().variables();
-        let weights: u64 = vars.values().map(bytes).sum();
-        let gradients: u64 = vars.values().map(|v| bytes(&v.grad())).sum();
-        let optimizer: u64 = trainer
-            .optimizer()
-            .moments()
-            .map(|(_, m, v)| bytes(m) + bytes(v))
-            .sum();
-        let setup = LearnerSetup {
-            gpus: 1,
-            sharding: Sharding::None,
-            precision: Precision::F32,
-            activation_checkpointing: false,
-            micro_batch_tokens: 16_384,
-            logprob_chunk_tokens: 1024,
-        };
-        let work = memory_plan::Workload {
-            group_size: 4,
-            prompts_per_step: 1,
-            max_tokens: 11,
-        };
-        let plan = memory_plan::learner_memory(&size, &setup, &work);
-        // The plan counts the same tensors: exact, no tolerance needed.
-        assert_eq!(
-            (plan.weights, plan.gradients, plan.optimizer),
-            (weights, gradients, optimizer)
+        use quill_model::memory_plan::{self, LearnerSetup, ModelSize, Sharding};
+        for (precision, planned, per_param) in [
+            (Precision::F32, memory_plan::Precision::F32, 16),
+            (Precision::Bf16, memory_plan::Precision::Bf16, 20),
+        ] {
+            let (model, _) =
+                quill_model::default_model::load(tch::Device::Cpu, Kind::Float).unwrap();
+            let size = ModelSize::of(model.config());
+            let config = TrainerConfig {
+                precision,
+                ..TrainerConfig::default()
+            };
+            let mut trainer = Trainer::new(model, None, config).unwrap();
+            // A step allocates the gradients (zeroed after the update, not freed).
+            trainer.step(&batch()).unwrap();
+            let bytes = |t: &Tensor| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+            let vars = |m: &Qwen2| m.var_store().variables().into_values().collect::<Vec<_>>();
+            let (masters, compute) = (vars(trainer.model()), vars(trainer.compute_model()));
+            let moments: u64 = trainer
+                .optimizer()
+                .moments()
+                .map(|(_, m, v)| bytes(m) + bytes(v))
+                .sum();
+            let grads = |vs: &[Tensor]| vs.iter().map(|v| bytes(&v.grad())).sum::<u64>();
+            let values = |vs: &[Tensor]| vs.iter().map(bytes).sum::<u64>();
+            let (weights, gradients, optimizer) = match precision {
+                Precision::F32 => (values(&masters), grads(&masters), moments),
+                Precision::Bf16 => (
+                    values(&compute),
+                    grads(&compute) + grads(&masters),
+                    values(&masters) + moments,
+                ),
+            };
+            let setup = LearnerSetup {
+                gpus: 1,
+                sharding: Sharding::None,
+                precision: planned,
+                activation_checkpointing: false,
+                micro_batch_tokens: 16_384,
+                logprob_chunk_tokens: 1024,
+            };
+            let work = memory_plan::Workload {
+                group_size: 4,
+                prompts_per_step: 1,
+                max_tokens: 11,
+            };
+            let plan = memory_plan::learner_memory(&size, &setup, &work);
+            // The plan counts the same tensors: exact, no tolerance needed.
+            assert_eq!(
+                (plan.weights, plan.gradients, plan.optimizer),
+                (weights, gradients, optimizer),
+                "{precision:?}"
+            );
+            assert_eq!(weights + gradients + optimizer, per_param * size.params);
+        }
+    }
+
+    /// Losses of `steps` steps on one batch whose behaviour log-probs are the starting
+    /// policy's, in `precision`.
+    fn losses(precision: Precision, steps: usize) -> Vec<f64> {
+        let mut config = trainer_config(1000, LossAggregation::TokenMean, 1.0);
+        config.precision = precision;
+        let mut trainer = Trainer::new(tiny_model(8), None, config).unwrap();
+        let mut batch = batch();
+        let refs: Vec<&TrainSample> = batch.iter().collect();
+        let current = response_logprobs(trainer.model(), &refs, 0.8).unwrap();
+        for (s, lp) in batch.iter_mut().zip(current) {
+            s.behaviour_logprobs = lp;
+        }
+        (0..steps)
+            .map(|_| {
+                let stats = trainer.step(&batch).unwrap();
+                assert!(!stats.skipped, "{stats:?}");
+                stats.loss
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_bf16_run_lowers_the_loss_as_f32_does() {
+        let (full, mixed) = (losses(Precision::F32, 6), losses(Precision::Bf16, 6));
+        eprintln!("f32 losses {full:?}\nbf16 losses {mixed:?}");
+        let drop = full[0] - full[5];
+        assert!(
+            drop > 0.0 && mixed[0] - mixed[5] > 0.5 * drop,
+            "{full:?} vs {mixed:?}"
         );
-        assert_eq!(weights + gradients + optimizer, 16 * size.params);
+        // Loosely the same course: bf16 rounding (2^-9 relative per operation) moves
+        // each loss by a small fraction of the total descent.
+        for (k, (a, b)) in full.iter().zip(&mixed).enumerate() {
+            assert!(
+                (a - b).abs() < 0.1 * drop,
+                "step {k}: {full:?} vs {mixed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn packing_does_not_change_the_update_and_leaves_no_padding() {
+        let config = trainer_config(20, LossAggregation::TokenMean, 0.05);
+        let mut padded_config = config.clone();
+        padded_config.memory.packing = false;
+        let mut packed = Trainer::new(tiny_model(9), None, config).unwrap();
+        let mut padded = Trainer::new(tiny_model(9), None, padded_config).unwrap();
+        let before = weights(&packed);
+        for _ in 0..2 {
+            let a = packed.step(&batch()).unwrap();
+            let b = padded.step(&batch()).unwrap();
+            // Totals 9, 7, 11, 11 tokens: packed 11 + 9, 11 + 7; padded rows by length.
+            assert_eq!(a.micro_batches, 2, "{a:?}");
+            assert_eq!(a.padding_share, 0.0);
+            assert!(b.padding_share > 0.0, "{b:?}");
+            assert!((a.loss - b.loss).abs() < 1e-6, "{a:?} vs {b:?}");
+            assert!((a.grad_norm - b.grad_norm).abs() < 1e-5 * b.grad_norm);
+        }
+        let moved = max_diff(&before, &weights(&packed));
+        let diff = max_diff(&weights(&packed), &weights(&padded));
+        assert!(moved > 1e-3 && diff < 1e-5, "moved {moved}, differs {diff}");
     }
 
     #[test]

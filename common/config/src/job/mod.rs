@@ -24,8 +24,8 @@ use crate::template::PromptTemplate;
 pub use sections::{
     CheckpointSection, ClusterSection, CollectiveKind, DataSection, GrpoSection, JobSection,
     KlEstimator, LossAggregation, LrSchedule, MetricsSection, ModelSection, OptimizerSection,
-    ParallelSection, RangePredictorSection, RewardsSection, SamplingSection, Sharding,
-    TlsSection, MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
+    ParallelSection, Precision, RangePredictorSection, RewardsSection, SamplingSection,
+    Sharding, TlsSection, MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
 };
 
 /// A whole RL job, as one TOML file describes it.

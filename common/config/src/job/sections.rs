@@ -234,6 +234,19 @@ pub enum KlEstimator {
     K3,
 }
 
+/// The dtype of the learner's forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Weights, activations and gradients in f32.
+    #[default]
+    F32,
+    /// Mixed precision: a bf16 copy of the weights runs the passes (bf16 activations and
+    /// gradients), gradients are accumulated into f32, and AdamW updates f32 master
+    /// weights; log-softmax and loss stay in f32.
+    Bf16,
+}
+
 /// `[grpo]`: the objective and the training schedule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -271,6 +284,13 @@ pub struct GrpoSection {
     /// `none`, `zero1` (f32 master weights and AdamW moments sharded), `zero2` (also the
     /// gradients between steps); `zero3` (also the weights) is not built and is refused.
     pub sharding: Sharding,
+    /// `f32` (default) or `bf16` mixed precision for the learner's passes.
+    pub precision: Precision,
+    /// Whether micro-batches are packed: samples laid end to end in one row without
+    /// padding (positions restart and attention stays within each sample), filled up to
+    /// `micro_batch_tokens` real tokens. Off: rows are right-padded and
+    /// `micro_batch_tokens` bounds rows × longest row.
+    pub packing: bool,
 }
 
 /// `grpo.sharding`: which part of the learner's training state each rank keeps only a
@@ -306,6 +326,8 @@ impl Default for GrpoSection {
             logprob_chunk_tokens: 1024,
             activation_checkpointing: false,
             sharding: Sharding::None,
+            precision: Precision::default(),
+            packing: true,
         }
     }
 }

@@ -81,6 +81,14 @@ mod tests {
         let (field, reason) = invalid(&job("[grpo]\nkl_estimator = \"k4\"\n"));
         assert_eq!(field, "grpo.kl_estimator");
         assert!(reason.contains("unknown variant `k4`"), "{reason}");
+        let (field, reason) = invalid(&job("[grpo]\nprecision = \"fp16\"\n"));
+        assert_eq!(field, "grpo.precision");
+        assert!(
+            reason.contains("unknown variant `fp16`, expected `f32` or `bf16`"),
+            "{reason}"
+        );
+        let (field, _) = invalid(&job("[grpo]\npacking = \"yes\"\n"));
+        assert_eq!(field, "grpo.packing");
         let (field, reason) = invalid(&job("[optimizer]\nbetas = [0.9, 0.99, 0.999]\n"));
         assert_eq!(field, "optimizer.betas");
         assert!(

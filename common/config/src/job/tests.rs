@@ -160,6 +160,8 @@ fn a_minimal_file_gets_the_recipe_defaults() {
     assert_eq!(config.grpo.logprob_chunk_tokens, 1024);
     assert!(!config.grpo.activation_checkpointing);
     assert_eq!(config.grpo.sharding, crate::job::Sharding::None);
+    assert_eq!(config.grpo.precision, Precision::F32);
+    assert!(config.grpo.packing);
     assert_eq!(config.optimizer.lr, 1e-6);
     assert_eq!(config.optimizer.betas, [0.9, 0.999]);
     assert_eq!(config.optimizer.eps, 1e-8);
@@ -192,7 +194,7 @@ fn a_minimal_file_gets_the_recipe_defaults() {
 fn enums_and_options_are_read_by_their_toml_names() {
     let text = job(
         "[grpo]\nloss_aggregation = \"sequence_mean\"\nkl_estimator = \"k1\"\n\
-         tis_cap = 2.0\n[optimizer]\nschedule = \"cosine\"\n\
+         tis_cap = 2.0\nprecision = \"bf16\"\npacking = false\n[optimizer]\nschedule = \"cosine\"\n\
          [rewards]\ncombine = \"weighted_sum\"\nquality_model = \"/models/rm\"\n\
          [rewards.format]\nngram_penalty = 0.5\n[metrics]\nprometheus_addr = \"0.0.0.0:9090\"\n\
          member_prometheus_addr = \"0.0.0.0:0\"\npeak_tflops = 989.0\n",
@@ -201,6 +203,8 @@ fn enums_and_options_are_read_by_their_toml_names() {
     assert_eq!(config.grpo.loss_aggregation, LossAggregation::SequenceMean);
     assert_eq!(config.grpo.kl_estimator, KlEstimator::K1);
     assert_eq!(config.grpo.tis_cap, Some(2.0));
+    assert_eq!(config.grpo.precision, Precision::Bf16);
+    assert!(!config.grpo.packing);
     assert_eq!(config.optimizer.schedule, LrSchedule::Cosine);
     assert_eq!(config.rewards.combine, AdvantageMode::WeightedSum);
     assert_eq!(config.rewards.quality_model.as_deref(), Some("/models/rm"));
