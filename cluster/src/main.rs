@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod launch;
 mod plot;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +39,8 @@ enum Command {
     Status(cli::status::Args),
     /// Draw PNG charts (reward, length, throughput) from a metrics JSONL file.
     Plot(plot::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming).
+    Serve(serve::Args),
     /// Plan GPU memory: what learner ranks and actors hold, what fits, what would.
     Plan(cli::plan::Args),
 }
@@ -61,5 +64,6 @@ fn main() -> anyhow::Result<()> {
         Command::Plot(args) => plot::run(args),
         Command::Status(args) => cli::status::run(args),
         Command::Plan(args) => cli::plan::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
