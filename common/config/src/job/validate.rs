@@ -626,13 +626,16 @@ mod tests {
             ),
         ];
         for (line, want_field, want_reason) in cases {
-            let text =
-                format!("{ok}{line}\n").replace("endpoint = \"http://127.0.0.1:8000/v1\"\n", "");
-            let text = if line.starts_with("endpoint") {
-                text
-            } else {
-                format!("{text}endpoint = \"http://127.0.0.1:8000/v1\"\n")
-            };
+            let mut text = "[rewards.judge]\n".to_owned();
+            for base in ok.lines().skip(1) {
+                let key = base.split(" =").next().unwrap();
+                if !line.contains(&format!("{key} =")) {
+                    text.push_str(base);
+                    text.push('\n');
+                }
+            }
+            text.push_str(line);
+            text.push('\n');
             let (field, reason) = invalid(&job(&text));
             assert_eq!(field, *want_field, "{line}: {reason}");
             assert!(reason.contains(want_reason), "{line}: {reason}");
