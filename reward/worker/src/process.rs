@@ -75,7 +75,7 @@ pub async fn serve(args: RewardOptions, token: String) -> Result<(), RewardWorke
             &job.model.device,
             job.rewards.quality_batch_size,
         )?)),
-        (None, Some(judge)) => Some(Quality::Judge(Judge::new(judge)?)),
+        (None, Some(judge)) => Some(Quality::Judge(Box::new(Judge::new(judge)?))),
         (None, None) => None,
     };
     let worker = Arc::new(RewardWorker {

@@ -12,7 +12,7 @@ pub enum Quality {
     /// A local reward model.
     Model(QualityScorer),
     /// An LLM judge on an OpenAI-compatible endpoint.
-    Judge(crate::judge::Judge),
+    Judge(Box<crate::judge::Judge>),
 }
 
 impl Quality {

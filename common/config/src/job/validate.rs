@@ -640,10 +640,7 @@ mod tests {
             assert_eq!(field, *want_field, "{line}: {reason}");
             assert!(reason.contains(want_reason), "{line}: {reason}");
         }
-        let both = format!(
-            "[rewards]\nquality_model = \"rm\"\n{}",
-            ok.replace("[rewards.judge]", "[rewards.judge]")
-        );
+        let both = format!("[rewards]\nquality_model = \"rm\"\n{ok}");
         let (field, reason) = invalid(&job(&both));
         assert_eq!(field, "rewards.judge", "{reason}");
         let (field, _) = invalid(&job("[rewards.judge]\nendpoint = \"http://h/v1\"\nmodel = \"m\"\nprompt_file = \"p\"\nrubric = 1\n"));
