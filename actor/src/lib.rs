@@ -7,6 +7,8 @@ pub mod held;
 pub mod worker;
 
 pub use engine::handle::EngineHandle;
-pub use engine::request::{FinishReason, GenerationError, GenerationRequest, GroupOutput, Sample};
+pub use engine::request::{
+    FinishReason, GenerationError, GenerationRequest, GroupOutput, Sample, TokenEvent, TokenStream,
+};
 pub use engine::sampling::SamplingParams;
 pub use engine::{Engine, EngineConfig, EngineStats};

@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod launch;
 mod plot;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +39,8 @@ enum Command {
     Status(cli::status::Args),
     /// Draw PNG charts (reward, length, throughput) from a metrics JSONL file.
     Plot(plot::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming).
+    Serve(serve::Args),
     /// Plan GPU memory: what learner ranks and actors hold, what fits, what would.
     Plan(cli::plan::Args),
     /// Train a reward model on preference pairs (Bradley–Terry).
@@ -71,5 +74,6 @@ fn main() -> anyhow::Result<()> {
         Command::TrainRm(args) => cli::train_rm::run(args),
         Command::Data(command) => cli::data::run(command),
         Command::Certs(args) => cli::certs::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

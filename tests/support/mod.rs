@@ -2,6 +2,7 @@
 //! fixtures built with transformers, tensor comparisons.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod http;
 pub mod job;
 
 use std::collections::HashMap;

@@ -3,7 +3,7 @@
 //! (`EngineConfig::request_queue`): a caller that finds it full blocks until the engine
 //! takes a command, so call [`EngineHandle::submit`] from a thread that may block.
 
-use crate::engine::request::{GenerationError, GenerationRequest, GroupOutput};
+use crate::engine::request::{GenerationError, GenerationRequest, GroupOutput, TokenStream};
 use crate::engine::{Engine, EngineConfig, EngineStats, Reply};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use quill_model::{ModelConfig, Qwen2, Tokenizer};
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 enum Command {
-    Generate(GenerationRequest, Reply),
+    Generate(GenerationRequest, Reply, Option<TokenStream>),
     UpdateWeights(Arc<WeightBlob>, Sender<Result<(), quill_model::Error>>),
     Shutdown,
 }
@@ -71,9 +71,19 @@ impl EngineHandle {
         &self,
         request: GenerationRequest,
     ) -> Receiver<Result<GroupOutput, GenerationError>> {
+        self.submit_watched(request, None)
+    }
+
+    /// Like [`EngineHandle::submit`], and streams every sampled token to `stream`.
+    pub fn submit_watched(
+        &self,
+        request: GenerationRequest,
+        stream: Option<TokenStream>,
+    ) -> Receiver<Result<GroupOutput, GenerationError>> {
         let (reply, answer) = bounded(1);
-        if let Err(crossbeam_channel::SendError(Command::Generate(_, reply))) =
-            self.commands.send(Command::Generate(request, reply))
+        if let Err(crossbeam_channel::SendError(Command::Generate(_, reply, _))) = self
+            .commands
+            .send(Command::Generate(request, reply, stream))
         {
             let _ = reply.send(Err(GenerationError::ShutDown));
         }
@@ -134,7 +144,9 @@ fn serve(mut engine: Engine, inbox: &Receiver<Command>) {
             }
         };
         match next {
-            Some(Command::Generate(request, reply)) => engine.submit(request, reply),
+            Some(Command::Generate(request, reply, stream)) => {
+                engine.submit_watched(request, reply, stream)
+            }
             Some(Command::UpdateWeights(blob, done)) => {
                 let _ = done.send(engine.update_weights(&blob));
             }

@@ -24,7 +24,9 @@ use crossbeam_channel::Sender;
 use fault::Faults;
 use quill_model::{KvCache, Prefix, Qwen2, Tokenizer};
 use quill_proto::blob::WeightBlob;
-use request::{FinishReason, GenerationError, GenerationRequest, GroupOutput, Sample};
+use request::{
+    FinishReason, GenerationError, GenerationRequest, GroupOutput, Sample, TokenEvent, TokenStream,
+};
 use sampling::Sampler;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -72,6 +74,10 @@ pub struct EngineStats {
     pub finished_samples: AtomicU64,
     /// Decoding steps taken so far.
     pub steps: AtomicU64,
+    /// Sequences decoded so far, summed over steps (divided by `steps`: the mean batch).
+    pub decoded_rows: AtomicU64,
+    /// The most sequences decoded together in one step.
+    pub peak_batch: AtomicU64,
 }
 
 struct Group {
@@ -82,6 +88,7 @@ struct Group {
     unfinished: usize,
     admitted: usize,
     reply: Reply,
+    stream: Option<TokenStream>,
     started: Instant,
 }
 
@@ -169,6 +176,16 @@ impl Engine {
 
     /// Queues a request; invalid requests are answered on `reply` at once.
     pub fn submit(&mut self, request: GenerationRequest, reply: Reply) {
+        self.submit_watched(request, reply, None);
+    }
+
+    /// Like [`Engine::submit`], and sends every sampled token to `stream` as it comes.
+    pub fn submit_watched(
+        &mut self,
+        request: GenerationRequest,
+        reply: Reply,
+        stream: Option<TokenStream>,
+    ) {
         if let Err(reason) = self.check(&request) {
             let _ = reply.send(Err(GenerationError::Invalid {
                 id: request.id,
@@ -188,6 +205,7 @@ impl Engine {
                 admitted: 0,
                 prefix: None,
                 reply,
+                stream,
                 started: Instant::now(),
                 request,
             },
@@ -258,6 +276,12 @@ impl Engine {
             .decode(&mut self.cache, &slot_ids, &tokens, &positions)
             .and_then(|logits| log_softmax_rows(&logits, &divisors));
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .decoded_rows
+            .fetch_add(busy.len() as u64, Ordering::Relaxed);
+        self.stats
+            .peak_batch
+            .fetch_max(busy.len() as u64, Ordering::Relaxed);
         match rows {
             Ok(rows) => {
                 let vocab = rows.len() / busy.len();
@@ -337,6 +361,14 @@ impl Engine {
         active.logprobs.push(logprob);
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let group = &self.groups[&active.group];
+        if let Some(stream) = &group.stream {
+            let _ = stream.sender.send(TokenEvent {
+                index: active.index,
+                token,
+                logprob,
+                top: top_k(row, stream.top_logprobs),
+            });
+        }
         let params = &group.request.params;
         let context = self.model.config().max_position_embeddings as usize;
         let finish = if params.stop_token_ids.contains(&token) {
@@ -414,6 +446,20 @@ impl Engine {
             let _ = group.reply.send(Err(GenerationError::ShutDown));
         }
     }
+}
+
+/// The `k` largest entries of a log-prob row with their token ids, largest first.
+fn top_k(row: &[f32], k: usize) -> Vec<(i64, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut ids: Vec<usize> = (0..row.len()).collect();
+    let k = k.min(row.len());
+    let by_value = |a: &usize, b: &usize| row[*b].total_cmp(&row[*a]).then(a.cmp(b));
+    ids.select_nth_unstable_by(k - 1, by_value);
+    ids.truncate(k);
+    ids.sort_unstable_by(by_value);
+    ids.into_iter().map(|i| (i as i64, row[i])).collect()
 }
 
 /// `log_softmax(logits / divisor)` per row, copied to the host as one flat vector.

@@ -1,6 +1,7 @@
 //! What the engine is asked for and what it gives back.
 
 use crate::engine::sampling::SamplingParams;
+use crossbeam_channel::Sender;
 
 /// One prompt and how many samples (the GRPO group size) to draw from it.
 #[derive(Debug, Clone)]
@@ -93,4 +94,28 @@ pub enum GenerationError {
     /// The engine stopped before the request finished.
     #[error("the generation engine has shut down")]
     ShutDown,
+}
+
+/// One token as the engine samples it, for a watcher that streams output.
+#[derive(Debug, Clone)]
+pub struct TokenEvent {
+    /// Which sample of the request it belongs to.
+    pub index: usize,
+    /// The sampled token id.
+    pub token: i64,
+    /// Its log-probability (as in [`Sample::logprobs`]).
+    pub logprob: f32,
+    /// The most likely tokens of the same distribution and their log-probabilities,
+    /// most likely first ([`TokenStream::top_logprobs`] of them).
+    pub top: Vec<(i64, f32)>,
+}
+
+/// Where the engine sends a request's tokens as it samples them; never blocks the
+/// engine (the channel is unbounded, and a closed one is ignored).
+#[derive(Debug, Clone)]
+pub struct TokenStream {
+    /// Receives one event per sampled token.
+    pub sender: Sender<TokenEvent>,
+    /// How many most-likely alternatives each event lists (0 for none).
+    pub top_logprobs: usize,
 }

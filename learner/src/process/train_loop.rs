@@ -588,7 +588,7 @@ fn step_metrics(
         reward_mean: column(0),
         reward_length: column(1),
         reward_format: column(2),
-        reward_quality: job.rewards.quality_model.is_some().then(|| column(3)),
+        reward_quality: job.rewards.has_quality().then(|| column(3)),
         response_words_mean: mean(batch.words.iter().copied()),
         in_range_share: mean(batch.in_range.iter().map(|&b| f64::from(u8::from(b)))),
         staleness_mean: mean(batch.staleness.iter().copied()),

@@ -26,6 +26,9 @@ pub enum RewardWorkerError {
     /// The quality reward model could not be loaded.
     #[error("loading the quality reward model: {0}")]
     QualityModel(String),
+    /// The LLM judge could not be set up.
+    #[error(transparent)]
+    Judge(#[from] crate::judge::JudgeSetupError),
     /// The Prometheus endpoint could not start.
     #[error(transparent)]
     Metrics(#[from] ConfiguredError),

@@ -2,7 +2,8 @@
 //! the worker's rates, serve `/metrics`, and stop on the learner's `shutdown` or when it
 //! has been silent for `LEARNER_SILENCE_HEARTBEATS` heartbeats.
 
-use crate::quality::QualityScorer;
+use crate::judge::Judge;
+use crate::quality::{Quality, QualityScorer};
 use crate::service::{RewardService, RewardWorker};
 use crate::RewardWorkerError;
 use quill_config::job::JobConfig;
@@ -67,13 +68,15 @@ pub async fn serve(args: RewardOptions, token: String) -> Result<(), RewardWorke
         job.sampling.max_new_tokens,
         model_context(&reply.model_config_json),
     );
-    let quality = match &job.rewards.quality_model {
-        Some(dir) if job.rewards.quality_weight > 0.0 => Some(QualityScorer::start(
+    let quality = match (&job.rewards.quality_model, &job.rewards.judge) {
+        _ if job.rewards.quality_weight <= 0.0 => None,
+        (Some(dir), _) => Some(Quality::Model(QualityScorer::start(
             dir.as_ref(),
             &job.model.device,
             job.rewards.quality_batch_size,
-        )?),
-        _ => None,
+        )?)),
+        (None, Some(judge)) => Some(Quality::Judge(Box::new(Judge::new(judge)?))),
+        (None, None) => None,
     };
     let worker = Arc::new(RewardWorker {
         member: member.id.clone(),

@@ -7,6 +7,30 @@ use quill_model::device::parse_device;
 use quill_model::{Qwen2, Tokenizer};
 use std::path::Path;
 
+/// Where the quality reward comes from.
+pub enum Quality {
+    /// A local reward model.
+    Model(QualityScorer),
+    /// An LLM judge on an OpenAI-compatible endpoint.
+    Judge(Box<crate::judge::Judge>),
+}
+
+impl Quality {
+    /// Scores `(question, answer)` pairs (blocking; call from a blocking task inside the
+    /// tokio runtime).
+    pub fn score(&self, items: &[(String, String)]) -> Result<Vec<f64>, String> {
+        match self {
+            Quality::Model(scorer) => scorer.score(
+                items
+                    .iter()
+                    .map(|(question, answer)| format!("{question}\n\n{answer}"))
+                    .collect(),
+            ),
+            Quality::Judge(judge) => tokio::runtime::Handle::current().block_on(judge.score(items)),
+        }
+    }
+}
+
 type Job = (Vec<String>, Sender<Result<Vec<f64>, String>>);
 
 /// A handle to the reward-model thread.

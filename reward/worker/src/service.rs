@@ -4,7 +4,7 @@
 //! number of groups is scored at a time, so a learner that is full slows actors down.
 //! Scoring runs on tokio's blocking threads, never on the async runtime's workers.
 
-use crate::quality::QualityScorer;
+use crate::quality::Quality;
 use quill_config::job::JobConfig;
 use quill_proto::reward_server::Reward;
 use quill_proto::rpc::LearnerConn;
@@ -27,8 +27,8 @@ pub struct RewardWorker {
     pub member: String,
     /// The learner.
     pub learner: LearnerConn,
-    /// The quality reward model, when the job has one.
-    pub quality: Option<QualityScorer>,
+    /// The quality reward (a reward model or a judge), when the job has one.
+    pub quality: Option<Quality>,
     /// Groups being scored or forwarded.
     pub in_flight: AtomicU64,
     /// Groups waiting for a scoring slot (the worker's queue).
@@ -167,15 +167,15 @@ impl Reward for RewardService {
     }
 }
 
-/// The reward model's input for each sample: the question, a blank line, the answer.
-fn quality_texts(job: &JobConfig, rollout: &RolloutGroup) -> Vec<String> {
+/// The quality reward's input for each sample: the question and the answer block.
+fn quality_items(job: &JobConfig, rollout: &RolloutGroup) -> Vec<(String, String)> {
     rollout
         .samples
         .iter()
         .map(|s| {
             let response = format!("{}{}", job.template.response_prefix, s.text);
             let answer = split_response(&response).answer.unwrap_or_default();
-            format!("{}\n\n{answer}", rollout.question)
+            (rollout.question.clone(), answer.to_owned())
         })
         .collect()
 }
@@ -189,7 +189,7 @@ async fn score_blocking(
         let quality = match &worker.quality {
             Some(scorer) => Some(
                 scorer
-                    .score(quality_texts(&worker.job, &rollout))
+                    .score(&quality_items(&worker.job, &rollout))
                     .map_err(Status::internal)?,
             ),
             None => None,

@@ -8,6 +8,7 @@
 //! `job.toml: grpo.eps_low: must be in [0, 1), got 1.5`. Unknown keys are rejected,
 //! and TOML syntax errors give the line and column.
 
+mod judge;
 mod sections;
 mod span;
 #[cfg(test)]
@@ -21,6 +22,7 @@ use toml::de::DeTable;
 
 use crate::template::PromptTemplate;
 
+pub use judge::{JudgeMode, JudgeParse, JudgeSection};
 pub use sections::{
     CheckpointSection, ClusterSection, CollectiveKind, DataSection, GrpoSection, JobSection,
     KlEstimator, LossAggregation, LrSchedule, MetricsSection, ModelSection, OptimizerSection,

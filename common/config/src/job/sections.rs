@@ -191,8 +191,18 @@ pub struct RewardsSection {
     pub quality_model: Option<String>,
     /// Responses the quality model scores in one batch.
     pub quality_batch_size: usize,
+    /// An LLM judge on an OpenAI-compatible endpoint as the quality reward
+    /// (`[rewards.judge]`; instead of `quality_model`).
+    pub judge: Option<super::JudgeSection>,
     /// The format reward's repetition penalties (`[rewards.format]`).
     pub format: FormatConfig,
+}
+
+impl RewardsSection {
+    /// Whether a quality reward exists (a reward model or a judge).
+    pub fn has_quality(&self) -> bool {
+        self.quality_model.is_some() || self.judge.is_some()
+    }
 }
 
 impl Default for RewardsSection {
@@ -205,6 +215,7 @@ impl Default for RewardsSection {
             l_max: 12_000,
             quality_model: None,
             quality_batch_size: 8,
+            judge: None,
             format: FormatConfig::default(),
         }
     }

@@ -9,8 +9,9 @@ use quill_reward::RewardError;
 
 use super::{
     CheckpointSection, ClusterSection, DataSection, GrpoSection, JobConfig, JobConfigError,
-    JobSection, MetricsSection, ModelSection, OptimizerSection, ParallelSection, RewardsSection,
-    SamplingSection, Sharding, MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
+    JobSection, JudgeMode, JudgeParse, JudgeSection, MetricsSection, ModelSection,
+    OptimizerSection, ParallelSection, RewardsSection, SamplingSection, Sharding,
+    MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
 };
 use crate::template::PromptTemplate;
 
@@ -215,12 +216,82 @@ impl SamplingSection {
     }
 }
 
+impl JudgeSection {
+    fn check(&self) -> Check {
+        let endpoint = self.endpoint.trim();
+        ensure(
+            endpoint.starts_with("http://"),
+            "rewards.judge.endpoint",
+            || {
+                format!(
+                    "must be a plain http:// URL such as http://127.0.0.1:8000/v1, got `{}`{}",
+                    self.endpoint,
+                    if endpoint.starts_with("https://") {
+                        " (HTTPS is not supported: put a TLS-terminating proxy in front)"
+                    } else {
+                        ""
+                    }
+                )
+            },
+        )?;
+        non_empty("rewards.judge.model", &self.model)?;
+        if let Some(var) = &self.api_key_env {
+            non_empty("rewards.judge.api_key_env", var)?;
+        }
+        non_empty_path("rewards.judge.prompt_file", &self.prompt_file)?;
+        match self.mode {
+            JudgeMode::Pairwise => {
+                ensure(
+                    self.references.is_some(),
+                    "rewards.judge.references",
+                    || {
+                        "is required in pairwise mode (a JSONL file of question and reference)"
+                            .to_owned()
+                    },
+                )?;
+                ensure(
+                    self.parse == JudgeParse::Text,
+                    "rewards.judge.parse",
+                    || {
+                        "pairwise verdicts are read from the text: parse must be \"text\""
+                            .to_owned()
+                    },
+                )?;
+            }
+            JudgeMode::Pointwise => ensure(
+                self.min_score.is_finite()
+                    && self.max_score.is_finite()
+                    && self.min_score < self.max_score,
+                "rewards.judge.max_score",
+                || {
+                    format!(
+                        "must be above min_score ({} <= {})",
+                        self.max_score, self.min_score
+                    )
+                },
+            )?,
+        }
+        at_least("rewards.judge.concurrency", self.concurrency, 1)?;
+        positive("rewards.judge.timeout_seconds", self.timeout_seconds)?;
+        ensure(self.retries <= 10, "rewards.judge.retries", || {
+            format!("must be at most 10, got {}", self.retries)
+        })?;
+        non_negative("rewards.judge.backoff_seconds", self.backoff_seconds)?;
+        at_least("rewards.judge.max_tokens", self.max_tokens, 1)?;
+        ensure(
+            self.temperature.is_finite() && (0.0..=2.0).contains(&self.temperature),
+            "rewards.judge.temperature",
+            || format!("must be between 0 and 2, got {}", self.temperature),
+        )
+    }
+}
+
 impl RewardsSection {
     fn check(&self) -> Check {
         non_negative("rewards.length_weight", self.length_weight)?;
         non_negative("rewards.format_weight", self.format_weight)?;
         non_negative("rewards.quality_weight", self.quality_weight)?;
-        let quality_on = self.quality_model.is_some();
+        let quality_on = self.has_quality();
         ensure(
             self.length_weight > 0.0
                 || self.format_weight > 0.0
@@ -230,7 +301,7 @@ impl RewardsSection {
                 let quality = if quality_on {
                     format!("quality_weight = {}", self.quality_weight)
                 } else {
-                    "quality off (no quality_model)".to_owned()
+                    "quality off (no quality_model or judge)".to_owned()
                 };
                 format!(
                     "no reward signal is on with a positive weight (length_weight = {}, \
@@ -244,6 +315,12 @@ impl RewardsSection {
             non_empty("rewards.quality_model", path)?;
         }
         at_least("rewards.quality_batch_size", self.quality_batch_size, 1)?;
+        if let Some(judge) = &self.judge {
+            ensure(self.quality_model.is_none(), "rewards.judge", || {
+                "the quality reward comes from quality_model or a judge, not both".to_owned()
+            })?;
+            judge.check()?;
+        }
         self.format.validate().map_err(|e| match e {
             RewardError::InvalidFormatConfig {
                 field,
@@ -442,6 +519,7 @@ impl ParallelSection {
 mod tests {
     use crate::job::tests::{invalid, job};
     use crate::job::JobConfig;
+    use crate::job::{JudgeMode, JudgeParse};
 
     #[test]
     fn out_of_domain_values_name_the_field() {
@@ -604,6 +682,83 @@ mod tests {
     }
 
     #[test]
+    fn judge_fields_are_checked_and_named() {
+        let ok = "[rewards.judge]\nendpoint = \"http://127.0.0.1:8000/v1\"\nmodel = \"m\"\n\
+                  prompt_file = \"rubric.txt\"\n";
+        let config = JobConfig::from_toml_str(&job(ok), "t").unwrap();
+        let judge = config.rewards.judge.as_ref().unwrap();
+        assert_eq!(
+            (judge.mode, judge.parse),
+            (JudgeMode::Pointwise, JudgeParse::Text)
+        );
+        assert!(config.rewards.has_quality());
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "endpoint = \"https://api.example.com/v1\"",
+                "rewards.judge.endpoint",
+                "HTTPS is not supported",
+            ),
+            (
+                "endpoint = \"localhost:8000\"",
+                "rewards.judge.endpoint",
+                "must be a plain http:// URL",
+            ),
+            ("model = \"\"", "rewards.judge.model", "must not be empty"),
+            (
+                "mode = \"pairwise\"",
+                "rewards.judge.references",
+                "is required in pairwise mode",
+            ),
+            (
+                "mode = \"pairwise\"\nreferences = \"r.jsonl\"\nparse = \"logprobs\"",
+                "rewards.judge.parse",
+                "must be \"text\"",
+            ),
+            (
+                "min_score = 5.0\nmax_score = 5.0",
+                "rewards.judge.max_score",
+                "must be above min_score",
+            ),
+            (
+                "concurrency = 0",
+                "rewards.judge.concurrency",
+                "must be at least 1",
+            ),
+            (
+                "timeout_seconds = 0.0",
+                "rewards.judge.timeout_seconds",
+                "above 0",
+            ),
+            ("retries = 11", "rewards.judge.retries", "at most 10"),
+            (
+                "temperature = 3.0",
+                "rewards.judge.temperature",
+                "between 0 and 2",
+            ),
+        ];
+        for (line, want_field, want_reason) in cases {
+            let mut text = "[rewards.judge]\n".to_owned();
+            for base in ok.lines().skip(1) {
+                let key = base.split(" =").next().unwrap();
+                if !line.contains(&format!("{key} =")) {
+                    text.push_str(base);
+                    text.push('\n');
+                }
+            }
+            text.push_str(line);
+            text.push('\n');
+            let (field, reason) = invalid(&job(&text));
+            assert_eq!(field, *want_field, "{line}: {reason}");
+            assert!(reason.contains(want_reason), "{line}: {reason}");
+        }
+        let both = format!("[rewards]\nquality_model = \"rm\"\n{ok}");
+        let (field, reason) = invalid(&job(&both));
+        assert_eq!(field, "rewards.judge", "{reason}");
+        let (field, _) = invalid(&job("[rewards.judge]\nendpoint = \"http://h/v1\"\nmodel = \"m\"\nprompt_file = \"p\"\nrubric = 1\n"));
+        assert!(field.contains("rubric"), "{field}");
+    }
+
+    #[test]
     fn the_display_names_origin_and_field() {
         let err =
             JobConfig::from_toml_str(&job("[grpo]\neps_low = 1.5\n"), "job.toml").unwrap_err();
@@ -667,7 +822,7 @@ mod tests {
         ));
         assert_eq!(field, "rewards");
         assert!(
-            reason.contains("quality off (no quality_model)"),
+            reason.contains("quality off (no quality_model or judge)"),
             "{reason}"
         );
         let config = JobConfig::from_toml_str(
