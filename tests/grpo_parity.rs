@@ -428,6 +428,7 @@ fn a_bf16_step_matches_pytorch_autocast() {
         memory,
         precision: Precision::Bf16,
         max_consecutive_bad_steps: 0,
+        ..TrainerConfig::default()
     };
     let mut trainer = Trainer::new(load(), None, config).unwrap();
     let stats: Vec<StepStats> = batches.iter().map(|b| trainer.step(b).unwrap()).collect();

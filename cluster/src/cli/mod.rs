@@ -2,8 +2,8 @@
 //! library crate that does the work.
 
 pub mod actor;
-pub mod data;
 pub mod certs;
+pub mod data;
 pub mod generate;
 pub mod init_model;
 pub mod learner;
@@ -13,8 +13,8 @@ pub mod plan;
 pub mod reward;
 pub mod status;
 mod status_table;
-pub mod train_rm;
 pub mod tls_args;
+pub mod train_rm;
 
 /// A member name for logs: host and process id.
 pub fn default_name() -> String {

@@ -26,8 +26,8 @@ pub use judge::{JudgeMode, JudgeParse, JudgeSection};
 pub use sections::{
     CheckpointSection, ClusterSection, CollectiveKind, DataSection, GrpoSection, JobSection,
     KlEstimator, LossAggregation, LrSchedule, MetricsSection, ModelSection, OptimizerSection,
-    ParallelSection, Precision, RangePredictorSection, RewardsSection, SamplingSection,
-    Sharding, TlsSection, MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
+    ParallelSection, Precision, RangePredictorSection, RewardsSection, SamplingSection, Sharding,
+    TlsSection, MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
 };
 
 /// A whole RL job, as one TOML file describes it.

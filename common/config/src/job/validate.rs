@@ -10,8 +10,8 @@ use quill_reward::RewardError;
 use super::{
     CheckpointSection, ClusterSection, DataSection, GrpoSection, JobConfig, JobConfigError,
     JobSection, JudgeMode, JudgeParse, JudgeSection, MetricsSection, ModelSection,
-    OptimizerSection, ParallelSection, RewardsSection, SamplingSection, Sharding,
-    MAX_RELAY_FANOUT, MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
+    OptimizerSection, ParallelSection, RewardsSection, SamplingSection, Sharding, MAX_RELAY_FANOUT,
+    MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
 };
 use crate::template::PromptTemplate;
 
