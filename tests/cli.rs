@@ -416,7 +416,7 @@ fn plan_says_what_fits_and_what_would() {
     }
     let fitting = [
         "--sharding",
-        "zero2",
+        "zero3",
         "--precision",
         "bf16",
         "--activation-checkpointing",

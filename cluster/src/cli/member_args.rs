@@ -35,6 +35,7 @@ impl MemberArgs {
     /// unless allowed). The learner's address is checked when it is dialed.
     pub fn install_transport(&self, listens: &[(&str, &str)]) -> anyhow::Result<()> {
         self.tls.install_for_member()?;
+        tracing::info!("connections: {}", quill_proto::tls::Transport::process());
         for (flag, addr) in listens {
             quill_proto::tls::Transport::process().check(flag, addr)?;
         }

@@ -28,7 +28,8 @@ pub struct TlsArgs {
 }
 
 impl TlsArgs {
-    /// A member's transport, from the flags alone; installed for the whole process.
+    /// A member's transport, from the flags alone; installed for the whole process (logged
+    /// at debug level: long-running roles log it themselves, one-shot clients stay quiet).
     pub fn install_for_member(&self) -> anyhow::Result<()> {
         let files = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
             (None, None, None) => None,
@@ -42,7 +43,7 @@ impl TlsArgs {
         let transport =
             Transport::from_settings(files.as_ref(), self.allow_plaintext).context("TLS")?;
         transport.install()?;
-        tracing::info!("connections: {}", Transport::process());
+        tracing::debug!("connections: {}", Transport::process());
         Ok(())
     }
 
