@@ -7,6 +7,8 @@ mod support;
 
 use quill_proto::rpc::{learner_client, learner_client_in_session};
 use quill_proto::{HeartbeatRequest, LeaseRequest, RegisterRequest, Role};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,7 +113,12 @@ fn finished(name: &str) -> bool {
 
 /// The checkpoint directories of `job` (`step-NNNNNNNN`) and anything else left beside them.
 fn checkpoint_entries(job: &TestJob) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(job.out().join("checkpoints"))
+    entries_in(&job.out().join("checkpoints"))
+}
+
+/// The names in a checkpoint folder, sorted.
+fn entries_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|dir| {
             dir.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -134,11 +141,12 @@ fn outstanding(job: &TestJob, entry: &str) -> Option<usize> {
     Some(state["extra"]["outstanding"].as_array()?.len())
 }
 
-/// Every file of every checkpoint with its bytes, to show that a failed write left them alone.
-fn checkpoint_bytes(job: &TestJob) -> Vec<(String, Vec<u8>)> {
+/// Every file of every finished checkpoint in `checkpoints` with its bytes, to show that a
+/// failed write left them alone.
+fn checkpoint_bytes(checkpoints: &Path) -> Vec<(String, Vec<u8>)> {
     let mut files = Vec::new();
-    for entry in checkpoint_entries(job).into_iter().filter(|e| finished(e)) {
-        let dir = job.out().join("checkpoints").join(&entry);
+    for entry in entries_in(checkpoints).into_iter().filter(|e| finished(e)) {
+        let dir = checkpoints.join(&entry);
         for file in std::fs::read_dir(&dir).unwrap().flatten() {
             let name = format!("{entry}/{}", file.file_name().to_string_lossy());
             files.push((name, std::fs::read(file.path()).unwrap()));
@@ -221,40 +229,33 @@ fn a_killed_learner_and_a_failed_checkpoint_lose_no_prompt() {
     drop(first_members);
     println!("killed after {killed_at}");
 
-    // 2. Resumed with a file-size limit below a checkpoint's model file (a full disk): the
-    // learner stops naming the file, and the earlier checkpoints are untouched.
-    let before = checkpoint_bytes(&job);
-    let mut command = std::process::Command::new("sh");
-    command
-        .args(["-c", r#"ulimit -f 2048; trap "" XFSZ; exec "$0" "$@""#])
-        .arg(support::job::quill_bin())
-        .args(["learner", "--config"])
-        .arg(&job.config)
-        .arg("--token-file")
-        .arg(&job.token)
-        .args(["--threads", "1", "--resume"]);
-    let mut learner = Proc::spawn(command, &job.dir.path().join("learner-full.log"));
-    let scratch_of_this_learner = format!(".tmp-{}-", learner.child.id());
+    // 2. Resumed onto a full disk: the learner stops naming the file and the cause, and
+    // the earlier checkpoints are untouched, with no scratch folder left beside them.
+    let checkpoints = job.out().join("checkpoints");
+    let before = checkpoint_bytes(&checkpoints);
+    let entries_before = entries_in(&checkpoints);
+    let disk = FullDisk::new(&job);
+    let mut learner = Proc::spawn(disk.command(&job), &job.dir.path().join("learner-full.log"));
     let second_members = members(&mut learner, "2");
     let status = learner.wait(Duration::from_secs(300));
     let log = learner.log();
+    println!("full disk: {}", disk.kind());
     assert!(!status.success(), "{log}");
     assert!(
-        log.contains("File too large") && log.contains("model.safetensors"),
+        log.contains(disk.cause()) && log.contains("checkpoints/"),
         "the error names the file and the cause: {log}"
     );
     drop(second_members);
+    let after = disk.checkpoints_after(&job);
     assert_eq!(
-        checkpoint_bytes(&job),
+        checkpoint_bytes(&after),
         before,
         "the failed write left every earlier checkpoint as it was"
     );
+    let left = entries_in(&after);
     assert!(
-        !checkpoint_entries(&job)
-            .iter()
-            .any(|e| e.contains(&scratch_of_this_learner)),
-        "the failed write left no scratch folder: {:?}",
-        checkpoint_entries(&job)
+        left.iter().all(|e| entries_before.contains(e)),
+        "the failed write left no scratch folder: {left:?} (before: {entries_before:?})"
     );
 
     // 3. Resumed again, it trains to the end of the epoch: every prompt exactly once.
@@ -274,6 +275,117 @@ fn a_killed_learner_and_a_failed_checkpoint_lose_no_prompt() {
         "every prompt trained exactly once over the three launches"
     );
     job.no_process_left();
+}
+
+/// A learner run whose checkpoint folder has too little room for one more checkpoint:
+/// a tmpfs mounted over it in a user and mount namespace of the learner's own (`ENOSPC`,
+/// a real full disk) where this machine allows one, else a file-size limit below the size
+/// of a checkpoint's model file (`EFBIG`, the same failed `write` calls).
+enum FullDisk {
+    /// A tmpfs holding a copy of the checkpoints and half a model file of free room; it is
+    /// copied to `after` when the learner has exited.
+    Tmpfs { size: u64, after: PathBuf },
+    /// `ulimit -f` below a model file.
+    FileSizeLimit,
+}
+
+impl FullDisk {
+    fn new(job: &TestJob) -> Self {
+        let probe = job.dir.path().join("mount-probe");
+        std::fs::create_dir_all(&probe).unwrap();
+        let tmpfs = Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+            .arg(r#"mount -t tmpfs -o size=64k tmpfs "$0""#)
+            .arg(&probe)
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if !tmpfs {
+            return FullDisk::FileSizeLimit;
+        }
+        let checkpoints = job.out().join("checkpoints");
+        let mut used = 0;
+        let mut model = 0;
+        for entry in entries_in(&checkpoints) {
+            for file in std::fs::read_dir(checkpoints.join(&entry))
+                .unwrap()
+                .flatten()
+            {
+                let len = file.metadata().unwrap().len();
+                used += len.div_ceil(4096) * 4096 + 4096;
+                if file.file_name() == "model.safetensors" {
+                    model = len;
+                }
+            }
+            used += 4096;
+        }
+        assert!(model > 0, "a finished checkpoint has a model file");
+        FullDisk::Tmpfs {
+            size: (used + model / 2).div_ceil(4096) * 4096,
+            after: job.dir.path().join("checkpoints-after"),
+        }
+    }
+
+    /// What the test names in its output.
+    fn kind(&self) -> &'static str {
+        match self {
+            FullDisk::Tmpfs { .. } => "a tmpfs with room for less than a checkpoint (ENOSPC)",
+            FullDisk::FileSizeLimit => {
+                "no tmpfs in a user namespace here: a file-size limit below a model file (EFBIG)"
+            }
+        }
+    }
+
+    /// The error text of the failed write.
+    fn cause(&self) -> &'static str {
+        match self {
+            FullDisk::Tmpfs { .. } => "No space left on device",
+            FullDisk::FileSizeLimit => "File too large",
+        }
+    }
+
+    /// `quill learner --resume` of `job` on the full disk.
+    fn command(&self, job: &TestJob) -> Command {
+        let checkpoints = job.out().join("checkpoints");
+        let mut command = match self {
+            FullDisk::Tmpfs { size, after } => {
+                let mut command = Command::new("unshare");
+                command
+                    .args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+                    .arg(
+                        r#"ckpt="$0"; keep="$1.keep"; after="$1"; size="$2"; shift 2
+cp -a "$ckpt" "$keep" && mount -t tmpfs -o size="$size" tmpfs "$ckpt" && cp -a "$keep"/. "$ckpt"/ || exit 97
+"$@"; rc=$?
+cp -a "$ckpt" "$after" || exit 98
+exit $rc"#,
+                    )
+                    .arg(&checkpoints)
+                    .arg(after)
+                    .arg(size.to_string());
+                command
+            }
+            FullDisk::FileSizeLimit => {
+                let mut command = Command::new("sh");
+                command.args(["-c", r#"ulimit -f 2048; trap "" XFSZ; exec "$0" "$@""#]);
+                command
+            }
+        };
+        command
+            .arg(support::job::quill_bin())
+            .args(["learner", "--config"])
+            .arg(&job.config)
+            .arg("--token-file")
+            .arg(&job.token)
+            .args(["--threads", "1", "--resume"]);
+        command
+    }
+
+    /// Where the checkpoints are as the learner left them.
+    fn checkpoints_after(&self, job: &TestJob) -> PathBuf {
+        match self {
+            FullDisk::Tmpfs { after, .. } => after.clone(),
+            FullDisk::FileSizeLimit => job.out().join("checkpoints"),
+        }
+    }
 }
 
 /// A client that registers as an actor, leases prompts, names them in every heartbeat so
