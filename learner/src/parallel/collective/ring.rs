@@ -28,7 +28,8 @@ const NONCE_BYTES: usize = 16;
 const HELLO_BYTES: usize = 12;
 /// Bytes of a hello and its HMAC-SHA256 tag.
 const SIGNED_HELLO_BYTES: usize = HELLO_BYTES + 32;
-/// How long an accepted connection has to prove it is the previous rank.
+/// How long an accepted connection has to prove it is the previous rank, in all (its
+/// TLS handshake and its hello, however slowly the bytes come).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Who a connecting rank says it is.
@@ -140,9 +141,13 @@ impl Link {
         Ok(Link::Dialed(Box::new(link)))
     }
 
-    /// Accepts TLS on `stream` (a client certificate from the job CA required), or keeps
-    /// it plaintext without TLS.
-    fn accept(stream: TcpStream, transport: &Transport) -> std::result::Result<Self, String> {
+    /// Accepts TLS on `stream` (a client certificate from the job CA required) by
+    /// `deadline`, or keeps it plaintext without TLS.
+    fn accept(
+        stream: TcpStream,
+        transport: &Transport,
+        deadline: Instant,
+    ) -> std::result::Result<Self, String> {
         let Some(identity) = transport.tls() else {
             return Ok(Link::Plain(stream));
         };
@@ -150,11 +155,75 @@ impl Link {
             ServerConnection::new(identity.server_config()).map_err(|e| format!("TLS: {e}"))?;
         let mut link = StreamOwned::new(connection, stream);
         while link.conn.is_handshaking() {
+            let mut socket = ByDeadline {
+                socket: &link.sock,
+                deadline,
+            };
             link.conn
-                .complete_io(&mut link.sock)
+                .complete_io(&mut socket)
                 .map_err(|e| format!("TLS handshake: {e}"))?;
         }
         Ok(Link::Accepted(Box::new(link)))
+    }
+
+    /// Fills `buf` by `deadline`, however the bytes are spread over time.
+    fn read_exact_by(&mut self, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            self.set_timeout(time_left(deadline)?)?;
+            match self.read(&mut buf[filled..]) {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The time until `deadline`; a `TimedOut` error once it has passed.
+fn time_left(deadline: Instant) -> std::io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(std::io::Error::new(
+            ErrorKind::TimedOut,
+            "the handshake's time is up",
+        ));
+    }
+    Ok(left)
+}
+
+/// A socket whose every read and write must end by `deadline` (a whole handshake's), so
+/// a peer that trickles bytes cannot stretch it read by read.
+struct ByDeadline<'a> {
+    socket: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl ByDeadline<'_> {
+    fn arm(&self) -> std::io::Result<()> {
+        let left = time_left(self.deadline)?;
+        self.socket.set_read_timeout(Some(left))?;
+        self.socket.set_write_timeout(Some(left))
+    }
+}
+
+impl Read for ByDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        (&mut &*self.socket).read(buf)
+    }
+}
+
+impl Write for ByDeadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        (&mut &*self.socket).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        (&mut &*self.socket).flush()
     }
 }
 
@@ -187,7 +256,7 @@ impl Write for Link {
 }
 
 /// Challenges an accepted connection (after its TLS handshake, when TLS is on) and keeps
-/// it only if it proves to be `expected` within [`HANDSHAKE_TIMEOUT`] per read; why not
+/// it only if it proves to be `expected` within [`HANDSHAKE_TIMEOUT`] in all; why not
 /// otherwise.
 fn admit(
     stream: TcpStream,
@@ -197,14 +266,16 @@ fn admit(
     timeout: Duration,
 ) -> std::result::Result<Link, String> {
     let handshake = HANDSHAKE_TIMEOUT.min(timeout);
+    let deadline = Instant::now() + handshake;
     let stream = configure(stream, handshake).map_err(|e| e.to_string())?;
-    let mut link = Link::accept(stream, transport)?;
+    let mut link = Link::accept(stream, transport, deadline)?;
     let nonce: [u8; NONCE_BYTES] = rand::random();
-    link.write_all(&nonce)
+    link.set_timeout(time_left(deadline).map_err(|e| e.to_string())?)
+        .and_then(|()| link.write_all(&nonce))
         .and_then(|()| link.flush())
         .map_err(|e| e.to_string())?;
     let mut answer = [0u8; SIGNED_HELLO_BYTES];
-    link.read_exact(&mut answer)
+    link.read_exact_by(&mut answer, deadline)
         .map_err(|e| format!("no hello ({e})"))?;
     expected.check(&nonce, &answer, key)?;
     link.set_timeout(timeout).map_err(|e| e.to_string())?;
@@ -1042,6 +1113,23 @@ mod tests {
         let mut garbage = TcpStream::connect(&addresses[1]).unwrap();
         garbage.write_all(&[0x42; SIGNED_HELLO_BYTES]).unwrap();
         let _silent = TcpStream::connect(&addresses[1]).unwrap();
+        // Answers with a hello one byte a second: each read is within the handshake
+        // timeout, the whole would hold rank 1 for 44 s (beyond the ring's 10 s).
+        let trickler = {
+            let address = addresses[1].clone();
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(address).unwrap();
+                let nonce = read_nonce(&mut stream);
+                let started = Instant::now();
+                for byte in (Hello { rank: 0, world: 2 }).signed(&nonce, b"not-the-token") {
+                    std::thread::sleep(Duration::from_secs(1));
+                    if stream.write_all(&[byte]).is_err() {
+                        break;
+                    }
+                }
+                started.elapsed()
+            })
+        };
         let forger = {
             let address = addresses[1].clone();
             std::thread::spawn(move || {
@@ -1084,6 +1172,11 @@ mod tests {
         });
         assert_eq!(sums, vec![3.0, 3.0]);
         forger.join().unwrap();
+        let trickled = trickler.join().unwrap();
+        assert!(
+            trickled < HANDSHAKE_TIMEOUT + Duration::from_secs(4),
+            "the trickling peer was cut off after {trickled:?}"
+        );
         let hello = Hello { rank: 0, world: 2 };
         let nonce = [7u8; NONCE_BYTES];
         assert!(hello.check(&nonce, &hello.signed(&nonce, KEY), KEY).is_ok());
