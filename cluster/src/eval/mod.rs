@@ -1,0 +1,663 @@
+//! `quill eval`: generate answers to a prompt file (Arena-Write's records or any JSONL)
+//! with a local model or an OpenAI-compatible endpoint, and score them: LongBench-Write's
+//! length score, a judge's 1–10 critic score, and pairwise verdicts in both orders against
+//! the baseline's (and other models') answers, rated Bradley–Terry/Elo with bootstrap
+//! intervals. Per-sample results are appended to `OUT/samples.jsonl` as they finish, so a
+//! second run skips them; the summary goes to `OUT/results.json` and PNG charts.
+
+mod args;
+mod critic;
+mod endpoint;
+mod generation;
+mod length_score;
+mod pairwise;
+mod plot;
+mod prompts;
+mod rating;
+mod report;
+mod rubric;
+mod samples;
+
+pub use args::Args;
+
+use crate::cli::model_args::ModelArgs;
+use anyhow::{bail, Context};
+use critic::CriticResult;
+use endpoint::{reply_text, Endpoint, Retry};
+use generation::{answer_of, Generator, Sampling};
+use indicatif::{ProgressBar, ProgressStyle};
+use prompts::{Fields, Prompt};
+use quill_config::template::PromptTemplate;
+use quill_reward_worker::judge::verdict::verdict;
+use report::{ModelInfo, Results, Summary};
+use rubric::Rubric;
+use samples::{Comparison, SampleRecord, SampleStore};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// The shipped pairwise rubric (`configs/eval-pairwise.txt`).
+const DEFAULT_PAIRWISE: &str = include_str!("../../../configs/eval-pairwise.txt");
+/// The shipped critic criteria (`configs/eval-critic.txt`).
+const DEFAULT_CRITIC: &str = include_str!("../../../configs/eval-critic.txt");
+/// The slots of a pairwise rubric, in fill order.
+const PAIRWISE_SLOTS: &[&str] = &["{question}", "{answer_a}", "{answer_b}"];
+/// The opponent name of the prompt file's baseline answers.
+const BASELINE: &str = "baseline";
+
+/// Where a model's answers come from.
+enum Source {
+    /// A local model folder, or `default`.
+    Local(String),
+    /// `--endpoint`.
+    Remote,
+}
+
+/// One model to evaluate.
+struct ModelSpec {
+    info: ModelInfo,
+    source: Source,
+}
+
+/// The judge and its templates.
+struct Judging {
+    endpoint: Endpoint,
+    critic: Option<Rubric>,
+    pairwise: Option<Rubric>,
+    max_tokens: usize,
+    temperature: f64,
+}
+
+/// What every sample's task reads.
+struct Shared {
+    judging: Option<Judging>,
+    compare: Vec<(String, HashMap<String, String>)>,
+}
+
+/// Runs `quill eval`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    check_flags(&args)?;
+    let fields = Fields {
+        question: &args.question_field,
+        id: &args.id_field,
+        length: &args.length_field,
+        kind: &args.type_field,
+        baseline: &args.baseline_field,
+    };
+    let prompts = prompts::read_prompts(&args.prompts, &fields, args.limit)?;
+    let models = model_specs(&args)?;
+    let retry = Retry {
+        timeout: Duration::from_secs_f64(args.timeout_s),
+        retries: args.retries,
+        backoff: Duration::from_secs_f64(args.backoff_s),
+    };
+    let shared = Arc::new(Shared {
+        judging: judging(&args, retry)?,
+        compare: compare_files(&args)?,
+    });
+    let mut opponents = Vec::new();
+    if prompts.iter().any(|p| p.baseline.is_some()) {
+        opponents.push(BASELINE.to_owned());
+    }
+    opponents.extend(shared.compare.iter().map(|(name, _)| name.clone()));
+    let template = match &args.job {
+        Some(path) => {
+            quill_config::JobConfig::from_file(path)
+                .with_context(|| format!("--job {}", path.display()))?
+                .template
+        }
+        None => PromptTemplate::default(),
+    };
+    let sampling = Sampling {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("--out {}: creating the folder", args.out.display()))?;
+    let samples_path = args.out.join("samples.jsonl");
+    let mut store = SampleStore::open(&samples_path)?;
+    let todo: Vec<Vec<Prompt>> = models
+        .iter()
+        .map(|m| {
+            prompts
+                .iter()
+                .filter(|p| !store.has(&m.info.name, &p.id))
+                .cloned()
+                .collect()
+        })
+        .collect();
+    let total: usize = todo.iter().map(Vec::len).sum();
+    let already = prompts.len() * models.len() - total;
+    if already > 0 {
+        eprintln!(
+            "{already} samples already done in {}; {total} to go",
+            samples_path.display()
+        );
+    }
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} samples  {msg}",
+        )
+        .expect("valid template"),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let evaluated = (|| {
+        for (model, todo) in models.iter().zip(todo) {
+            if todo.is_empty() {
+                continue;
+            }
+            bar.set_message(format!("model {}", model.info.name));
+            let generator = Arc::new(match &model.source {
+                Source::Local(path) => Generator::local(
+                    ModelArgs {
+                        model: path.clone(),
+                        device: args.device.clone(),
+                        dtype: args.dtype.clone(),
+                        threads: args.threads,
+                    },
+                    template.clone(),
+                    sampling,
+                    args.batch_size,
+                    args.concurrency,
+                )?,
+                Source::Remote => Generator::Remote {
+                    endpoint: Endpoint::new(
+                        "--endpoint",
+                        args.endpoint
+                            .as_deref()
+                            .expect("a remote model has --endpoint"),
+                        &model.info.name,
+                        args.endpoint_api_key_env.as_deref(),
+                        retry,
+                    )?,
+                    sampling,
+                },
+            });
+            runtime.block_on(evaluate_model(
+                &model.info.name,
+                todo,
+                generator,
+                Arc::clone(&shared),
+                &mut store,
+                &bar,
+                args.concurrency,
+            ))?;
+        }
+        anyhow::Ok(())
+    })();
+    bar.finish_and_clear();
+    runtime.shutdown_background();
+    evaluated.with_context(|| {
+        format!(
+            "finished samples are kept in {}: run the same command again to continue",
+            samples_path.display()
+        )
+    })?;
+    let infos: Vec<ModelInfo> = models.iter().map(|m| m.info.clone()).collect();
+    let per_model: Vec<Vec<&SampleRecord>> = infos
+        .iter()
+        .map(|m| {
+            prompts
+                .iter()
+                .filter_map(|p| store.get(&m.name, &p.id))
+                .collect()
+        })
+        .collect();
+    let summary = report::summarise(
+        &infos,
+        &per_model,
+        &opponents,
+        args.bootstrap,
+        args.bootstrap_seed,
+    );
+    write_results(&args.out, &summary, &per_model)?;
+    print_summary(&summary);
+    crate::plot::register_embedded_font()?;
+    for (m, records) in summary.models.iter().zip(&per_model) {
+        let file = if infos.len() == 1 {
+            "summary.png".to_owned()
+        } else {
+            format!("summary-{}.png", file_safe(&m.model))
+        };
+        let path = args.out.join(file);
+        plot::draw_summary(&path, m, records)?;
+        println!("wrote {}", path.display());
+    }
+    if infos.len() > 1 {
+        let path = args.out.join("series.png");
+        plot::draw_series(&path, &summary.models, summary.anchor.as_deref())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Checks the numeric flags.
+fn check_flags(args: &Args) -> anyhow::Result<()> {
+    if args.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    if !(args.temperature.is_finite() && args.temperature >= 0.0) {
+        bail!("--temperature must be 0 or more, got {}", args.temperature);
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", args.top_p);
+    }
+    if !(args.timeout_s.is_finite() && args.timeout_s > 0.0) {
+        bail!("--timeout-s must be above 0, got {}", args.timeout_s);
+    }
+    if !(args.backoff_s.is_finite() && args.backoff_s >= 0.0) {
+        bail!("--backoff-s must be 0 or more, got {}", args.backoff_s);
+    }
+    if args.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    if args.judge_endpoint.is_none() {
+        for (given, flag) in [
+            (args.pairwise_template.is_some(), "--pairwise-template"),
+            (args.critic_template.is_some(), "--critic-template"),
+            (!args.compare.is_empty(), "--compare"),
+        ] {
+            if given {
+                bail!("{flag} needs --judge-endpoint");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The step of a model named `step-N`.
+fn step_of(name: &str) -> Option<u64> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
+/// A model name as a file name.
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The models to evaluate, from --endpoint, --model and --checkpoints.
+fn model_specs(args: &Args) -> anyhow::Result<Vec<ModelSpec>> {
+    if let Some(name) = &args.endpoint_model {
+        if !args.model.is_empty() || args.checkpoints.is_some() {
+            bail!("--endpoint generates with a remote model: give --endpoint or --model/--checkpoints, not both");
+        }
+        return Ok(vec![ModelSpec {
+            info: ModelInfo {
+                name: name.clone(),
+                step: step_of(name),
+            },
+            source: Source::Remote,
+        }]);
+    }
+    let mut paths = args.model.clone();
+    if let Some(dir) = &args.checkpoints {
+        let entries =
+            std::fs::read_dir(dir).with_context(|| format!("--checkpoints {}", dir.display()))?;
+        let mut steps: Vec<(u64, PathBuf)> = Vec::new();
+        for entry in entries {
+            let path = entry
+                .with_context(|| format!("--checkpoints {}", dir.display()))?
+                .path();
+            let step = path.file_name().and_then(|n| step_of(&n.to_string_lossy()));
+            if let (Some(step), true) = (step, path.is_dir()) {
+                steps.push((step, path));
+            }
+        }
+        if steps.is_empty() {
+            bail!("--checkpoints {}: no step-N folders in it", dir.display());
+        }
+        steps.sort();
+        paths.extend(steps.into_iter().map(|(_, p)| p.display().to_string()));
+    }
+    if paths.is_empty() {
+        paths.push("default".to_owned());
+    }
+    let mut specs: Vec<ModelSpec> = Vec::new();
+    for path in paths {
+        let name = if path == "default" {
+            path.clone()
+        } else {
+            if !Path::new(&path).is_dir() {
+                bail!("--model {path}: no such model folder");
+            }
+            Path::new(&path)
+                .file_name()
+                .map_or(path.clone(), |n| n.to_string_lossy().into_owned())
+        };
+        if specs.iter().any(|s| s.info.name == name) {
+            bail!("--model {path}: another model is also named `{name}`; give distinct folders");
+        }
+        specs.push(ModelSpec {
+            info: ModelInfo {
+                step: step_of(&name),
+                name,
+            },
+            source: Source::Local(path),
+        });
+    }
+    Ok(specs)
+}
+
+/// The judge, when --judge-endpoint is given.
+fn judging(args: &Args, retry: Retry) -> anyhow::Result<Option<Judging>> {
+    let Some(url) = &args.judge_endpoint else {
+        return Ok(None);
+    };
+    let critic = (!args.no_critic)
+        .then(|| {
+            Rubric::load(
+                args.critic_template.as_deref(),
+                DEFAULT_CRITIC,
+                critic::SLOTS,
+                "--critic-template",
+            )
+        })
+        .transpose()?;
+    let pairwise = (!args.no_pairwise)
+        .then(|| {
+            Rubric::load(
+                args.pairwise_template.as_deref(),
+                DEFAULT_PAIRWISE,
+                PAIRWISE_SLOTS,
+                "--pairwise-template",
+            )
+        })
+        .transpose()?;
+    Ok(Some(Judging {
+        endpoint: Endpoint::new(
+            "--judge-endpoint",
+            url,
+            &args.judge_model,
+            args.judge_api_key_env.as_deref(),
+            retry,
+        )?,
+        critic,
+        pairwise,
+        max_tokens: args.judge_max_tokens,
+        temperature: args.judge_temperature,
+    }))
+}
+
+/// The --compare files, by name.
+fn compare_files(args: &Args) -> anyhow::Result<Vec<(String, HashMap<String, String>)>> {
+    let mut files: Vec<(String, HashMap<String, String>)> = Vec::new();
+    for spec in &args.compare {
+        let Some((name, file)) = spec.split_once('=') else {
+            bail!("--compare {spec}: expected NAME=FILE");
+        };
+        let name = name.trim();
+        if name.is_empty() || name == BASELINE || files.iter().any(|(n, _)| n == name) {
+            bail!("--compare {spec}: the name must be new, not empty and not `{BASELINE}`");
+        }
+        let answers = prompts::read_answers(
+            Path::new(file),
+            &args.id_field,
+            &format!("--compare {spec}"),
+        )?;
+        files.push((name.to_owned(), answers));
+    }
+    Ok(files)
+}
+
+/// Evaluates `todo` with one model, appending each record as it finishes; the first
+/// failure stops the rest.
+async fn evaluate_model(
+    model: &str,
+    todo: Vec<Prompt>,
+    generator: Arc<Generator>,
+    shared: Arc<Shared>,
+    store: &mut SampleStore,
+    bar: &ProgressBar,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let limit = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = JoinSet::new();
+    for prompt in todo {
+        let (generator, shared, limit) = (
+            Arc::clone(&generator),
+            Arc::clone(&shared),
+            Arc::clone(&limit),
+        );
+        let model = model.to_owned();
+        tasks.spawn(async move {
+            let _permit = limit.acquire_owned().await?;
+            evaluate_one(&model, &prompt, &generator, &shared).await
+        });
+    }
+    let (mut unparsable_verdicts, mut unparsable_scores) = (0, 0);
+    while let Some(joined) = tasks.join_next().await {
+        let record = joined??;
+        unparsable_verdicts += record.pairwise.iter().map(|c| c.unparsable).sum::<usize>();
+        unparsable_scores += usize::from(record.critic.as_ref().is_some_and(|c| c.score.is_none()));
+        store.append(record)?;
+        bar.inc(1);
+        if unparsable_verdicts + unparsable_scores > 0 {
+            bar.set_message(format!(
+                "model {model}: {unparsable_verdicts} unreadable verdicts, {unparsable_scores} unreadable scores"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Generates and scores one answer.
+async fn evaluate_one(
+    model: &str,
+    prompt: &Prompt,
+    generator: &Generator,
+    shared: &Shared,
+) -> anyhow::Result<SampleRecord> {
+    let generated = generator.generate(prompt).await?;
+    let answer = answer_of(&generated.response);
+    let output_length = quill_reward::count_words(&answer);
+    let length_score = prompt
+        .length
+        .map(|required| length_score::length_score(required, output_length as f64));
+    let (mut critic, mut pairwise) = (None, Vec::new());
+    if let Some(judging) = &shared.judging {
+        if let Some(rubric) = &judging.critic {
+            critic = Some(judging.critic(rubric, &prompt.question, &answer).await?);
+        }
+        if let Some(rubric) = &judging.pairwise {
+            let opponents = prompt
+                .baseline
+                .as_deref()
+                .map(|b| (BASELINE, b))
+                .into_iter()
+                .chain(shared.compare.iter().filter_map(|(name, answers)| {
+                    Some((name.as_str(), answers.get(&prompt.id)?.as_str()))
+                }));
+            for (opponent, other) in opponents {
+                pairwise.push(
+                    judging
+                        .compare(rubric, &prompt.question, &answer, other, opponent)
+                        .await?,
+                );
+            }
+        }
+    }
+    Ok(SampleRecord {
+        model: model.to_owned(),
+        id: prompt.id.clone(),
+        idx: prompt.id_value.clone(),
+        kind: prompt.kind.clone(),
+        question: prompt.question.clone(),
+        required_length: prompt.length,
+        output_length,
+        length_score,
+        response: generated.response,
+        answer,
+        finish_reason: generated.finish_reason,
+        critic,
+        pairwise,
+    })
+}
+
+impl Judging {
+    fn body(&self, content: &str) -> Value {
+        self.endpoint.body(
+            content,
+            json!({"max_tokens": self.max_tokens, "temperature": self.temperature}),
+        )
+    }
+
+    /// The critic's score of `answer`.
+    async fn critic(
+        &self,
+        rubric: &Rubric,
+        question: &str,
+        answer: &str,
+    ) -> anyhow::Result<CriticResult> {
+        let body = self.body(&rubric.fill(&[question, answer]));
+        let reply = self
+            .endpoint
+            .ask(&body, |r| critic::parse_score(&reply_text(r)?))
+            .await?;
+        Ok(match reply {
+            Ok(score) => CriticResult {
+                score: Some(score),
+                unparsable: None,
+            },
+            Err(reason) => CriticResult {
+                score: None,
+                unparsable: Some(reason),
+            },
+        })
+    }
+
+    /// `answer` against `other`, in both orders at once.
+    async fn compare(
+        &self,
+        rubric: &Rubric,
+        question: &str,
+        answer: &str,
+        other: &str,
+        opponent: &str,
+    ) -> anyhow::Result<Comparison> {
+        let first = self.body(&rubric.fill(&[question, answer, other]));
+        let second = self.body(&rubric.fill(&[question, other, answer]));
+        let read = |r: &Value| verdict(&reply_text(r)?);
+        let (first, second) = tokio::try_join!(
+            self.endpoint.ask(&first, read),
+            self.endpoint.ask(&second, read)
+        )?;
+        let name = |v: &Result<_, String>| {
+            v.as_ref()
+                .ok()
+                .map(|&v| pairwise::verdict_name(v).to_owned())
+        };
+        Ok(Comparison {
+            opponent: opponent.to_owned(),
+            verdicts: [name(&first), name(&second)],
+            outcome: pairwise::combine(
+                first
+                    .as_ref()
+                    .ok()
+                    .map(|&v| pairwise::order_outcome(v, true)),
+                second
+                    .as_ref()
+                    .ok()
+                    .map(|&v| pairwise::order_outcome(v, false)),
+            ),
+            unparsable: usize::from(first.is_err()) + usize::from(second.is_err()),
+        })
+    }
+}
+
+/// Writes `OUT/results.json` through a temporary file.
+fn write_results(
+    out: &Path,
+    summary: &Summary,
+    per_model: &[Vec<&SampleRecord>],
+) -> anyhow::Result<()> {
+    let results = Results {
+        summary: summary.clone(),
+        samples: per_model.iter().flatten().copied().collect(),
+    };
+    let path = out.join("results.json");
+    let temporary = out.join("results.json.tmp");
+    std::fs::write(&temporary, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::rename(&temporary, &path).with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Prints each model's scores, the ratings and the notes.
+fn print_summary(summary: &Summary) {
+    let number =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+    for m in &summary.models {
+        println!(
+            "{}: {} samples, length score {} ({} scored), critic score {} ({} scored, {} unreadable), mean answer length {:.0} words",
+            m.model,
+            m.samples,
+            number(m.length_score, 1),
+            m.length_scored,
+            number(m.critic_score, 2),
+            m.critic_scored,
+            m.critic_unparsable,
+            m.output_length_mean
+        );
+        let mut kinds: Vec<&String> = m
+            .length_score_by_type
+            .keys()
+            .chain(m.critic_score_by_type.keys())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        for kind in kinds {
+            println!(
+                "  type {kind}: length score {}, critic score {}",
+                number(m.length_score_by_type.get(kind).copied(), 1),
+                number(m.critic_score_by_type.get(kind).copied(), 2)
+            );
+        }
+        for (opponent, t) in &m.pairwise {
+            println!(
+                "  vs {opponent}: {} wins, {} ties, {} losses, {} undecided (win rate {}; {} unreadable verdicts)",
+                t.win,
+                t.tie,
+                t.loss,
+                t.undecided,
+                number(t.win_rate(), 3),
+                t.unparsable_verdicts
+            );
+        }
+    }
+    if let Some(anchor) = &summary.anchor {
+        println!(
+            "Elo (Bradley–Terry, {anchor} = 1000, 95% bootstrap intervals over {} rounds):",
+            summary.bootstrap
+        );
+        for r in &summary.ratings {
+            let ci =
+                r.ci.map_or(String::new(), |[lo, hi]| format!(" [{lo:.0}, {hi:.0}]"));
+            println!("  {}: {:.0}{ci}", r.player, r.elo);
+        }
+    }
+    for note in &summary.notes {
+        println!("note: {note}");
+    }
+}
