@@ -53,7 +53,7 @@ enum Command {
     Certs(cli::certs::Args),
     /// Evaluate a model (or a checkpoint series) on writing prompts: length score,
     /// critic score and pairwise Elo against a baseline, resumable.
-    Eval(eval::Args),
+    Eval(Box<eval::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +79,6 @@ fn main() -> anyhow::Result<()> {
         Command::Data(command) => cli::data::run(command),
         Command::Certs(args) => cli::certs::run(args),
         Command::Serve(args) => serve::run(args),
-        Command::Eval(args) => eval::run(args),
+        Command::Eval(args) => eval::run(*args),
     }
 }

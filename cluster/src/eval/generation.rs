@@ -36,8 +36,8 @@ pub struct Generated {
 pub enum Generator {
     /// A model on quill's engine thread.
     Local {
-        /// The engine.
-        engine: EngineHandle,
+        /// The engine (boxed: its handle holds the tokenizer).
+        engine: Box<EngineHandle>,
         /// Wraps each question.
         template: PromptTemplate,
         /// How to sample.
@@ -45,8 +45,8 @@ pub enum Generator {
     },
     /// An OpenAI-compatible endpoint.
     Remote {
-        /// The endpoint.
-        endpoint: Endpoint,
+        /// The endpoint (boxed: its HTTP client is large).
+        endpoint: Box<Endpoint>,
         /// How to sample.
         sampling: Sampling,
     },
@@ -71,7 +71,7 @@ impl Generator {
         let engine = EngineHandle::spawn(move || model.load_quill(), config)
             .with_context(|| format!("--model {name}: loading the model"))?;
         Ok(Generator::Local {
-            engine,
+            engine: Box::new(engine),
             template,
             sampling,
         })

@@ -171,7 +171,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     args.concurrency,
                 )?,
                 Source::Remote => Generator::Remote {
-                    endpoint: Endpoint::new(
+                    endpoint: Box::new(Endpoint::new(
                         "--endpoint",
                         args.endpoint
                             .as_deref()
@@ -179,7 +179,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         &model.info.name,
                         args.endpoint_api_key_env.as_deref(),
                         retry,
-                    )?,
+                    )?),
                     sampling,
                 },
             });

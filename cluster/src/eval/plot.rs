@@ -75,6 +75,9 @@ fn draw_bars(area: &Area<'_>, summary: &ModelSummary) -> anyhow::Result<()> {
         .axis_desc_style((FONT, 16))
         .draw()?;
     for (s, (label, values, scale)) in series.iter().enumerate() {
+        if values.is_empty() {
+            continue;
+        }
         let color = COLORS[s % COLORS.len()];
         let offset = -0.35 + 0.35 * s as f64;
         chart

@@ -97,11 +97,10 @@ fn reachable(players: usize, from: usize, edge: impl Fn(usize, usize) -> bool) -
     seen[from] = true;
     let mut queue = VecDeque::from([from]);
     while let Some(i) = queue.pop_front() {
-        for j in 0..players {
-            if !seen[j] && edge(i, j) {
-                seen[j] = true;
-                queue.push_back(j);
-            }
+        let next: Vec<usize> = (0..players).filter(|&j| !seen[j] && edge(i, j)).collect();
+        for j in next {
+            seen[j] = true;
+            queue.push_back(j);
         }
     }
     seen
@@ -237,8 +236,8 @@ mod tests {
         let ci = bootstrap(3, 0, &groups, 500, 7);
         assert_eq!(ci, bootstrap(3, 0, &groups, 500, 7));
         assert_ne!(ci, bootstrap(3, 0, &groups, 500, 8));
-        for p in 1..3 {
-            let (lo, hi) = ci[p].unwrap();
+        for (p, interval) in ci.iter().enumerate().skip(1) {
+            let (lo, hi) = interval.unwrap();
             let r = rating(&point, p);
             assert!(lo < r && r < hi, "player {p}: {r} not in [{lo}, {hi}]");
         }
