@@ -350,6 +350,19 @@ fn known_scores_verdicts_and_elo_from_a_scripted_endpoint_and_a_resume_that_redo
     assert_eq!(after.lines().count(), 5);
     assert!(after.starts_with(&(kept.join("\n") + "\n")));
     assert_eq!(results_summary(&out), results_summary_of(summary));
+
+    // Other settings into the same folder would mix results: refused, naming them.
+    let mut other = args.clone();
+    other.extend(["--judge-model".into(), "another".into()]);
+    let output = run(&other);
+    assert!(!output.status.success());
+    let error = stderr(&output);
+    assert!(
+        error.contains("other settings")
+            && error.contains("judge_model: \"default\" → \"another\""),
+        "{error}"
+    );
+    assert_eq!(server.generations(), 7);
 }
 
 fn results_summary(out: &Path) -> Value {

@@ -17,6 +17,7 @@ mod rating;
 mod report;
 mod rubric;
 mod samples;
+mod settings;
 
 pub use args::Args;
 
@@ -120,6 +121,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("--out {}: creating the folder", args.out.display()))?;
+    settings::check_or_write(
+        &args.out.join("run.json"),
+        &run_settings(&args, &template, shared.judging.as_ref())?,
+    )?;
     let samples_path = args.out.join("samples.jsonl");
     let mut store = SampleStore::open(&samples_path)?;
     let todo: Vec<Vec<Prompt>> = models
@@ -239,6 +244,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The settings the per-sample results depend on (see [`settings`]).
+fn run_settings(
+    args: &Args,
+    template: &PromptTemplate,
+    judging: Option<&Judging>,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let prompts = std::fs::canonicalize(&args.prompts)
+        .with_context(|| format!("--prompts {}", args.prompts.display()))?;
+    let rubric = |r: Option<&Rubric>| r.map(|r| r.text().to_owned());
+    let settings = json!({
+        "prompts": prompts,
+        "fields": [&args.question_field, &args.id_field, &args.length_field,
+                   &args.type_field, &args.baseline_field],
+        "endpoint": args.endpoint,
+        "template": [template.render("Q"), template.render("问")],
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "judge_endpoint": args.judge_endpoint,
+        "judge_model": args.judge_model,
+        "critic_template": rubric(judging.and_then(|j| j.critic.as_ref())),
+        "pairwise_template": rubric(judging.and_then(|j| j.pairwise.as_ref())),
+        "judge_max_tokens": args.judge_max_tokens,
+        "judge_temperature": args.judge_temperature,
+        "compare": args.compare,
+    });
+    Ok(settings.as_object().expect("an object").clone())
 }
 
 /// Checks the numeric flags.

@@ -38,6 +38,11 @@ impl Rubric {
         Ok(Rubric { text, slots })
     }
 
+    /// The template as read.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     /// The template with each slot replaced by its value (`values` in slot order).
     pub fn fill(&self, values: &[&str]) -> String {
         debug_assert_eq!(values.len(), self.slots.len());
