@@ -203,7 +203,7 @@ fn run(args: &[String]) -> Output {
     quill(&args)
 }
 
-fn results(out: &Path) -> Value {
+fn read_results(out: &Path) -> Value {
     let text = std::fs::read_to_string(out.join("results.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
@@ -232,7 +232,7 @@ fn known_scores_verdicts_and_elo_from_a_scripted_endpoint_and_a_resume_that_redo
     let output = run(&args);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(server.generations(), 5);
-    let results = results(&out);
+    let results = read_results(&out);
     let samples = results["samples"].as_array().unwrap();
     assert_eq!(samples.len(), 5);
     let by_id = |id: &str| samples.iter().find(|s| s["id"] == id).unwrap();
@@ -363,10 +363,41 @@ fn known_scores_verdicts_and_elo_from_a_scripted_endpoint_and_a_resume_that_redo
         "{error}"
     );
     assert_eq!(server.generations(), 7);
+
+    // Against another model's answers (this run's, so every decided verdict is a tie):
+    // that model is rated, level with this one.
+    let versus = dir.path().join("versus");
+    let mut compare = eval_args(&prompts, &versus, &url);
+    let previous = format!("previous={}", out.join("samples.jsonl").display());
+    compare.extend(["--compare".into(), previous, "--no-critic".into()]);
+    let output = run(&compare);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let versus_results = read_results(&versus);
+    let summary = &versus_results["summary"];
+    let model = &summary["models"][0];
+    assert_eq!(
+        model["pairwise"]["previous"],
+        json!({"win": 0, "tie": 4, "loss": 0, "undecided": 1, "unparsable_verdicts": 2})
+    );
+    assert_eq!(model["pairwise"]["baseline"]["win"], 1);
+    let previous = summary["ratings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["player"] == "previous")
+        .unwrap();
+    assert!(
+        close(&previous["elo"], model["elo"].as_f64().unwrap()),
+        "{summary}"
+    );
+    assert!(
+        close(&model["elo"], 1000.0 + 400.0 * 2f64.log10()),
+        "{summary}"
+    );
 }
 
 fn results_summary(out: &Path) -> Value {
-    results_summary_of(&results(out)["summary"])
+    results_summary_of(&read_results(out)["summary"])
 }
 
 /// The summary without the fields a rerun may order differently.
@@ -410,7 +441,7 @@ fn a_killed_run_continues_where_it_stopped_and_a_refusing_judge_loses_nothing() 
         5 - done,
         "only the missing samples are redone"
     );
-    let results = results(&out);
+    let results = read_results(&out);
     let mut ids: Vec<String> = results["samples"]
         .as_array()
         .unwrap()
@@ -521,7 +552,7 @@ fn quill_serve_as_generator_and_judge_with_unreadable_verdicts_counted() {
         stderr(&output),
         server.log()
     );
-    let results = results(&out);
+    let results = read_results(&out);
     let samples = results["samples"].as_array().unwrap();
     assert_eq!(samples.len(), 3);
     let (mut unreadable, mut critic_unreadable) = (0, 0);
@@ -622,7 +653,7 @@ fn a_checkpoint_series_on_the_local_engine_draws_its_charts() {
         "1",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let results = results(&out);
+    let results = read_results(&out);
     let models = results["summary"]["models"].as_array().unwrap();
     let steps: Vec<&Value> = models.iter().map(|m| &m["step"]).collect();
     assert_eq!(steps, [&json!(10), &json!(20)]);

@@ -111,8 +111,8 @@ pub struct Args {
     #[arg(long)]
     pub no_critic: bool,
     /// Another model's answers to judge against, as NAME=FILE: a JSONL file with the id
-    /// field and `answer` or `response` per line (another `quill eval`'s samples.jsonl
-    /// works). Repeat for several.
+    /// field and `answer` or `response` per line (the samples.jsonl of another
+    /// `quill eval` of one model works). Repeat for several.
     #[arg(long = "compare", value_name = "NAME=FILE")]
     pub compare: Vec<String>,
     /// Most tokens of a judge reply.

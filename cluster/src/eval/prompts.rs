@@ -169,6 +169,7 @@ pub fn read_answers(
     what: &str,
 ) -> anyhow::Result<HashMap<String, String>> {
     let mut answers = HashMap::new();
+    let mut lines: HashMap<String, usize> = HashMap::new();
     for (line, record) in read_objects(path, what)? {
         let id = record.get(id_field).and_then(id_text).with_context(|| {
             format!(
@@ -181,6 +182,9 @@ pub fn read_answers(
             .with_context(|| {
                 format!("{what} line {line}: no string field `answer` or `response`")
             })?;
+        if let Some(first) = lines.insert(id.clone(), line) {
+            bail!("{what} line {line}: the id {id} is also on line {first} (one model's answers per file)");
+        }
         answers.insert(id, answer.to_owned());
     }
     if answers.is_empty() {
@@ -248,6 +252,30 @@ mod tests {
         }
         let e = error(&format!("{good}\n{good}\n"));
         assert!(e.contains("line 2") && e.contains("also on line 1"), "{e}");
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            "{\"idx\": 1, \"answer\": \"a\"}\n{\"idx\": 1, \"response\": \"b\"}\n",
+        )
+        .unwrap();
+        let e = read_answers(file.path(), "idx", "--compare x=F")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--compare x=F line 2") && e.contains("also on line 1"),
+            "{e}"
+        );
+        std::fs::write(file.path(), "{\"idx\": 1, \"text\": \"a\"}\n").unwrap();
+        let e = read_answers(file.path(), "idx", "--compare x=F")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 1") && e.contains("`answer` or `response`"),
+            "{e}"
+        );
+        std::fs::write(file.path(), "{\"idx\": 2, \"response\": \"b\"}\n").unwrap();
+        let answers = read_answers(file.path(), "idx", "--compare x=F").unwrap();
+        assert_eq!(answers["2"], "b");
         let e = error("\n\n");
         assert!(e.contains("no prompts"), "{e}");
         let e = format!(
