@@ -617,7 +617,8 @@ fn quill_serve_as_generator_and_judge_with_unreadable_verdicts_counted() {
 fn a_checkpoint_series_on_the_local_engine_draws_its_charts() {
     let dir = tempfile::tempdir().unwrap();
     let checkpoints = dir.path().join("checkpoints");
-    for step in ["step-20", "step-10"] {
+    // The learner's names (zero-padded) and a half-written one it would leave behind.
+    for step in ["step-00000020", "step-10", "step-00000030.tmp-1-1"] {
         let o = quill(&[
             "init-model",
             "--out",
@@ -666,7 +667,12 @@ fn a_checkpoint_series_on_the_local_engine_draws_its_charts() {
     assert_eq!(models[0]["length_scored"], 1);
     // Same weights, greedy: the same answers at both steps.
     assert_eq!(samples[0]["response"], samples[2]["response"]);
-    for png in ["summary-step-10.png", "summary-step-20.png", "series.png"] {
+    assert_eq!(models[1]["model"], "step-00000020");
+    for png in [
+        "summary-step-10.png",
+        "summary-step-00000020.png",
+        "series.png",
+    ] {
         assert_eq!(png_size(&out.join(png)), (1400, 700), "{png}");
     }
 }
