@@ -9,7 +9,9 @@ mod args;
 mod critic;
 mod endpoint;
 mod generation;
+mod judge;
 mod length_score;
+mod models;
 mod pairwise;
 mod plot;
 mod prompts;
@@ -23,59 +25,28 @@ pub use args::Args;
 
 use crate::cli::model_args::ModelArgs;
 use anyhow::{bail, Context};
-use critic::CriticResult;
-use endpoint::{reply_text, Endpoint, Retry};
+use endpoint::{Endpoint, Retry};
 use generation::{answer_of, Generator, Sampling};
 use indicatif::{ProgressBar, ProgressStyle};
 use prompts::{Fields, Prompt};
 use quill_config::template::PromptTemplate;
-use quill_reward_worker::judge::verdict::verdict;
-use report::{ModelInfo, Results, Summary};
+use report::ModelInfo;
 use rubric::Rubric;
-use samples::{Comparison, SampleRecord, SampleStore};
+use samples::{SampleRecord, SampleStore};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-/// The shipped pairwise rubric (`configs/eval-pairwise.txt`).
-const DEFAULT_PAIRWISE: &str = include_str!("../../../configs/eval-pairwise.txt");
-/// The shipped critic criteria (`configs/eval-critic.txt`).
-const DEFAULT_CRITIC: &str = include_str!("../../../configs/eval-critic.txt");
-/// The slots of a pairwise rubric, in fill order.
-const PAIRWISE_SLOTS: &[&str] = &["{question}", "{answer_a}", "{answer_b}"];
 /// The opponent name of the prompt file's baseline answers.
 const BASELINE: &str = "baseline";
 
-/// Where a model's answers come from.
-enum Source {
-    /// A local model folder, or `default`.
-    Local(String),
-    /// `--endpoint`.
-    Remote,
-}
-
-/// One model to evaluate.
-struct ModelSpec {
-    info: ModelInfo,
-    source: Source,
-}
-
-/// The judge and its templates.
-struct Judging {
-    endpoint: Endpoint,
-    critic: Option<Rubric>,
-    pairwise: Option<Rubric>,
-    max_tokens: usize,
-    temperature: f64,
-}
-
 /// What every sample's task reads.
 struct Shared {
-    judging: Option<Judging>,
+    judging: Option<judge::Judging>,
     compare: Vec<(String, HashMap<String, String>)>,
 }
 
@@ -90,14 +61,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         baseline: &args.baseline_field,
     };
     let prompts = prompts::read_prompts(&args.prompts, &fields, args.limit)?;
-    let models = model_specs(&args)?;
+    let models = models::model_specs(&args)?;
     let retry = Retry {
         timeout: Duration::from_secs_f64(args.timeout_s),
         retries: args.retries,
         backoff: Duration::from_secs_f64(args.backoff_s),
     };
     let shared = Arc::new(Shared {
-        judging: judging(&args, retry)?,
+        judging: judge::from_args(&args, retry)?,
         compare: compare_files(&args)?,
     });
     let mut opponents = Vec::new();
@@ -163,7 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             bar.set_message(format!("model {}", model.info.name));
             let generator = Arc::new(match &model.source {
-                Source::Local(path) => Generator::local(
+                models::Source::Local(path) => Generator::local(
                     ModelArgs {
                         model: path.clone(),
                         device: args.device.clone(),
@@ -175,7 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     args.batch_size,
                     args.concurrency,
                 )?,
-                Source::Remote => Generator::Remote {
+                models::Source::Remote => Generator::Remote {
                     endpoint: Box::new(Endpoint::new(
                         "--endpoint",
                         args.endpoint
@@ -225,8 +196,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.bootstrap,
         args.bootstrap_seed,
     );
-    write_results(&args.out, &summary, &per_model)?;
-    print_summary(&summary);
+    report::write(&args.out, &summary, &per_model)?;
+    report::print(&summary);
     crate::plot::register_embedded_font()?;
     for (m, records) in summary.models.iter().zip(&per_model) {
         let file = if infos.len() == 1 {
@@ -250,7 +221,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn run_settings(
     args: &Args,
     template: &PromptTemplate,
-    judging: Option<&Judging>,
+    judging: Option<&judge::Judging>,
 ) -> anyhow::Result<serde_json::Map<String, Value>> {
     let prompts = std::fs::canonicalize(&args.prompts)
         .with_context(|| format!("--prompts {}", args.prompts.display()))?;
@@ -313,11 +284,6 @@ fn check_flags(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The step of a model named `step-N`.
-fn step_of(name: &str) -> Option<u64> {
-    name.strip_prefix("step-")?.parse().ok()
-}
-
 /// A model name as a file name.
 fn file_safe(name: &str) -> String {
     name.chars()
@@ -329,109 +295,6 @@ fn file_safe(name: &str) -> String {
             }
         })
         .collect()
-}
-
-/// The models to evaluate, from --endpoint, --model and --checkpoints.
-fn model_specs(args: &Args) -> anyhow::Result<Vec<ModelSpec>> {
-    if let Some(name) = &args.endpoint_model {
-        if !args.model.is_empty() || args.checkpoints.is_some() {
-            bail!("--endpoint generates with a remote model: give --endpoint or --model/--checkpoints, not both");
-        }
-        return Ok(vec![ModelSpec {
-            info: ModelInfo {
-                name: name.clone(),
-                step: step_of(name),
-            },
-            source: Source::Remote,
-        }]);
-    }
-    let mut paths = args.model.clone();
-    if let Some(dir) = &args.checkpoints {
-        let entries =
-            std::fs::read_dir(dir).with_context(|| format!("--checkpoints {}", dir.display()))?;
-        let mut steps: Vec<(u64, PathBuf)> = Vec::new();
-        for entry in entries {
-            let path = entry
-                .with_context(|| format!("--checkpoints {}", dir.display()))?
-                .path();
-            let step = path.file_name().and_then(|n| step_of(&n.to_string_lossy()));
-            if let (Some(step), true) = (step, path.is_dir()) {
-                steps.push((step, path));
-            }
-        }
-        if steps.is_empty() {
-            bail!("--checkpoints {}: no step-N folders in it", dir.display());
-        }
-        steps.sort();
-        paths.extend(steps.into_iter().map(|(_, p)| p.display().to_string()));
-    }
-    if paths.is_empty() {
-        paths.push("default".to_owned());
-    }
-    let mut specs: Vec<ModelSpec> = Vec::new();
-    for path in paths {
-        let name = if path == "default" {
-            path.clone()
-        } else {
-            if !Path::new(&path).is_dir() {
-                bail!("--model {path}: no such model folder");
-            }
-            Path::new(&path)
-                .file_name()
-                .map_or(path.clone(), |n| n.to_string_lossy().into_owned())
-        };
-        if specs.iter().any(|s| s.info.name == name) {
-            bail!("--model {path}: another model is also named `{name}`; give distinct folders");
-        }
-        specs.push(ModelSpec {
-            info: ModelInfo {
-                step: step_of(&name),
-                name,
-            },
-            source: Source::Local(path),
-        });
-    }
-    Ok(specs)
-}
-
-/// The judge, when --judge-endpoint is given.
-fn judging(args: &Args, retry: Retry) -> anyhow::Result<Option<Judging>> {
-    let Some(url) = &args.judge_endpoint else {
-        return Ok(None);
-    };
-    let critic = (!args.no_critic)
-        .then(|| {
-            Rubric::load(
-                args.critic_template.as_deref(),
-                DEFAULT_CRITIC,
-                critic::SLOTS,
-                "--critic-template",
-            )
-        })
-        .transpose()?;
-    let pairwise = (!args.no_pairwise)
-        .then(|| {
-            Rubric::load(
-                args.pairwise_template.as_deref(),
-                DEFAULT_PAIRWISE,
-                PAIRWISE_SLOTS,
-                "--pairwise-template",
-            )
-        })
-        .transpose()?;
-    Ok(Some(Judging {
-        endpoint: Endpoint::new(
-            "--judge-endpoint",
-            url,
-            &args.judge_model,
-            args.judge_api_key_env.as_deref(),
-            retry,
-        )?,
-        critic,
-        pairwise,
-        max_tokens: args.judge_max_tokens,
-        temperature: args.judge_temperature,
-    }))
 }
 
 /// The --compare files, by name.
@@ -547,152 +410,4 @@ async fn evaluate_one(
         critic,
         pairwise,
     })
-}
-
-impl Judging {
-    fn body(&self, content: &str) -> Value {
-        self.endpoint.body(
-            content,
-            json!({"max_tokens": self.max_tokens, "temperature": self.temperature}),
-        )
-    }
-
-    /// The critic's score of `answer`.
-    async fn critic(
-        &self,
-        rubric: &Rubric,
-        question: &str,
-        answer: &str,
-    ) -> anyhow::Result<CriticResult> {
-        let body = self.body(&rubric.fill(&[question, answer]));
-        let reply = self
-            .endpoint
-            .ask(&body, |r| critic::parse_score(&reply_text(r)?))
-            .await?;
-        Ok(match reply {
-            Ok(score) => CriticResult {
-                score: Some(score),
-                unparsable: None,
-            },
-            Err(reason) => CriticResult {
-                score: None,
-                unparsable: Some(reason),
-            },
-        })
-    }
-
-    /// `answer` against `other`, in both orders at once.
-    async fn compare(
-        &self,
-        rubric: &Rubric,
-        question: &str,
-        answer: &str,
-        other: &str,
-        opponent: &str,
-    ) -> anyhow::Result<Comparison> {
-        let first = self.body(&rubric.fill(&[question, answer, other]));
-        let second = self.body(&rubric.fill(&[question, other, answer]));
-        let read = |r: &Value| verdict(&reply_text(r)?);
-        let (first, second) = tokio::try_join!(
-            self.endpoint.ask(&first, read),
-            self.endpoint.ask(&second, read)
-        )?;
-        let name = |v: &Result<_, String>| {
-            v.as_ref()
-                .ok()
-                .map(|&v| pairwise::verdict_name(v).to_owned())
-        };
-        Ok(Comparison {
-            opponent: opponent.to_owned(),
-            verdicts: [name(&first), name(&second)],
-            outcome: pairwise::combine(
-                first
-                    .as_ref()
-                    .ok()
-                    .map(|&v| pairwise::order_outcome(v, true)),
-                second
-                    .as_ref()
-                    .ok()
-                    .map(|&v| pairwise::order_outcome(v, false)),
-            ),
-            unparsable: usize::from(first.is_err()) + usize::from(second.is_err()),
-        })
-    }
-}
-
-/// Writes `OUT/results.json` through a temporary file.
-fn write_results(
-    out: &Path,
-    summary: &Summary,
-    per_model: &[Vec<&SampleRecord>],
-) -> anyhow::Result<()> {
-    let results = Results {
-        summary: summary.clone(),
-        samples: per_model.iter().flatten().copied().collect(),
-    };
-    let path = out.join("results.json");
-    let temporary = out.join("results.json.tmp");
-    std::fs::write(&temporary, serde_json::to_string_pretty(&results)?)
-        .with_context(|| format!("writing {}", temporary.display()))?;
-    std::fs::rename(&temporary, &path).with_context(|| format!("writing {}", path.display()))?;
-    println!("wrote {}", path.display());
-    Ok(())
-}
-
-/// Prints each model's scores, the ratings and the notes.
-fn print_summary(summary: &Summary) {
-    let number =
-        |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
-    for m in &summary.models {
-        println!(
-            "{}: {} samples, length score {} ({} scored), critic score {} ({} scored, {} unreadable), mean answer length {:.0} words",
-            m.model,
-            m.samples,
-            number(m.length_score, 1),
-            m.length_scored,
-            number(m.critic_score, 2),
-            m.critic_scored,
-            m.critic_unparsable,
-            m.output_length_mean
-        );
-        let mut kinds: Vec<&String> = m
-            .length_score_by_type
-            .keys()
-            .chain(m.critic_score_by_type.keys())
-            .collect();
-        kinds.sort();
-        kinds.dedup();
-        for kind in kinds {
-            println!(
-                "  type {kind}: length score {}, critic score {}",
-                number(m.length_score_by_type.get(kind).copied(), 1),
-                number(m.critic_score_by_type.get(kind).copied(), 2)
-            );
-        }
-        for (opponent, t) in &m.pairwise {
-            println!(
-                "  vs {opponent}: {} wins, {} ties, {} losses, {} undecided (win rate {}; {} unreadable verdicts)",
-                t.win,
-                t.tie,
-                t.loss,
-                t.undecided,
-                number(t.win_rate(), 3),
-                t.unparsable_verdicts
-            );
-        }
-    }
-    if let Some(anchor) = &summary.anchor {
-        println!(
-            "Elo (Bradley–Terry, {anchor} = 1000, 95% bootstrap intervals over {} rounds):",
-            summary.bootstrap
-        );
-        for r in &summary.ratings {
-            let ci =
-                r.ci.map_or(String::new(), |[lo, hi]| format!(" [{lo:.0}, {hi:.0}]"));
-            println!("  {}: {:.0}{ci}", r.player, r.elo);
-        }
-    }
-    for note in &summary.notes {
-        println!("note: {note}");
-    }
 }

@@ -5,8 +5,10 @@
 use super::pairwise::Tally;
 use super::rating::{self, Game};
 use super::samples::SampleRecord;
+use anyhow::Context;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::path::Path;
 
 /// One evaluated model: its name and its training step, when known.
 #[derive(Debug, Clone)]
@@ -260,6 +262,83 @@ pub fn summarise(
         verdicts,
         unparsable_critic_scores: unparsable_critic,
         notes,
+    }
+}
+
+/// Writes `OUT/results.json` through a temporary file.
+pub fn write(
+    out: &Path,
+    summary: &Summary,
+    per_model: &[Vec<&SampleRecord>],
+) -> anyhow::Result<()> {
+    let results = Results {
+        summary: summary.clone(),
+        samples: per_model.iter().flatten().copied().collect(),
+    };
+    let path = out.join("results.json");
+    let temporary = out.join("results.json.tmp");
+    std::fs::write(&temporary, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::rename(&temporary, &path).with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Prints each model's scores, the ratings and the notes.
+pub fn print(summary: &Summary) {
+    let number =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+    for m in &summary.models {
+        println!(
+            "{}: {} samples, length score {} ({} scored), critic score {} ({} scored, {} unreadable), mean answer length {:.0} words",
+            m.model,
+            m.samples,
+            number(m.length_score, 1),
+            m.length_scored,
+            number(m.critic_score, 2),
+            m.critic_scored,
+            m.critic_unparsable,
+            m.output_length_mean
+        );
+        let mut kinds: Vec<&String> = m
+            .length_score_by_type
+            .keys()
+            .chain(m.critic_score_by_type.keys())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        for kind in kinds {
+            println!(
+                "  type {kind}: length score {}, critic score {}",
+                number(m.length_score_by_type.get(kind).copied(), 1),
+                number(m.critic_score_by_type.get(kind).copied(), 2)
+            );
+        }
+        for (opponent, t) in &m.pairwise {
+            println!(
+                "  vs {opponent}: {} wins, {} ties, {} losses, {} undecided (win rate {}; {} unreadable verdicts)",
+                t.win,
+                t.tie,
+                t.loss,
+                t.undecided,
+                number(t.win_rate(), 3),
+                t.unparsable_verdicts
+            );
+        }
+    }
+    if let Some(anchor) = &summary.anchor {
+        println!(
+            "Elo (Bradley–Terry, {anchor} = 1000, 95% bootstrap intervals over {} rounds):",
+            summary.bootstrap
+        );
+        for r in &summary.ratings {
+            let ci =
+                r.ci.map_or(String::new(), |[lo, hi]| format!(" [{lo:.0}, {hi:.0}]"));
+            println!("  {}: {:.0}{ci}", r.player, r.elo);
+        }
+    }
+    for note in &summary.notes {
+        println!("note: {note}");
     }
 }
 
