@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod eval;
 mod launch;
 mod plot;
 mod serve;
@@ -50,6 +51,9 @@ enum Command {
     Data(cli::data::Data),
     /// Make a job CA and per-host certificates and keys for mutual TLS.
     Certs(cli::certs::Args),
+    /// Evaluate a model (or a checkpoint series) on writing prompts: length score,
+    /// critic score and pairwise Elo against a baseline, resumable.
+    Eval(Box<eval::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,5 +79,6 @@ fn main() -> anyhow::Result<()> {
         Command::Data(command) => cli::data::run(command),
         Command::Certs(args) => cli::certs::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Eval(args) => eval::run(*args),
     }
 }

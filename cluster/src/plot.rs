@@ -16,9 +16,9 @@ const WIDTH: u32 = 1200;
 const HEIGHT: u32 = 800;
 /// The font family every text element asks for; the embedded DejaVu Sans is registered
 /// under it.
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 /// Series colours, in order (the first four of matplotlib's "tab10").
-const COLORS: [RGBColor; 4] = [
+pub(crate) const COLORS: [RGBColor; 4] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
@@ -136,8 +136,7 @@ struct Series {
 
 /// Reads the metrics file and writes the charts.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    register_font(FONT, FontStyle::Normal, dejavu::sans::regular())
-        .map_err(|_| anyhow::anyhow!("the embedded DejaVu Sans font did not load"))?;
+    register_embedded_font()?;
     let records = read_records(&args.metrics)?;
     let steps: Vec<&Map<String, Value>> = records
         .iter()
@@ -230,6 +229,12 @@ fn x_values(steps: &[&Map<String, Value>], axis: XAxis) -> anyhow::Result<(Vec<f
     }
 }
 
+/// Registers the embedded DejaVu Sans under [`FONT`] (before drawing any text).
+pub(crate) fn register_embedded_font() -> anyhow::Result<()> {
+    register_font(FONT, FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| anyhow::anyhow!("the embedded DejaVu Sans font did not load"))
+}
+
 /// The numeric points of `field`, or `None` when no record has a number there. `null`
 /// (how a NaN is written) is a missing point; any other non-number is an error.
 fn field_series(
@@ -280,14 +285,14 @@ fn moving_average(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
 }
 
 /// `lo..hi` widened by 5% on each side, or by 1 when the data is a single value.
-fn padded(lo: f64, hi: f64) -> Range<f64> {
+pub(crate) fn padded(lo: f64, hi: f64) -> Range<f64> {
     let pad = if hi > lo { (hi - lo) * 0.05 } else { 1.0 };
     (lo - pad)..(hi + pad)
 }
 
 /// A tick label: up to six decimals without trailing zeros, scientific for tiny values;
 /// rounding noise around zero (a tick at -2.2e-16) reads as 0.
-fn tick_label(value: &f64) -> String {
+pub(crate) fn tick_label(value: &f64) -> String {
     if value.abs() < 1e-12 {
         return "0".to_owned();
     }
