@@ -30,9 +30,11 @@ struct Sample {
     value: f64,
 }
 
-/// Parses Prometheus text: `# HELP`/`# TYPE` comments, then `name{k="v",…} value` lines;
-/// panics on anything else, and on a sample whose family has no `# TYPE` line before it.
-fn parse_prometheus(text: &str) -> Vec<Sample> {
+/// Parses OpenMetrics text: `# HELP`/`# TYPE` comments, then `name{k="v",…} value` lines,
+/// and `# EOF` last; panics on anything else, on a sample whose family has no `# TYPE`
+/// line before it (a counter's samples are its family's name with `_total`), and on text
+/// that does not end in `# EOF`.
+fn parse_openmetrics(text: &str) -> Vec<Sample> {
     let valid_name = |n: &str| {
         !n.is_empty()
             && !n.starts_with(|c: char| c.is_ascii_digit())
@@ -41,27 +43,28 @@ fn parse_prometheus(text: &str) -> Vec<Sample> {
     };
     let mut typed = Vec::new();
     let mut samples = Vec::new();
-    for line in text.lines() {
+    let body = text
+        .strip_suffix("# EOF\n")
+        .expect("OpenMetrics text ends in # EOF");
+    for line in body.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
-            assert!(
-                valid_name(name) && ["gauge", "counter"].contains(&kind),
-                "{line}"
-            );
-            typed.push(name.to_owned());
+            let sample_name = match kind {
+                "gauge" => name.to_owned(),
+                "counter" => format!("{name}_total"),
+                _ => panic!("unexpected type in `{line}`"),
+            };
+            assert!(valid_name(name), "{line}");
+            typed.push(sample_name);
             continue;
         }
         if line.starts_with("# HELP ") {
             continue;
         }
         let (series, value) = line.rsplit_once(' ').expect("`series value`");
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in `{line}`")),
-        };
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in `{line}`"));
         let (name, labels) = match series.split_once('{') {
             None => (series, Vec::new()),
             Some((name, rest)) => {
@@ -263,10 +266,10 @@ fn status_and_metrics_show_a_running_job() {
     assert!(drawn.matches("\x1b[2J\x1b[H").count() >= 3, "{drawn}");
     assert!(drawn.matches("job: step ").count() >= 3, "{drawn}");
 
-    // Every process's /metrics is valid Prometheus text with the expected series.
+    // Every process's /metrics is valid OpenMetrics text with the expected series.
     let (line, body) = http_get(&learner_metrics, "/metrics");
     assert_eq!(line, "HTTP/1.1 200 OK");
-    let samples = parse_prometheus(&body);
+    let samples = parse_openmetrics(&body);
     let generated = find(
         &samples,
         "quill_cluster_generated_tokens_per_second",
@@ -285,13 +288,13 @@ fn status_and_metrics_show_a_running_job() {
     let accepted = find(&samples, "quill_accepted_groups_total", ("role", "learner"));
     assert!(accepted.value >= 2.0, "{body}");
     assert!(
-        body.contains("# TYPE quill_accepted_groups_total counter\n"),
+        body.contains("# TYPE quill_accepted_groups counter\n"),
         "{body}"
     );
 
     let (line, body) = http_get(&actor_metrics, "/metrics");
     assert_eq!(line, "HTTP/1.1 200 OK");
-    let samples = parse_prometheus(&body);
+    let samples = parse_openmetrics(&body);
     let produced = find(&samples, "quill_generated_tokens_total", ("role", "actor"));
     assert!(produced.value > 0.0, "{body}");
     find(&samples, "quill_actor_tokens_per_s", ("role", "actor"));
@@ -299,7 +302,7 @@ fn status_and_metrics_show_a_running_job() {
 
     let (line, body) = http_get(&reward_metrics, "/metrics");
     assert_eq!(line, "HTTP/1.1 200 OK");
-    let samples = parse_prometheus(&body);
+    let samples = parse_openmetrics(&body);
     let scored = find(
         &samples,
         "quill_reward_scored_groups_total",

@@ -1,29 +1,36 @@
-//! A minimal HTTP/1.1 responder for Prometheus scrapes, shared by every role: `GET /metrics`
-//! (or `HEAD`) answers the text exposition format produced by the caller's render
-//! function, any other path is `404`, any other method `405`, a malformed request `400`.
-//! One request per connection (`Connection: close`), which is all a scraper needs.
+//! The `/metrics` endpoint every role serves, on axum over hyper: `GET /metrics` (or `HEAD`)
+//! answers the OpenMetrics text produced by the caller's render function, any other path is
+//! `404`, any other method `405`. hyper answers a malformed request `400` and a request head
+//! over [`MAX_HEAD_BYTES`] `431`. One request per connection, which is all a scraper needs.
 //!
 //! Scrapes may need the job token (`Authorization: Bearer <token>`, else `401`): by
 //! default when the endpoint listens on an address other than loopback ([`Access`]). At
 //! most [`MAX_CONNECTIONS`] are served at once (more are closed at once), a client gets
-//! [`READ_TIMEOUT`] to send its request, and running out of file descriptors pauses the
-//! accept loop instead of spinning it.
+//! [`READ_TIMEOUT`] to send its request head, and running out of file descriptors pauses
+//! the accept loop instead of spinning it.
 
+use axum::extract::State;
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-/// Produces the `/metrics` body (Prometheus text format) on each scrape.
+/// Produces the `/metrics` body (OpenMetrics text, see [`crate::render_prometheus`]) on
+/// each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// The content type of the Prometheus text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The content type of the OpenMetrics text format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Longest request head read before the request is refused.
-const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Longest request head read before the request is refused (hyper's smallest buffer).
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 
 /// How long a client may take to send its request head.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,6 +123,14 @@ pub async fn start_configured(
     Ok(Some(bound))
 }
 
+/// What the `/metrics` handler reads: the render function and the `Authorization` value
+/// required, if any.
+#[derive(Clone)]
+struct Scrape {
+    render: Render,
+    expected: Option<Arc<str>>,
+}
+
 /// Binds `addr` (`HOST:PORT`, port 0 picks a free port) and serves `render` to callers
 /// `access` lets in, on the current tokio runtime until the runtime stops; returns the
 /// bound address.
@@ -132,7 +147,10 @@ pub async fn start(addr: &str, render: Render, access: Access) -> Result<SocketA
     })?;
     let listener = TcpListener::bind(parsed).await.map_err(error)?;
     let bound = listener.local_addr().map_err(error)?;
-    let expected: Arc<Option<String>> = Arc::new(access.expected(bound));
+    let app = router(Scrape {
+        render,
+        expected: access.expected(bound).map(Arc::from),
+    });
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
@@ -146,9 +164,15 @@ pub async fn start(addr: &str, render: Render, access: Access) -> Result<SocketA
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                 continue;
             };
-            let (render, expected) = (Arc::clone(&render), Arc::clone(&expected));
+            let service = TowerToHyperService::new(app.clone());
             tokio::spawn(async move {
-                let _ = answer(stream, &render, expected.as_deref()).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(READ_TIMEOUT)
+                    .max_buf_size(MAX_HEAD_BYTES)
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
                 drop(slot);
             });
         }
@@ -156,102 +180,48 @@ pub async fn start(addr: &str, render: Render, access: Access) -> Result<SocketA
     Ok(bound)
 }
 
-/// Reads one request head and writes the answer.
-async fn answer(
-    mut stream: TcpStream,
-    render: &Render,
-    expected: Option<&str>,
-) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()),
-    };
-    let (status, extra, body) = respond(head.as_deref(), render, expected);
-    let is_head = head.as_deref().is_some_and(|h| h.starts_with("HEAD "));
-    let content_type = if status == "200 OK" {
-        CONTENT_TYPE
-    } else {
-        "text/plain; charset=utf-8"
-    };
-    let mut reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if !is_head {
-        reply.extend_from_slice(body.as_bytes());
-    }
-    stream.write_all(&reply).await?;
-    stream.shutdown().await
+/// `/metrics` for `GET` and `HEAD`; `405` for other methods there, `404` elsewhere.
+fn router(scrape: Scrape) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics).fallback(wrong_method))
+        .fallback(not_found)
+        .with_state(scrape)
 }
 
-/// The request head up to the blank line, or `None` when it is too long or not text.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        if buf.len() > MAX_HEAD_BYTES {
-            return Ok(None);
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok(String::from_utf8(buf).ok())
-}
-
-/// Status line, extra headers and body for a request head; `expected` is the
-/// `Authorization` value required, if any.
-fn respond(
-    head: Option<&str>,
-    render: &Render,
-    expected: Option<&str>,
-) -> (&'static str, &'static str, String) {
-    let line = head.and_then(|h| h.lines().next()).unwrap_or_default();
-    let parts: Vec<&str> = line.split(' ').collect();
-    let [method, target, version] = parts[..] else {
-        return ("400 Bad Request", "", "malformed request line\n".into());
-    };
-    if !version.starts_with("HTTP/1.") {
-        return ("400 Bad Request", "", "only HTTP/1.x is served\n".into());
-    }
-    let path = target.split('?').next().unwrap_or_default();
-    if path != "/metrics" {
-        return (
-            "404 Not Found",
-            "",
-            format!("{path} not found: try /metrics\n"),
-        );
-    }
-    if method != "GET" && method != "HEAD" {
-        return (
-            "405 Method Not Allowed",
-            "Allow: GET, HEAD\r\n",
-            format!("{method} is not allowed: use GET\n"),
-        );
-    }
-    if let Some(expected) = expected {
-        let given = head
-            .into_iter()
-            .flat_map(str::lines)
-            .skip(1)
-            .find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("authorization")
-                    .then_some(value.trim())
-            })
+/// The exposition text, or `401` without the required token.
+async fn metrics(State(scrape): State<Scrape>, headers: HeaderMap) -> Response {
+    if let Some(expected) = &scrape.expected {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .map(|value| value.as_bytes())
             .unwrap_or_default();
-        if !same_bytes(given.as_bytes(), expected.as_bytes()) {
+        if !same_bytes(given, expected.as_bytes()) {
             return (
-                "401 Unauthorized",
-                "WWW-Authenticate: Bearer realm=\"quill\"\r\n",
-                "send the job token: Authorization: Bearer <token>\n".into(),
-            );
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"quill\"")],
+                "send the job token: Authorization: Bearer <token>\n",
+            )
+                .into_response();
         }
     }
-    ("200 OK", "", render())
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], (scrape.render)()).into_response()
+}
+
+async fn wrong_method(method: Method) -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(header::ALLOW, "GET, HEAD")],
+        format!("{method} is not allowed: use GET\n"),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!("{} not found: try /metrics\n", uri.path()),
+    )
+        .into_response()
 }
 
 /// Whether `a` equals `b`, in time that depends only on their lengths.
@@ -262,6 +232,8 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     async fn request(addr: SocketAddr, raw: &str) -> String {
         let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -280,26 +252,39 @@ mod tests {
             assert_ne!(addr.port(), 0);
             let ok = request(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
             assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
-            assert!(ok.contains(CONTENT_TYPE), "{ok}");
-            assert!(ok.contains("Content-Length: 11\r\n"), "{ok}");
+            let lower = ok.to_ascii_lowercase();
+            assert!(
+                lower.contains(&format!("content-type: {CONTENT_TYPE}")),
+                "{ok}"
+            );
+            assert!(lower.contains("content-length: 11\r\n"), "{ok}");
+            assert!(lower.contains("connection: close\r\n"), "{ok}");
             assert!(ok.ends_with("\r\n\r\nquill_up 1\n"), "{ok}");
             let query = request(addr, "GET /metrics?x=1 HTTP/1.0\r\n\r\n").await;
-            assert!(query.starts_with("HTTP/1.1 200 OK"), "{query}");
+            assert!(query.starts_with("HTTP/1.0 200 OK"), "{query}");
             let head = request(addr, "HEAD /metrics HTTP/1.1\r\n\r\n").await;
             assert!(head.starts_with("HTTP/1.1 200 OK") && head.ends_with("\r\n\r\n"));
             let nope = request(addr, "GET /nope HTTP/1.1\r\n\r\n").await;
             assert!(nope.starts_with("HTTP/1.1 404 Not Found"), "{nope}");
+            assert!(nope.ends_with("/nope not found: try /metrics\n"), "{nope}");
             let post = request(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
             assert!(
                 post.starts_with("HTTP/1.1 405 Method Not Allowed"),
                 "{post}"
             );
-            assert!(post.contains("Allow: GET, HEAD"), "{post}");
+            assert!(
+                post.to_ascii_lowercase().contains("allow: get, head"),
+                "{post}"
+            );
+            assert!(post.ends_with("POST is not allowed: use GET\n"), "{post}");
             let junk = request(addr, "hello\r\n\r\n").await;
             assert!(junk.starts_with("HTTP/1.1 400 Bad Request"), "{junk}");
             let huge = format!("GET /metrics HTTP/1.1\r\nX: {}", "a".repeat(9_000));
             let huge = request(addr, &huge).await;
-            assert!(huge.starts_with("HTTP/1.1 400 Bad Request"), "{huge}");
+            assert!(
+                huge.starts_with("HTTP/1.1 431 Request Header Fields Too Large"),
+                "{huge}"
+            );
         });
     }
 
@@ -386,7 +371,11 @@ mod tests {
             let get = "GET /metrics HTTP/1.1\r\n";
             let none = request(addr, &format!("{get}\r\n")).await;
             assert!(none.starts_with("HTTP/1.1 401 Unauthorized"), "{none}");
-            assert!(none.contains("WWW-Authenticate: Bearer"), "{none}");
+            assert!(
+                none.to_ascii_lowercase()
+                    .contains("www-authenticate: bearer"),
+                "{none}"
+            );
             let wrong = request(addr, &format!("{get}Authorization: Bearer nope\r\n\r\n")).await;
             assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
             let right = request(addr, &format!("{get}authorization: Bearer s3cret\r\n\r\n")).await;

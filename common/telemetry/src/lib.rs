@@ -1,4 +1,5 @@
-//! Machine-readable metrics: JSON-lines metric files and the Prometheus text format.
+//! Machine-readable metrics: JSON-lines metric files and the OpenMetrics text format that
+//! Prometheus scrapes.
 //!
 //! A metrics file holds one JSON object per line. Every object has a `"kind"` (what the
 //! record describes: `"step"`, `"throughput"` …) and a `"time"` (unix seconds); the other

@@ -1,5 +1,13 @@
-//! The Prometheus text exposition format: metric [`Family`]s, their rendering, and the
-//! gauges a member's heartbeat values become.
+//! Metric [`Family`]s, their rendering in the OpenMetrics text format Prometheus scrapes,
+//! and the gauges a member's heartbeat values become.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 /// What a Prometheus metric family measures: a value that goes up and down, or a count
 /// that only grows (its name should end in `_total`).
@@ -61,39 +69,52 @@ impl Family {
     }
 }
 
-/// Renders metric families in the Prometheus text exposition format (0.0.4): per family a
-/// `# HELP` and a `# TYPE` line, then one `name{label="value",…} number` line per sample;
-/// families without samples are left out. Metric names are made to match
-/// `[a-zA-Z_:][a-zA-Z0-9_:]*` and label names `[a-zA-Z_][a-zA-Z0-9_]*` (other characters
-/// become `_`, a leading digit gets a `_` in front); label values have `\`, `"` and
-/// newlines escaped, help texts `\` and newlines.
+/// Renders metric families in the OpenMetrics text format (1.0.0), which Prometheus scrapes,
+/// through `prometheus-client`'s encoder: per family a `# HELP` and a `# TYPE` line, then one
+/// `name{label="value",…} number` line per sample, and `# EOF` at the end; families without
+/// samples are left out. A counter's family is named without its `_total` suffix, which its
+/// samples carry. Metric names are made to match `[a-zA-Z_:][a-zA-Z0-9_:]*` and label names
+/// `[a-zA-Z_][a-zA-Z0-9_]*` (other characters become `_`, a leading digit gets a `_` in
+/// front); help texts have `\\` and newlines escaped, label values also `"`.
 pub fn render_prometheus(families: &[Family]) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Families(families.to_vec())));
     let mut out = String::new();
-    for family in families.iter().filter(|f| !f.samples.is_empty()) {
-        let name = sanitize_name(&family.name, true);
-        let help = family.help.replace('\\', "\\\\").replace('\n', "\\n");
-        let kind = match family.kind {
-            MetricKind::Gauge => "gauge",
-            MetricKind::Counter => "counter",
-        };
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, value) in &family.samples {
-            out.push_str(&name);
-            if !labels.is_empty() {
-                let labels: Vec<String> = labels
-                    .iter()
-                    .map(|(k, v)| format!("{}=\"{}\"", sanitize_name(k, false), escape_label(v)))
-                    .collect();
-                out.push('{');
-                out.push_str(&labels.join(","));
-                out.push('}');
-            }
-            out.push(' ');
-            out.push_str(&format_value(*value));
-            out.push('\n');
-        }
-    }
+    encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
+}
+
+/// Metric families as a `prometheus-client` collector.
+#[derive(Debug)]
+struct Families(Vec<Family>);
+
+impl Collector for Families {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        for family in self.0.iter().filter(|f| !f.samples.is_empty()) {
+            let name = sanitize_name(&family.name, true);
+            let (name, kind) = match family.kind {
+                MetricKind::Gauge => (name.as_str(), MetricType::Gauge),
+                MetricKind::Counter => (
+                    name.strip_suffix("_total").unwrap_or(&name),
+                    MetricType::Counter,
+                ),
+            };
+            let help = family.help.replace('\\', "\\\\").replace('\n', "\\n");
+            let mut metric = encoder.encode_descriptor(name, &help, None, kind)?;
+            for (labels, value) in &family.samples {
+                let labels: Vec<(String, &str)> = labels
+                    .iter()
+                    .map(|(k, v)| (sanitize_name(k, false), v.as_str()))
+                    .collect();
+                let sample = metric.encode_family(&labels)?;
+                match family.kind {
+                    MetricKind::Gauge => ConstGauge::new(*value).encode(sample)?,
+                    MetricKind::Counter => ConstCounter::new(*value).encode(sample)?,
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One gauge family per `(name, help, value)`, named `{prefix}{name}`, all with `labels`:
@@ -128,37 +149,12 @@ fn sanitize_name(name: &str, allow_colon: bool) -> String {
     out
 }
 
-fn escape_label(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-fn format_value(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".to_owned()
-    } else if value == f64::INFINITY {
-        "+Inf".to_owned()
-    } else if value == f64::NEG_INFINITY {
-        "-Inf".to_owned()
-    } else {
-        value.to_string()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn prometheus_text_format() {
+    fn openmetrics_text_format() {
         let families = vec![
             Family::counter("quill_steps_total", "Steps done.").with(&[], 42.0),
             Family::gauge("reward.mean", "Mean reward\nper signal.")
@@ -171,23 +167,24 @@ mod tests {
                 .with(&[("rank", "1")], f64::NEG_INFINITY),
         ];
         let expected = concat!(
-            "# HELP quill_steps_total Steps done.\n",
-            "# TYPE quill_steps_total counter\n",
-            "quill_steps_total 42\n",
+            "# HELP quill_steps Steps done.\n",
+            "# TYPE quill_steps counter\n",
+            "quill_steps_total 42.0\n",
             "# HELP reward_mean Mean reward\\nper signal.\n",
             "# TYPE reward_mean gauge\n",
             "reward_mean{signal=\"length\",run_id=\"a\\\"b\\\\c\\nd\"} 0.5\n",
             "reward_mean{signal=\"format\"} -0.00125\n",
             "# HELP _9lives:rate Odd.\n",
             "# TYPE _9lives:rate gauge\n",
-            "_9lives:rate +Inf\n",
+            "_9lives:rate inf\n",
             "# HELP loss Loss.\n",
             "# TYPE loss gauge\n",
             "loss{rank=\"0\"} NaN\n",
-            "loss{rank=\"1\"} -Inf\n",
+            "loss{rank=\"1\"} -inf\n",
+            "# EOF\n",
         );
         assert_eq!(render_prometheus(&families), expected);
-        assert_eq!(render_prometheus(&[]), "");
+        assert_eq!(render_prometheus(&[]), "# EOF\n");
     }
 
     #[test]
@@ -206,7 +203,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("quill_reward_in_flight{role=\"reward\",member=\"reward-2\"} 2\n"),
+            text.contains("quill_reward_in_flight{role=\"reward\",member=\"reward-2\"} 2.0\n"),
             "{text}"
         );
     }
