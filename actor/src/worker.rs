@@ -156,7 +156,7 @@ async fn serve_metrics(
             Family::gauge("quill_weights_version", "Weights version this actor runs.")
                 .with(&labels, shared.version.load(Ordering::SeqCst) as f64),
         );
-        quill_telemetry::render_prometheus(&families)
+        quill_telemetry::render_prometheus(families)
     });
     http::start_configured(
         options.metrics_listen.clone(),

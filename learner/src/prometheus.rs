@@ -137,7 +137,7 @@ pub fn render(hub: &Hub) -> String {
         }
     }
     families.extend(ranked.into_values());
-    render_prometheus(&families)
+    render_prometheus(families)
 }
 
 /// The `role` label of a member.

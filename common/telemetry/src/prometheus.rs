@@ -76,9 +76,9 @@ impl Family {
 /// samples carry. Metric names are made to match `[a-zA-Z_:][a-zA-Z0-9_:]*` and label names
 /// `[a-zA-Z_][a-zA-Z0-9_]*` (other characters become `_`, a leading digit gets a `_` in
 /// front); help texts have `\\` and newlines escaped, label values also `"`.
-pub fn render_prometheus(families: &[Family]) -> String {
+pub fn render_prometheus(families: Vec<Family>) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Families(families.to_vec())));
+    registry.register_collector(Box::new(Families(families)));
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
@@ -183,8 +183,8 @@ mod tests {
             "loss{rank=\"1\"} -inf\n",
             "# EOF\n",
         );
-        assert_eq!(render_prometheus(&families), expected);
-        assert_eq!(render_prometheus(&[]), "# EOF\n");
+        assert_eq!(render_prometheus(families), expected);
+        assert_eq!(render_prometheus(Vec::new()), "# EOF\n");
     }
 
     #[test]
@@ -193,7 +193,7 @@ mod tests {
             ("latency_ms", "Latency.", 12.5),
             ("in_flight", "Groups in flight.", 2.0),
         ];
-        let text = render_prometheus(&gauge_families(
+        let text = render_prometheus(gauge_families(
             "quill_reward_",
             values,
             &[("role", "reward"), ("member", "reward-2")],

@@ -160,7 +160,7 @@ fn metrics_page(worker: &RewardWorker) -> String {
         )
         .with(&labels, worker.scored.load(Ordering::Relaxed) as f64),
     );
-    render_prometheus(&families)
+    render_prometheus(families)
 }
 
 /// Prompt tokens a request may carry: the model's context (`max_position_embeddings` of
