@@ -35,13 +35,7 @@ pub fn draw_summary(
 
 /// Mean length score and critic score × 10 per category, side by side.
 fn draw_bars(area: &Area<'_>, summary: &ModelSummary) -> anyhow::Result<()> {
-    let mut kinds: Vec<&String> = summary
-        .length_score_by_type
-        .keys()
-        .chain(summary.critic_score_by_type.keys())
-        .collect();
-    kinds.sort();
-    kinds.dedup();
+    let kinds = summary.types();
     let series: [(&str, &std::collections::BTreeMap<String, f64>, f64); 2] = [
         ("length score", &summary.length_score_by_type, 1.0),
         ("critic score × 10", &summary.critic_score_by_type, 10.0),

@@ -54,6 +54,20 @@ pub struct ModelSummary {
     pub elo_ci: Option<[f64; 2]>,
 }
 
+impl ModelSummary {
+    /// The categories with a length or a critic score, sorted.
+    pub fn types(&self) -> Vec<&String> {
+        let mut kinds: Vec<&String> = self
+            .length_score_by_type
+            .keys()
+            .chain(self.critic_score_by_type.keys())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        kinds
+    }
+}
+
 /// One player's rating.
 #[derive(Debug, Clone, Serialize)]
 pub struct Rating {
@@ -300,14 +314,7 @@ pub fn print(summary: &Summary) {
             m.critic_unparsable,
             m.output_length_mean
         );
-        let mut kinds: Vec<&String> = m
-            .length_score_by_type
-            .keys()
-            .chain(m.critic_score_by_type.keys())
-            .collect();
-        kinds.sort();
-        kinds.dedup();
-        for kind in kinds {
+        for kind in m.types() {
             println!(
                 "  type {kind}: length score {}, critic score {}",
                 number(m.length_score_by_type.get(kind).copied(), 1),
