@@ -22,6 +22,14 @@ fn http_get(addr: &str, path: &str) -> (String, String) {
     (head.lines().next().unwrap().to_owned(), body.to_owned())
 }
 
+/// `GET /metrics` at `addr`, which must answer 200: the body and its parsed samples.
+fn metrics_page(addr: &str) -> (String, Vec<Sample>) {
+    let (line, body) = http_get(addr, "/metrics");
+    assert_eq!(line, "HTTP/1.1 200 OK", "{addr}");
+    let samples = parse_openmetrics(&body);
+    (body, samples)
+}
+
 /// One parsed sample line: `name{labels} value`.
 #[derive(Debug)]
 struct Sample {
@@ -284,9 +292,7 @@ fn status_and_metrics_show_a_running_job() {
         Duration::from_secs(120),
         &mut [&mut learner, &mut reward, &mut actor],
         || {
-            let (line, body) = http_get(&learner_metrics, "/metrics");
-            assert_eq!(line, "HTTP/1.1 200 OK");
-            let samples = parse_openmetrics(&body);
+            let (body, samples) = metrics_page(&learner_metrics);
             let generated = find(
                 &samples,
                 "quill_cluster_generated_tokens_per_second",
@@ -311,17 +317,13 @@ fn status_and_metrics_show_a_running_job() {
         "{body}"
     );
 
-    let (line, body) = http_get(&actor_metrics, "/metrics");
-    assert_eq!(line, "HTTP/1.1 200 OK");
-    let samples = parse_openmetrics(&body);
+    let (body, samples) = metrics_page(&actor_metrics);
     let produced = find(&samples, "quill_generated_tokens_total", ("role", "actor"));
     assert!(produced.value > 0.0, "{body}");
     find(&samples, "quill_actor_tokens_per_s", ("role", "actor"));
     find(&samples, "quill_weights_version", ("role", "actor"));
 
-    let (line, body) = http_get(&reward_metrics, "/metrics");
-    assert_eq!(line, "HTTP/1.1 200 OK");
-    let samples = parse_openmetrics(&body);
+    let (body, samples) = metrics_page(&reward_metrics);
     let scored = find(
         &samples,
         "quill_reward_scored_groups_total",
