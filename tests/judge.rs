@@ -46,11 +46,8 @@ impl Scripted {
                     Arc::clone(&in_flight),
                 );
                 std::thread::spawn(move || {
-                    let now = f.fetch_add(1, Ordering::SeqCst) + 1;
-                    p.fetch_max(now, Ordering::SeqCst);
                     let count = r.fetch_add(1, Ordering::SeqCst) + 1;
-                    answer(stream, delay, |prompt| reply(prompt, count));
-                    f.fetch_sub(1, Ordering::SeqCst);
+                    answer(stream, delay, (&f, &p), |prompt| reply(prompt, count));
                 });
             }
         });
@@ -66,7 +63,15 @@ impl Scripted {
     }
 }
 
-fn answer(mut stream: TcpStream, delay: Duration, reply: impl Fn(&str) -> Option<String>) {
+/// Reads one request and answers it after `delay`. The request counts in `in_flight`
+/// (and its most in `peak`) from read to reply: it leaves before the reply is written,
+/// since once the client has the reply it may send its next request at once.
+fn answer(
+    mut stream: TcpStream,
+    delay: Duration,
+    (in_flight, peak): (&AtomicUsize, &AtomicUsize),
+    reply: impl Fn(&str) -> Option<String>,
+) {
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];
     let body = loop {
@@ -90,7 +95,10 @@ fn answer(mut stream: TcpStream, delay: Duration, reply: impl Fn(&str) -> Option
             }
         }
     };
+    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    peak.fetch_max(now, Ordering::SeqCst);
     std::thread::sleep(delay);
+    in_flight.fetch_sub(1, Ordering::SeqCst);
     let request: Value = serde_json::from_str(&body).unwrap();
     let prompt = request["messages"][0]["content"]
         .as_str()
