@@ -416,7 +416,16 @@ fn a_bf16_step_matches_pytorch_autocast() {
     let memory = MemoryConfig::default();
     for part in [0..2, 2..4] {
         let samples: Vec<&TrainSample> = batches[0][part.clone()].iter().collect();
-        micro_batch_backward(copy.model(), None, &samples, &weights[part], &grpo, &memory).unwrap();
+        micro_batch_backward(
+            copy.model(),
+            None,
+            &samples,
+            &weights[part],
+            &grpo,
+            &memory,
+            None,
+        )
+        .unwrap();
         copy.accumulate_grads(&master).unwrap();
     }
     let ours = hf_grads(&master);

@@ -2,7 +2,7 @@
 //! ranks joined over gRPC and a TCP ring on loopback, with an actor and a reward worker.
 //! (That K ranks take the same steps as one rank on the same global batches is checked
 //! in-process with the same ring in `learner/src/grad_sync.rs`, and for the sharded
-//! optimiser in `learner/src/train/shard.rs`.)
+//! optimiser, gradients and weights in `learner/src/train/shard.rs`.)
 
 mod support;
 
@@ -210,7 +210,9 @@ fn sharded_ranks_resume_and_checkpoint_a_model_transformers_loads() {
     // Long enough for rank 1 to load and join on a busy machine.
     let timeout = 30.0;
     let steps = 6;
-    let job = ranks_job_with(steps, timeout, |t| set(t, "grpo", "sharding", "zero2"));
+    // ZeRO-3: every rank takes part in gathering the layers' weights for each
+    // publication and checkpoint (ZeRO-1/2's in-process resume is in train::checkpoint).
+    let job = ranks_job_with(steps, timeout, |t| set(t, "grpo", "sharding", "zero3"));
     let (mut ranks, mut members) = start_job(&job, 2, false, "a");
     wait_for_step(&job, 3, &mut ranks);
     ranks[1].child.kill().unwrap();

@@ -14,7 +14,9 @@ use std::path::Path;
 #[command(
     after_help = "`--sharding zero1|zero2` are the learner's `grpo.sharding` (ZeRO-2 holds \
     the full gradients during the backward pass, as ZeRO-1 does, so their peaks are equal); \
-    `--sharding zero3` plans parameter sharding, which the learner does not have yet. \
+    `--sharding zero3` also shards the decoder layers' weights: the embedding, final norm \
+    and head stay whole, one layer's weights and gradients are gathered at a time, and the \
+    passes run layer by layer as with --activation-checkpointing. \
     `--precision bf16` is the learner's grpo.precision = \"bf16\": bf16 weights, \
     activations and gradients in the passes, f32 master weights, gradient accumulation and \
     AdamW moments (20 bytes per parameter before activations, against 16 in f32). Tokens \

@@ -8,9 +8,45 @@
 //! the `g` of layer `l − 1`. Live activations: the `L` layer inputs `[B, T, hidden]` plus
 //! the autograd state of one layer, instead of every layer's.
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::qwen2::{packed_positions, Qwen2};
 use tch::{Kind, Tensor};
+
+/// What a caller does around each decoder layer of a checkpointed pass: a learner that
+/// shards the layers' weights over ranks (ZeRO-3) gathers a layer's weights before it
+/// runs and frees them after, and hands its gradients on once the layer's backward is
+/// done. Every method does nothing unless implemented.
+pub trait LayerHooks {
+    /// The caller's error; the model's own errors convert into it.
+    type Error: From<Error>;
+
+    /// Before layer `layer` runs in the forward pass.
+    fn before_forward(&mut self, _layer: usize) -> std::result::Result<(), Self::Error> {
+        Ok(())
+    }
+
+    /// After layer `layer` ran in the forward pass.
+    fn after_forward(&mut self, _layer: usize) -> std::result::Result<(), Self::Error> {
+        Ok(())
+    }
+
+    /// Before layer `layer` is recomputed for the backward pass.
+    fn before_backward(&mut self, _layer: usize) -> std::result::Result<(), Self::Error> {
+        Ok(())
+    }
+
+    /// After the gradient went through layer `layer` (its parameters' gradients are set).
+    fn after_backward(&mut self, _layer: usize) -> std::result::Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// No hooks: the layers' weights stay where they are.
+pub struct NoHooks;
+
+impl LayerHooks for NoHooks {
+    type Error = Error;
+}
 
 /// What a checkpointed forward pass kept for its backward pass.
 pub struct LayerCheckpoints<'a> {
@@ -29,40 +65,48 @@ impl Qwen2 {
     /// Final-norm hidden states `[B, T, hidden]`, as [`Qwen2::hidden`], with activation
     /// checkpointing: the returned tensor's autograd graph reaches only the final norm.
     /// Backpropagate a loss to it first, then call [`LayerCheckpoints::backward`] to carry
-    /// the gradient through the decoder layers and the embedding.
-    pub fn hidden_checkpointed(&self, tokens: &Tensor) -> (Tensor, LayerCheckpoints<'_>) {
+    /// the gradient through the decoder layers and the embedding. `hooks` run around
+    /// every layer.
+    pub fn hidden_checkpointed<H: LayerHooks + ?Sized>(
+        &self,
+        tokens: &Tensor,
+        hooks: &mut H,
+    ) -> std::result::Result<(Tensor, LayerCheckpoints<'_>), H::Error> {
         let positions = self.causal_positions(tokens);
-        self.checkpointed(tokens, positions, None)
+        self.checkpointed(tokens, positions, None, hooks)
     }
 
     /// [`Qwen2::hidden_packed`] with activation checkpointing, as
     /// [`Qwen2::hidden_checkpointed`].
-    pub fn hidden_packed_checkpointed(
+    pub fn hidden_packed_checkpointed<H: LayerHooks + ?Sized>(
         &self,
         tokens: &Tensor,
         lens: &[i64],
-    ) -> (Tensor, LayerCheckpoints<'_>) {
+        hooks: &mut H,
+    ) -> std::result::Result<(Tensor, LayerCheckpoints<'_>), H::Error> {
         let positions = packed_positions(lens, tokens.device());
-        self.checkpointed(tokens, positions, Some(lens.to_vec()))
+        self.checkpointed(tokens, positions, Some(lens.to_vec()), hooks)
     }
 
-    fn checkpointed(
+    fn checkpointed<H: LayerHooks + ?Sized>(
         &self,
         tokens: &Tensor,
         positions: Tensor,
         segments: Option<Vec<i64>>,
-    ) -> (Tensor, LayerCheckpoints<'_>) {
-        let (inputs, last) = tch::no_grad(|| {
-            let mut x = self.embed(tokens);
-            let mut inputs = Vec::with_capacity(self.num_layers());
-            for l in 0..self.num_layers() {
-                let y = self.causal_layer(l, &x, &positions, segments.as_deref());
-                inputs.push(x);
-                x = y;
-            }
-            (inputs, x)
-        });
-        let last = last.set_requires_grad(true);
+        hooks: &mut H,
+    ) -> std::result::Result<(Tensor, LayerCheckpoints<'_>), H::Error> {
+        let guard = tch::no_grad_guard();
+        let mut x = self.embed(tokens);
+        let mut inputs = Vec::with_capacity(self.num_layers());
+        for l in 0..self.num_layers() {
+            hooks.before_forward(l)?;
+            let y = self.causal_layer(l, &x, &positions, segments.as_deref());
+            hooks.after_forward(l)?;
+            inputs.push(x);
+            x = y;
+        }
+        drop(guard);
+        let last = x.set_requires_grad(true);
         let hidden = self.final_norm(&last);
         let kept = LayerCheckpoints {
             model: self,
@@ -72,35 +116,50 @@ impl Qwen2 {
             inputs,
             last,
         };
-        (hidden, kept)
+        Ok((hidden, kept))
     }
 }
 
 impl LayerCheckpoints<'_> {
     /// Backpropagates the gradient that reached the last layer's output through every
-    /// decoder layer (each recomputed from its kept input) and the embedding, adding to
-    /// the parameters' gradients. Fails when no gradient reached the hidden states.
-    pub fn backward(self) -> Result<()> {
+    /// decoder layer (each recomputed from its kept input, `hooks` around it) and the
+    /// embedding, adding to the parameters' gradients. Fails when no gradient reached the
+    /// hidden states.
+    pub fn backward<H: LayerHooks + ?Sized>(
+        self,
+        hooks: &mut H,
+    ) -> std::result::Result<(), H::Error> {
         let mut grad = self.last.grad();
         if !grad.defined() {
-            return Err(Error::NoGradient);
+            return Err(Error::NoGradient.into());
         }
         for (l, input) in self.inputs.into_iter().enumerate().rev() {
+            hooks.before_backward(l)?;
             let x = input.set_requires_grad(true);
             let y = self
                 .model
                 .causal_layer(l, &x, &self.positions, self.segments.as_deref());
-            y.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
+            y.f_mul(&grad)
+                .and_then(|t| t.f_sum(Kind::Float))
+                .and_then(|t| t.f_backward())
+                .map_err(Error::from)?;
+            drop(y);
+            hooks.after_backward(l)?;
             grad = x.grad();
         }
         let embedded = self.model.embed(&self.tokens);
-        embedded.f_mul(&grad)?.f_sum(Kind::Float)?.f_backward()?;
+        embedded
+            .f_mul(&grad)
+            .and_then(|t| t.f_sum(Kind::Float))
+            .and_then(|t| t.f_backward())
+            .map_err(Error::from)?;
         Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::NoHooks;
     use crate::{default_model, Error, ModelConfig, Qwen2};
     use serde_json::json;
     use tch::{Device, Kind, Tensor};
@@ -128,11 +187,14 @@ mod tests {
     fn the_checkpointed_pass_keeps_one_input_per_layer_and_matches_the_plain_one() {
         let model = tiny();
         let tokens = Tensor::from_slice(&[1i64, 5, 9, 2, 7, 7, 3, 0]).view([2, 4]);
-        let (hidden, kept) = model.hidden_checkpointed(&tokens);
+        let (hidden, kept) = model.hidden_checkpointed(&tokens, &mut NoHooks).unwrap();
         assert!(hidden.equal(&model.hidden(&tokens)));
         assert_eq!(kept.inputs.len(), 3);
         assert!(kept.inputs.iter().all(|x| !x.requires_grad()));
-        assert!(matches!(kept.backward(), Err(Error::NoGradient)));
+        assert!(matches!(
+            kept.backward(&mut NoHooks),
+            Err(Error::NoGradient)
+        ));
     }
 
     #[test]
@@ -152,7 +214,9 @@ mod tests {
             assert!(diff < 1e-5, "{seq:?}: {diff}");
             start += seq.len() as i64;
         }
-        let (checkpointed, kept) = model.hidden_packed_checkpointed(&tokens, &lens);
+        let (checkpointed, kept) = model
+            .hidden_packed_checkpointed(&tokens, &lens, &mut NoHooks)
+            .unwrap();
         assert!(checkpointed.equal(&packed));
         assert_eq!(kept.segments.as_deref(), Some(&lens[..]));
     }

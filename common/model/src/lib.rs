@@ -21,7 +21,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use cache::{KvCache, Prefix};
-pub use checkpointed::LayerCheckpoints;
+pub use checkpointed::{LayerCheckpoints, LayerHooks, NoHooks};
 pub use config::{HeadKind, ModelConfig};
 pub use error::{Error, Result};
 pub use pretrained::load_pretrained;

@@ -153,9 +153,16 @@ impl Qwen2 {
 
     /// Every weight under its Hugging Face name, converted to `kind` (fused tensors split).
     pub fn hf_tensors(&self, kind: Kind) -> Vec<(String, Tensor)> {
+        self.hf_tensors_of(kind, |_| true)
+    }
+
+    /// [`Qwen2::hf_tensors`] of the parameters whose own name (a fused tensor's, e.g.
+    /// `model.layers.0.self_attn.qkv_proj.weight`) passes `keep`; the others are not
+    /// touched (a learner that shards the layers' weights holds only some at a time).
+    pub fn hf_tensors_of(&self, kind: Kind, keep: impl Fn(&str) -> bool) -> Vec<(String, Tensor)> {
         let _guard = tch::no_grad_guard();
         let mut out = Vec::new();
-        for (param, var) in &self.named {
+        for (param, var) in self.named.iter().filter(|(p, _)| keep(&p.name)) {
             let var = var.to_kind(kind);
             if param.parts.len() == 1 {
                 out.push((param.parts[0].0.clone(), var));
@@ -353,7 +360,7 @@ impl Qwen2 {
     }
 
     /// Number of decoder layers.
-    pub(crate) fn num_layers(&self) -> usize {
+    pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 

@@ -83,7 +83,18 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
     trainer.attach(sync)?;
     let root = job.job.output_dir.join("checkpoints");
     checkpoint::load_shard(&root, &mut trainer)?;
-    let save_shard = |trainer: &Trainer| -> Result<(), RunError> {
+    // Under ZeRO-3 rank 0 gathers the layers' weights to publish them and for its
+    // checkpoints' model folder; this rank takes part at the same points.
+    let gathers = trainer.shard().is_some_and(|s| s.sharded_layers() > 0);
+    let publish_kind = quill_model::device::parse_dtype(&job.checkpoint.publish_dtype)?;
+    let follow_gather = |trainer: &mut Trainer, kind: tch::Kind| -> Result<(), RunError> {
+        if gathers {
+            trainer.full_weights(kind)?;
+        }
+        Ok(())
+    };
+    let save_shard = |trainer: &mut Trainer| -> Result<(), RunError> {
+        follow_gather(trainer, trainer.model().kind())?;
         if let Some(shard) = ShardSnapshot::take(trainer) {
             shard.write(&root)?;
         }
@@ -114,7 +125,7 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
                 .into_inner();
             if reply.finished {
                 tracing::info!(rank = options.rank, "rank 0 finished training");
-                return save_shard(&trainer);
+                return save_shard(&mut trainer);
             }
             if reply.ready {
                 break reply.samples;
@@ -126,9 +137,12 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
         if every > 0 && trainer.progress().step % every == 0 {
             trainer.check_ranks()?;
         }
+        if !stats.skipped {
+            follow_gather(&mut trainer, publish_kind)?;
+        }
         let saving = job.checkpoint.every_steps;
         if saving > 0 && trainer.progress().step % saving == 0 {
-            save_shard(&trainer)?;
+            save_shard(&mut trainer)?;
         }
         metrics = Some(meter.metrics(
             options.rank as u32,

@@ -251,7 +251,7 @@ pub fn trainer_main(
         }
     }
     let publish_kind = parse_dtype(&job.checkpoint.publish_dtype)?;
-    let weights = publish(&trainer, publish_kind)?;
+    let weights = publish(&mut trainer, publish_kind)?;
     boot.send(Ok(Boot {
         info,
         tokenizer,
@@ -264,7 +264,7 @@ pub fn trainer_main(
     };
     let metrics = MetricsWriter::create(&job.job.output_dir.join(&job.metrics.jsonl))?;
     let tokenizer_files = [("tokenizer.json", tokenizer_text.as_bytes())];
-    let snapshot = |trainer: &Trainer| -> Result<Snapshot, RunError> {
+    let snapshot = |trainer: &mut Trainer| -> Result<Snapshot, RunError> {
         let (cursor, outstanding, last_lease) = hub.data_state();
         let extra = serde_json::to_value(DataState {
             cursor,
@@ -301,7 +301,7 @@ pub fn trainer_main(
     hub.ranks.finish();
     trained?;
     checkpoints.finish()?;
-    write(&root, snapshot(&trainer)?)?;
+    write(&root, snapshot(&mut trainer)?)?;
     hub.finish();
     Ok(())
 }
@@ -317,7 +317,7 @@ fn train(
     trainer: &mut Trainer,
     metrics: &MetricsWriter,
     checkpoints: &mut Offload<Snapshot>,
-    snapshot: &dyn Fn(&Trainer) -> Result<Snapshot, RunError>,
+    snapshot: &dyn Fn(&mut Trainer) -> Result<Snapshot, RunError>,
 ) -> Result<(), RunError> {
     let publish_kind = parse_dtype(&job.checkpoint.publish_dtype)?;
     let world = hub.ranks.world_size();
@@ -387,8 +387,10 @@ fn train(
         }
         hub.trained(&batch.lease_ids);
         let publish_started = Instant::now();
-        let weights =
-            (!stats.skipped).then(|| (stats.version, weights_copy(trainer, publish_kind)));
+        let weights = match stats.skipped {
+            true => None,
+            false => Some((stats.version, trainer.full_weights(publish_kind)?)),
+        };
         publisher.send(Publication {
             weights,
             retire: batch.groups,
@@ -481,21 +483,11 @@ struct Publication {
     retire: usize,
 }
 
-/// The weights to publish, copied off the live parameters (in `kind`).
-fn weights_copy(trainer: &Trainer, kind: tch::Kind) -> Vec<(String, tch::Tensor)> {
-    let model = trainer.model();
-    let tensors = model.hf_tensors(kind);
-    if kind != model.kind() {
-        return tensors;
-    }
-    tensors.into_iter().map(|(n, t)| (n, t.copy())).collect()
-}
-
-fn publish(trainer: &Trainer, kind: tch::Kind) -> Result<Arc<WeightBlob>, RunError> {
+fn publish(trainer: &mut Trainer, kind: tch::Kind) -> Result<Arc<WeightBlob>, RunError> {
     let version = trainer.progress().version;
     Ok(Arc::new(quill_model::weights::to_blob(
         version,
-        &trainer.model().hf_tensors(kind),
+        &trainer.full_weights(kind)?,
     )?))
 }
 

@@ -7,13 +7,15 @@
 //! and renamed into place, so a crash never leaves a half checkpoint under a `step-` name.
 //!
 //! A sharded learner (`grpo.sharding`) writes no [`OPTIMIZER_FILE`]: rank 0's directory
-//! holds the full model (every ZeRO-1/2 rank holds all weights) and [`SHARDING_FILE`]
+//! holds the full model (every ZeRO-1/2 rank holds all weights; ZeRO-3 ranks gather the
+//! layers' weights for it, one layer at a time) and [`SHARDING_FILE`]
 //! (world size, mode, update count), and every rank writes its optimiser shard (f32 master
 //! and moments of its range) to `<root>/step-NNNNNNNN.shards/rank-RRRRR-of-KKKKK.safetensors`,
 //! each file written to a scratch name and renamed. The ranks must share the checkpoint
 //! folder (one machine, or a shared file system). Such a checkpoint resumes only on a
-//! group of the same world size with sharding on; anything else is refused with an error
-//! that says so (the shards are not re-split).
+//! group of the same world size with sharding on (ZeRO-1 and ZeRO-2 shard alike; ZeRO-3
+//! shards each layer apart, so its shards resume only under ZeRO-3); anything else is
+//! refused with an error that says so (the shards are not re-split).
 
 use crate::error::{LearnerError, Result};
 use crate::train::optim::OptimizerState;
@@ -88,11 +90,10 @@ impl ShardSnapshot {
     /// A copy of `trainer`'s shard; `None` when it holds no shard.
     pub fn take(trainer: &Trainer) -> Option<Self> {
         let shard = trainer.shard()?;
-        let layout = shard.layout();
         Some(ShardSnapshot {
             step: trainer.progress().step,
-            rank: layout.rank,
-            world: layout.world,
+            rank: shard.rank(),
+            world: shard.world(),
             state: shard.state(trainer.optimizer().steps()),
         })
     }
@@ -129,10 +130,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Copies `trainer`'s weights, optimizer state and counters, with the tokenizer files
-    /// (plain file names only) and the caller's `extra` state.
+    /// Copies `trainer`'s weights (gathered under ZeRO-3: every rank calls
+    /// [`Trainer::full_weights`] at the same point), optimizer state and counters, with
+    /// the tokenizer files (plain file names only) and the caller's `extra` state.
     pub fn take(
-        trainer: &Trainer,
+        trainer: &mut Trainer,
         tokenizer_files: &[(&str, &[u8])],
         extra: Value,
     ) -> Result<Self> {
@@ -144,6 +146,7 @@ impl Snapshot {
                 format!("tokenizer file name `{name}` is not a plain file name"),
             ));
         }
+        let weights = trainer.full_weights(trainer.model().kind())?;
         let model = trainer.model();
         let sharding = ShardSnapshot::take(trainer).map(|shard| {
             let info = ShardingInfo {
@@ -159,11 +162,7 @@ impl Snapshot {
                 extra,
             },
             config: model.config().to_json(dtype_name(model.kind())),
-            weights: model
-                .hf_tensors(model.kind())
-                .into_iter()
-                .map(|(name, t)| (name, t.copy()))
-                .collect(),
+            weights,
             optimizer: sharding.is_none().then(|| trainer.optimizer().state()),
             sharding,
             tokenizer_files: tokenizer_files
@@ -310,7 +309,7 @@ pub fn load_shard(root: &Path, trainer: &mut Trainer) -> Result<()> {
     let shard = shard.ok_or_else(|| {
         LearnerError::config("grpo.sharding", "a sharded checkpoint needs sharding on")
     })?;
-    let (rank, world) = (shard.layout().rank, shard.layout().world);
+    let (rank, world) = (shard.rank(), shard.world());
     if info.world_size != world {
         return Err(LearnerError::state(
             &dir,
@@ -516,7 +515,7 @@ mod tests {
     /// does (a snapshot, then the write).
     fn save(
         root: &Path,
-        trainer: &Trainer,
+        trainer: &mut Trainer,
         tokenizer_files: &[(&str, &[u8])],
         extra: Value,
     ) -> Result<PathBuf> {
@@ -524,6 +523,7 @@ mod tests {
     }
     use crate::testing::{batch, tiny_model};
     use crate::train::trainer::TrainerConfig;
+    use quill_model::Qwen2;
     use serde_json::json;
     use tch::Kind;
 
@@ -549,7 +549,7 @@ mod tests {
         original.step(&batch()).unwrap();
         let extra = json!({"cursor": 17, "rng": [1, 2, 3]});
         let tokenizer: &[(&str, &[u8])] = &[("tokenizer.json", b"{}")];
-        let dir = save(root.path(), &original, tokenizer, extra.clone()).unwrap();
+        let dir = save(root.path(), &mut original, tokenizer, extra.clone()).unwrap();
         assert_eq!(dir, root.path().join("step-00000002"));
         assert_eq!(std::fs::read(dir.join("tokenizer.json")).unwrap(), b"{}");
         assert!(dir.join("config.json").exists() && dir.join(OPTIMIZER_FILE).exists());
@@ -584,7 +584,7 @@ mod tests {
         let mut t = trainer(2);
         for _ in 0..3 {
             t.step(&batch()).unwrap();
-            save(root.path(), &t, &[], Value::Null).unwrap();
+            save(root.path(), &mut t, &[], Value::Null).unwrap();
         }
         let model = |step: u64| checkpoint_dir(root.path(), step).join("model.safetensors");
         let bytes = std::fs::read(model(3)).unwrap();
@@ -627,7 +627,7 @@ mod tests {
         let mut t = trainer(2);
         for _ in 0..3 {
             t.step(&batch()).unwrap();
-            save(root.path(), &t, &[], Value::Null).unwrap();
+            save(root.path(), &mut t, &[], Value::Null).unwrap();
         }
         let stale = root.path().join("step-00000009.tmp-4000000-0");
         std::fs::create_dir(&stale).unwrap();
@@ -654,9 +654,9 @@ mod tests {
     #[test]
     fn saving_the_same_step_again_replaces_it() {
         let root = tempfile::tempdir().unwrap();
-        let t = trainer(3);
-        save(root.path(), &t, &[], json!(1)).unwrap();
-        let dir = save(root.path(), &t, &[], json!(2)).unwrap();
+        let mut t = trainer(3);
+        save(root.path(), &mut t, &[], json!(1)).unwrap();
+        let dir = save(root.path(), &mut t, &[], json!(2)).unwrap();
         let text = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap();
         let state: TrainerState = serde_json::from_str(&text).unwrap();
         assert_eq!(state.extra, json!(2));
@@ -667,11 +667,11 @@ mod tests {
     #[test]
     fn bad_tokenizer_names_and_missing_tensors_are_errors() {
         let root = tempfile::tempdir().unwrap();
-        let t = trainer(4);
-        let err = save(root.path(), &t, &[("../x", b"")], Value::Null).unwrap_err();
+        let mut t = trainer(4);
+        let err = save(root.path(), &mut t, &[("../x", b"")], Value::Null).unwrap_err();
         assert!(err.to_string().contains("`../x`"), "{err}");
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
-        let dir = save(root.path(), &t, &[], Value::Null).unwrap();
+        let dir = save(root.path(), &mut t, &[], Value::Null).unwrap();
         std::fs::remove_file(dir.join(OPTIMIZER_FILE)).unwrap();
         let mut other = trainer(5);
         let err = load(&dir, &mut other).unwrap_err().to_string();
@@ -735,7 +735,7 @@ mod tests {
                 let (shard, w) = shard_of(&batch(), rank, 2);
                 t.step_shard(&shard, &w).unwrap();
                 if rank == 0 {
-                    save(root, &t, &[], json!({"rank": 0})).unwrap();
+                    save(root, &mut t, &[], json!({"rank": 0})).unwrap();
                 } else {
                     ShardSnapshot::take(&t).unwrap().write(root).unwrap();
                 }
@@ -790,7 +790,7 @@ mod tests {
         load(&dir, &mut lone).unwrap();
         let err = lone.step(&batch()).unwrap_err().to_string();
         assert!(err.contains("were not loaded"), "{err}");
-        let unsharded = save(root, &trainer(1), &[], Value::Null).unwrap();
+        let unsharded = save(root, &mut trainer(1), &[], Value::Null).unwrap();
         let err = load(&unsharded, &mut sharded_trainer(1))
             .unwrap_err()
             .to_string();
@@ -798,5 +798,96 @@ mod tests {
         std::fs::remove_file(shards_dir(root, 2).join(shard_file_name(1, 2))).unwrap();
         let err = load(&dir, &mut sharded_trainer(1)).unwrap_err().to_string();
         assert!(err.contains("shard of rank 1 is missing"), "{err}");
+    }
+
+    #[test]
+    fn a_zero3_checkpoint_holds_the_whole_model_and_resumes_exactly() {
+        use crate::parallel::collective::{on_loopback_ranks, Collective};
+        use std::time::Duration;
+        let zero3 = |seed: u64| {
+            let config = TrainerConfig {
+                sharding: Sharding::Zero3,
+                ..crate::testing::trainer_config(16, crate::LossAggregation::TokenMean, 0.5)
+            };
+            Trainer::new(tiny_model(seed), None, config).unwrap()
+        };
+        let gathered = |t: &mut Trainer| -> Vec<(String, Vec<f32>)> {
+            let mut w = t.full_weights(Kind::Float).unwrap();
+            w.sort_by(|a, b| a.0.cmp(&b.0));
+            w.into_iter()
+                .map(|(n, t)| (n, Vec::<f32>::try_from(t.reshape([-1])).unwrap()))
+                .collect()
+        };
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let mut third = batch();
+        third.iter_mut().for_each(|s| s.advantage = -s.advantage);
+        let timeout = Duration::from_secs(20);
+        let continued = on_loopback_ranks(2, timeout, |ring| {
+            let rank = ring.rank();
+            let mut t = zero3(1);
+            t.attach(join(ring)).unwrap();
+            for _ in 0..2 {
+                let (shard, w) = shard_of(&batch(), rank, 2);
+                t.step_shard(&shard, &w).unwrap();
+            }
+            let saved = gathered(&mut t);
+            if rank == 0 {
+                save(root, &mut t, &[], json!({"rank": 0})).unwrap();
+            } else {
+                t.full_weights(Kind::Float).unwrap();
+                ShardSnapshot::take(&t).unwrap().write(root).unwrap();
+            }
+            let (shard, w) = shard_of(&third, rank, 2);
+            t.step_shard(&shard, &w).unwrap();
+            (saved, gathered(&mut t))
+        });
+        let dir = checkpoint_dir(root, 2);
+        let folder = Qwen2::load(&dir, tch::Device::Cpu, Kind::Float).unwrap();
+        let mut on_disk: Vec<(String, Vec<f32>)> = folder
+            .hf_tensors(Kind::Float)
+            .into_iter()
+            .map(|(n, t)| (n, Vec::<f32>::try_from(t.reshape([-1])).unwrap()))
+            .collect();
+        on_disk.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            on_disk, continued[0].0,
+            "the model folder holds every layer"
+        );
+        assert!(on_disk
+            .iter()
+            .any(|(n, _)| n.starts_with("model.layers.1.")));
+
+        let resumed = on_loopback_ranks(2, timeout, |ring| {
+            let rank = ring.rank();
+            let mut t = zero3(7 + rank as u64);
+            if rank == 0 {
+                load(&dir, &mut t).unwrap();
+            }
+            t.attach(join(ring)).unwrap();
+            load_shard(root, &mut t).unwrap();
+            let (shard, w) = shard_of(&third, rank, 2);
+            t.step_shard(&shard, &w).unwrap();
+            gathered(&mut t)
+        });
+        for rank in 0..2 {
+            assert_eq!(resumed[rank], continued[rank].1, "rank {rank}: bit-equal");
+        }
+
+        let as_zero2 = on_loopback_ranks(2, timeout, |ring| {
+            let rank = ring.rank();
+            let mut t = sharded_trainer(1);
+            if rank == 0 {
+                load(&dir, &mut t).unwrap();
+            }
+            t.attach(join(ring)).unwrap();
+            load_shard(root, &mut t).unwrap_err().to_string()
+        });
+        for err in as_zero2 {
+            assert!(
+                err.contains("resume with the sharding that wrote it"),
+                "{err}"
+            );
+        }
     }
 }

@@ -37,7 +37,7 @@
 
 use crate::error::{LearnerError, Result};
 use crate::train::sample::{Packed, TrainSample};
-use quill_model::{LayerCheckpoints, Qwen2};
+use quill_model::{LayerCheckpoints, LayerHooks, NoHooks, Qwen2};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -182,28 +182,38 @@ fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = (i64, i64)> {
         .map(move |start| (start as i64, chunk.min(n - start) as i64))
 }
 
+/// The layer hooks of a learner that shards the layers' weights (`train::zero3`).
+pub type Hooks<'h> = dyn LayerHooks<Error = LearnerError> + 'h;
+
 /// The decoder's final-norm hidden states of `packed` (packed or padded rows as it is
-/// laid out), with the kept layer inputs when `checkpointing`.
+/// laid out), with the kept layer inputs when `checkpointing` or when there are `hooks`
+/// (they run in the checkpointed pass).
 fn decoder<'a>(
     model: &'a Qwen2,
     packed: &Packed,
     checkpointing: bool,
-) -> (Tensor, Option<LayerCheckpoints<'a>>) {
-    match (&packed.segments, checkpointing) {
-        (None, false) => (model.hidden(&packed.tokens), None),
-        (Some(lens), false) => (model.hidden_packed(&packed.tokens, lens), None),
-        (None, true) => {
-            let (hidden, kept) = model.hidden_checkpointed(&packed.tokens);
-            (hidden, Some(kept))
-        }
-        (Some(lens), true) => {
-            let (hidden, kept) = model.hidden_packed_checkpointed(&packed.tokens, lens);
-            (hidden, Some(kept))
-        }
+    hooks: Option<&mut Hooks<'_>>,
+) -> Result<(Tensor, Option<LayerCheckpoints<'a>>)> {
+    let (hidden, kept) = match (hooks, &packed.segments, checkpointing) {
+        (Some(hooks), _, _) => checkpointed(model, packed, hooks)?,
+        (None, _, true) => checkpointed(model, packed, &mut NoHooks)?,
+        (None, None, false) => return Ok((model.hidden(&packed.tokens), None)),
+        (None, Some(lens), false) => return Ok((model.hidden_packed(&packed.tokens, lens), None)),
+    };
+    Ok((hidden, Some(kept)))
+}
+
+fn checkpointed<'a, H: LayerHooks + ?Sized>(
+    model: &'a Qwen2,
+    packed: &Packed,
+    hooks: &mut H,
+) -> std::result::Result<(Tensor, LayerCheckpoints<'a>), H::Error> {
+    match &packed.segments {
+        None => model.hidden_checkpointed(&packed.tokens, hooks),
+        Some(lens) => model.hidden_packed_checkpointed(&packed.tokens, lens, hooks),
     }
 }
 
-/// The hidden states at the response tokens' predicting positions, `[N, hidden]`.
 fn response_hidden(hidden: &Tensor, packed: &Packed) -> Result<Tensor> {
     Ok(hidden.f_index(&[Some(&packed.rows), Some(&packed.cols)])?)
 }
@@ -235,7 +245,7 @@ pub(crate) fn token_logprobs(
     chunk: usize,
 ) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
-    let hidden = response_hidden(&decoder(model, packed, false).0, packed)?;
+    let hidden = response_hidden(&decoder(model, packed, false, None)?.0, packed)?;
     let parts = chunks(packed.len(), chunk)
         .map(|(start, len)| {
             let lsm = tempered_log_softmax(model, &hidden.narrow(0, start, len), temperature)?;
@@ -410,6 +420,7 @@ pub fn micro_batch_backward(
     weights: &[f64],
     config: &GrpoConfig,
     memory: &MemoryConfig,
+    mut hooks: Option<&mut Hooks<'_>>,
 ) -> Result<LossSums> {
     let device = policy.device();
     let packed = Packed::new(samples, device, memory.packing);
@@ -417,7 +428,12 @@ pub fn micro_batch_backward(
     let ref_logp = reference
         .map(|model| token_logprobs(model, &packed, config.temperature, chunk))
         .transpose()?;
-    let (hidden, checkpoints) = decoder(policy, &packed, memory.activation_checkpointing);
+    let (hidden, checkpoints) = decoder(
+        policy,
+        &packed,
+        memory.activation_checkpointing,
+        hooks.as_deref_mut(),
+    )?;
     let picked = response_hidden(&hidden, &packed)?;
     let leaf = picked.detach().set_requires_grad(true);
     let behaviour: Vec<f32> = samples
@@ -459,8 +475,10 @@ pub fn micro_batch_backward(
         .f_mul(&leaf.grad())?
         .f_sum(Kind::Float)?
         .f_backward()?;
-    if let Some(kept) = checkpoints {
-        kept.backward()?;
+    match (checkpoints, hooks) {
+        (Some(kept), Some(hooks)) => kept.backward(hooks)?,
+        (Some(kept), None) => kept.backward(&mut NoHooks)?,
+        (None, _) => {}
     }
     Ok(sums)
 }
@@ -702,9 +720,16 @@ mod tests {
             let packed = Packed::new(&refs, Device::Cpu, false);
             let logp = token_logprobs(&policy, &packed, config.temperature, chunk).unwrap();
             close(&values(&logp), &plain.logp);
-            let sums =
-                micro_batch_backward(&policy, Some(&reference), &refs, &weights, &config, &memory)
-                    .unwrap();
+            let sums = micro_batch_backward(
+                &policy,
+                Some(&reference),
+                &refs,
+                &weights,
+                &config,
+                &memory,
+                None,
+            )
+            .unwrap();
             assert!(
                 (sums.entropy - plain.entropy).abs() < 1e-5 * plain.entropy,
                 "{chunk}"
@@ -730,9 +755,16 @@ mod tests {
                 activation_checkpointing: true,
                 packing: false,
             };
-            let sums =
-                micro_batch_backward(&policy, Some(&reference), &refs, &weights, &config, &memory)
-                    .unwrap();
+            let sums = micro_batch_backward(
+                &policy,
+                Some(&reference),
+                &refs,
+                &weights,
+                &config,
+                &memory,
+                None,
+            )
+            .unwrap();
             assert!((sums.loss - plain.loss).abs() < 1e-6, "{sums:?}");
             let got = grads(&policy);
             assert!(got.iter().all(|g| g.abs().max().double_value(&[]) > 0.0));
@@ -773,9 +805,16 @@ mod tests {
             let packed = Packed::new(&[*s], Device::Cpu, false);
             let lp = token_logprobs(&alone, &packed, config.temperature, 1024).unwrap();
             alone_logp.extend(values(&lp));
-            let sums =
-                micro_batch_backward(&alone, Some(&reference), &[*s], &[*w], &config, &memory)
-                    .unwrap();
+            let sums = micro_batch_backward(
+                &alone,
+                Some(&reference),
+                &[*s],
+                &[*w],
+                &config,
+                &memory,
+                None,
+            )
+            .unwrap();
             alone_loss += sums.loss;
         }
         close(&alone_logp, &padded.logp);
@@ -790,9 +829,16 @@ mod tests {
             assert_eq!(packed.tokens.size(), [1, 21 + 17 - 4]);
             let logp = token_logprobs(&policy, &packed, config.temperature, chunk).unwrap();
             close(&values(&logp), &padded.logp);
-            let sums =
-                micro_batch_backward(&policy, Some(&reference), &refs, &weights, &config, &memory)
-                    .unwrap();
+            let sums = micro_batch_backward(
+                &policy,
+                Some(&reference),
+                &refs,
+                &weights,
+                &config,
+                &memory,
+                None,
+            )
+            .unwrap();
             assert!((sums.loss - padded.loss).abs() < 1e-6, "{sums:?}");
             assert!((sums.loss - alone_loss).abs() < 1e-6, "{sums:?}");
             assert!((sums.entropy - padded.entropy).abs() < 1e-5 * padded.entropy);

@@ -1,6 +1,7 @@
 //! Training on one rank: the GRPO loss, AdamW and learning-rate schedules, the step
 //! (micro-batches, gradient accumulation, clipping, skipping bad steps), mixed precision,
-//! checkpoints and the model-FLOPs accounting.
+//! sharded optimiser state, gradients and weights (ZeRO 1–3), checkpoints and the
+//! model-FLOPs accounting.
 
 pub mod checkpoint;
 pub mod grad_sync;
@@ -15,3 +16,4 @@ pub mod schedule;
 pub mod shard;
 mod state_file;
 pub mod trainer;
+pub mod zero3;

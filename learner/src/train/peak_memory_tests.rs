@@ -79,6 +79,7 @@ fn measure(chunk: usize, checkpointing: bool) {
         &weight,
         &GrpoConfig::default(),
         &memory,
+        None,
     )
     .expect("pass");
     println!("PEAK_GROWTH {}", status_bytes("VmHWM:") - before);
@@ -225,6 +226,7 @@ fn measure_long() {
         &weight,
         &GrpoConfig::default(),
         &memory,
+        None,
     )
     .expect("pass");
     println!("PEAK_GROWTH {}", status_bytes("VmHWM:") - before);

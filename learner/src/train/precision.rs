@@ -64,6 +64,20 @@ impl ComputeCopy {
         Ok(())
     }
 
+    /// The copy's trained variables in name order (the optimizer's order), shallow
+    /// copies: under ZeRO-3 the layers' bf16 weights are gathered into them.
+    pub fn params(&self) -> Vec<Tensor> {
+        let mut named: Vec<(String, Tensor)> = self
+            .model
+            .var_store()
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named.into_iter().map(|(_, t)| t).collect()
+    }
+
     /// Zeroes the copy's gradients (a skipped micro-batch leaves them partial).
     pub fn zero_grads(&self) {
         for mut var in self.model.var_store().trainable_variables() {
@@ -155,7 +169,7 @@ mod tests {
         let memory = MemoryConfig::default();
         let config = GrpoConfig::default();
         let pass = |part: &[&TrainSample], w: &[f64]| {
-            micro_batch_backward(copy.model(), None, part, w, &config, &memory).unwrap();
+            micro_batch_backward(copy.model(), None, part, w, &config, &memory, None).unwrap();
             copy.accumulate_grads(&master).unwrap();
         };
         pass(&refs, &weights);

@@ -10,7 +10,8 @@ use crate::train::precision::{ComputeCopy, Precision};
 use crate::train::sample::{
     micro_batches, packed_micro_batches, pass_tokens, validate_batch, TrainSample,
 };
-use crate::train::shard::{ShardedState, Sharding};
+use crate::train::shard::{self, ShardedState, Sharding};
+use crate::train::zero3::{self, LayerPass};
 use quill_model::Qwen2;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -61,12 +62,6 @@ impl TrainerConfig {
         self.grpo.validate()?;
         self.optimizer.validate()?;
         self.memory.validate()?;
-        if self.sharding == Sharding::Zero3 {
-            return Err(LearnerError::config(
-                "grpo.sharding",
-                "\"zero3\" (parameter sharding) is not built yet: use \"zero1\" or \"zero2\"",
-            ));
-        }
         if self.micro_batch_tokens == 0 {
             return Err(LearnerError::config(
                 "micro_batch_tokens",
@@ -232,13 +227,24 @@ impl Trainer {
         };
         self.optimizer.set_steps(counters[4] as u64);
         if sharded {
-            self.shard = Some(ShardedState::new(
-                &self.optimizer.params(),
+            let params = self.optimizer.params();
+            let names: Vec<&str> = self.optimizer.moments().map(|(name, _, _)| name).collect();
+            let units = shard::units(&names, self.config.sharding, self.model.num_layers());
+            let state = ShardedState::new(
+                &params,
+                units,
                 self.config.sharding,
                 sync.world_size(),
                 sync.rank(),
                 sync.bucket_bytes(),
-            )?);
+            )?;
+            for layer in 0..state.sharded_layers() {
+                state.release_layer(layer, &params)?;
+                if let Some(compute) = &self.compute {
+                    state.release_layer(layer, &compute.params())?;
+                }
+            }
+            self.shard = Some(state);
             self.pending_shards = (counters[5] >= 0.0).then_some(counters[5] as u64);
         }
         self.sync = Some(sync);
@@ -278,6 +284,45 @@ impl Trainer {
         self.compute
             .as_ref()
             .map_or(&self.model, ComputeCopy::model)
+    }
+
+    /// Every weight of the policy under its Hugging Face name, copied, in `kind`. Under
+    /// ZeRO-3 the decoder layers' weights are all-gathered one layer at a time and freed
+    /// again, so every rank of the group must call it at the same point.
+    pub fn full_weights(&mut self, kind: Kind) -> Result<Vec<(String, Tensor)>> {
+        let own = self.model.kind();
+        let copied = |(name, t): (String, Tensor)| {
+            let t = if kind == own { t.copy() } else { t };
+            (name, t)
+        };
+        let (Some(shard), Some(sync)) = (
+            self.shard.as_ref().filter(|s| s.sharded_layers() > 0),
+            self.sync.as_mut(),
+        ) else {
+            return Ok(self
+                .model
+                .hf_tensors(kind)
+                .into_iter()
+                .map(copied)
+                .collect());
+        };
+        let params = self.optimizer.params();
+        let mut weights: Vec<(String, Tensor)> = self
+            .model
+            .hf_tensors_of(kind, |name| !name.starts_with("model.layers."))
+            .into_iter()
+            .map(copied)
+            .collect();
+        for layer in 0..shard.sharded_layers() {
+            shard.gather_layer(layer, sync.collective(), &params)?;
+            let prefix = format!("model.layers.{layer}.");
+            let of_layer = self
+                .model
+                .hf_tensors_of(kind, |name| name.starts_with(&prefix));
+            weights.extend(of_layer.into_iter().map(copied));
+            shard.release_layer(layer, &params)?;
+        }
+        Ok(weights)
     }
 
     /// The optimizer.
@@ -358,8 +403,10 @@ impl Trainer {
             true => packed_micro_batches(batch, self.config.micro_batch_tokens),
             false => micro_batches(batch, self.config.micro_batch_tokens),
         };
-        if let Some(shard) = &self.shard {
+        let zero3 = self.shard.as_ref().is_some_and(|s| s.sharded_layers() > 0);
+        if let Some(shard) = &mut self.shard {
             shard.restore_grads(&self.optimizer.params())?;
+            shard.zero_grad()?;
         }
         self.optimizer.zero_grad();
         if self.sync.is_some() {
@@ -371,7 +418,10 @@ impl Trainer {
         }
         let mut sums = LossSums::default();
         let mut finite = true;
-        for group in &groups {
+        if zero3 {
+            (sums, finite) = self.zero3_passes(batch, weights, &groups)?;
+        }
+        for group in groups.iter().filter(|_| !zero3) {
             let samples: Vec<&TrainSample> = group.iter().map(|&i| &batch[i]).collect();
             let group_weights: Vec<f64> = group.iter().map(|&i| weights[i]).collect();
             let part = grpo::micro_batch_backward(
@@ -381,6 +431,7 @@ impl Trainer {
                 &group_weights,
                 &self.config.grpo,
                 &self.config.memory,
+                None,
             )?;
             if let Some(compute) = &self.compute {
                 compute.accumulate_grads(&self.model)?;
@@ -472,6 +523,56 @@ impl Trainer {
             forward_backward_seconds,
             optimizer_seconds: seconds - forward_backward_seconds,
         })
+    }
+
+    /// ZeRO-3's micro-batches: as many on every rank as the rank with the most has, each
+    /// through the checkpointed pass with [`LayerPass`] gathering, freeing and
+    /// reduce-scattering layer by layer; after a non-finite loss the rest only keep the
+    /// schedule. Returns the summed statistics and whether every loss was finite.
+    fn zero3_passes(
+        &mut self,
+        batch: &[TrainSample],
+        weights: &[f64],
+        groups: &[Vec<usize>],
+    ) -> Result<(LossSums, bool)> {
+        let (Some(shard), Some(sync)) = (self.shard.as_mut(), self.sync.as_mut()) else {
+            return Err(LearnerError::config(
+                "grpo.sharding",
+                "zero3 trains only in a data-parallel group",
+            ));
+        };
+        // The layers are gathered into the model the passes run on.
+        let (model, params) = match &self.compute {
+            Some(compute) => (compute.model(), compute.params()),
+            None => (&self.model, self.optimizer.params()),
+        };
+        let device = self.model.device();
+        let passes = zero3::agree_passes(sync.collective(), groups.len(), device)?;
+        let mut sums = LossSums::default();
+        let mut finite = true;
+        for i in 0..passes {
+            let mut pass = LayerPass::new(shard, sync.collective(), &params);
+            if let (true, Some(group)) = (finite, groups.get(i)) {
+                let samples: Vec<&TrainSample> = group.iter().map(|&i| &batch[i]).collect();
+                let group_weights: Vec<f64> = group.iter().map(|&i| weights[i]).collect();
+                let part = grpo::micro_batch_backward(
+                    model,
+                    self.reference.as_ref(),
+                    &samples,
+                    &group_weights,
+                    &self.config.grpo,
+                    &self.config.memory,
+                    Some(&mut pass),
+                )?;
+                if let Some(compute) = &self.compute {
+                    compute.accumulate_grads(&self.model)?;
+                }
+                sums.add(&part);
+                finite = part.loss.is_finite();
+            }
+            pass.finish()?;
+        }
+        Ok((sums, finite))
     }
 
     /// Gives every parameter a zero gradient, so that a rank with little or no data still

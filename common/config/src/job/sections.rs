@@ -293,7 +293,8 @@ pub struct GrpoSection {
     pub activation_checkpointing: bool,
     /// How a learner of several ranks spreads its training state (ZeRO stages):
     /// `none`, `zero1` (f32 master weights and AdamW moments sharded), `zero2` (also the
-    /// gradients between steps); `zero3` (also the weights) is not built and is refused.
+    /// gradients between steps), `zero3` (also the decoder layers' weights, gathered one
+    /// layer at a time; the passes run layer by layer with activation checkpointing).
     pub sharding: Sharding,
     /// `f32` (default) or `bf16` mixed precision for the learner's passes.
     pub precision: Precision,
@@ -316,7 +317,7 @@ pub enum Sharding {
     Zero1,
     /// Also the gradients.
     Zero2,
-    /// Also the weights (not built: refused by validation).
+    /// Also the decoder layers' weights, gathered layer by layer as the passes need them.
     Zero3,
 }
 

@@ -10,7 +10,7 @@ use quill_reward::RewardError;
 use super::{
     CheckpointSection, ClusterSection, DataSection, GrpoSection, JobConfig, JobConfigError,
     JobSection, JudgeMode, JudgeParse, JudgeSection, MetricsSection, ModelSection,
-    OptimizerSection, ParallelSection, RewardsSection, SamplingSection, Sharding, MAX_RELAY_FANOUT,
+    OptimizerSection, ParallelSection, RewardsSection, SamplingSection, MAX_RELAY_FANOUT,
     MAX_WEIGHT_CHUNK_BYTES, MIN_WEIGHT_CHUNK_BYTES,
 };
 use crate::template::PromptTemplate;
@@ -351,10 +351,7 @@ impl GrpoSection {
         }
         at_least("grpo.steps", self.steps, 1)?;
         at_least("grpo.micro_batch_tokens", self.micro_batch_tokens, 1)?;
-        at_least("grpo.logprob_chunk_tokens", self.logprob_chunk_tokens, 1)?;
-        ensure(self.sharding != Sharding::Zero3, "grpo.sharding", || {
-            "\"zero3\" (parameter sharding) is not built yet: use \"zero1\" or \"zero2\"".into()
-        })
+        at_least("grpo.logprob_chunk_tokens", self.logprob_chunk_tokens, 1)
     }
 }
 
@@ -620,11 +617,6 @@ mod tests {
                 "[checkpoint]\npublish_dtype = \"fp16\"",
                 "checkpoint.publish_dtype",
                 "must be \"f32\" or \"bf16\", got \"fp16\"",
-            ),
-            (
-                "[grpo]\nsharding = \"zero3\"",
-                "grpo.sharding",
-                "\"zero3\" (parameter sharding) is not built yet: use \"zero1\" or \"zero2\"",
             ),
             (
                 "[grpo]\nlogprob_chunk_tokens = 0",
