@@ -24,6 +24,11 @@ pub const VOCAB: i64 = 48;
 
 /// A 2-layer model with 16-wide hidden states; `seed` draws its weights.
 pub fn tiny_model(seed: u64) -> Qwen2 {
+    tiny_model_on(seed, Device::Cpu)
+}
+
+/// [`tiny_model`] on `device`.
+pub fn tiny_model_on(seed: u64, device: Device) -> Qwen2 {
     let config = ModelConfig::from_json(json!({
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -38,7 +43,7 @@ pub fn tiny_model(seed: u64) -> Qwen2 {
     }))
     .expect("valid config");
     let weights = default_model::weights(&config, seed);
-    let mut model = Qwen2::new(config, Device::Cpu, Kind::Float).expect("model");
+    let mut model = Qwen2::new(config, device, Kind::Float).expect("model");
     model.load_weights(&weights).expect("weights");
     model
 }

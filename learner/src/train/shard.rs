@@ -666,13 +666,79 @@ pub fn shard_file_name(rank: usize, world: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parallel::collective::on_loopback_ranks;
-    use crate::testing::{batch, sample, tiny_model, trainer_config};
+    use crate::parallel::collective::{nccl_unique_id, on_loopback_ranks, NcclCollective};
+    use crate::testing::{batch, sample, tiny_model, tiny_model_on, trainer_config};
     use crate::train::grad_sync::GradSync;
     use crate::train::grpo::{token_weights, LossAggregation};
     use crate::train::sample::TrainSample;
     use crate::train::trainer::{StepStats, Trainer, TrainerConfig};
     use std::time::Duration;
+    use tch::Device;
+
+    /// Whether the multi-rank test runs over NCCL: `QUILL_TEST_COLLECTIVE` = `ring` (the
+    /// default: the loopback TCP ring, CPU tensors) or `nccl` (rank `r` on `cuda:r`), so
+    /// that `scripts/gpu-check.sh` can run it on GPUs.
+    fn over_nccl() -> bool {
+        match std::env::var("QUILL_TEST_COLLECTIVE").as_deref() {
+            Err(_) | Ok("ring") => false,
+            Ok("nccl") => true,
+            Ok(other) => panic!("QUILL_TEST_COLLECTIVE must be ring or nccl, got {other:?}"),
+        }
+    }
+
+    /// The modes the multi-rank test checks: `QUILL_TEST_SHARDING` (`none`, `zero1`,
+    /// `zero2`, `zero3`, space-separated), by default all of them.
+    fn test_modes() -> Vec<Sharding> {
+        let names = std::env::var("QUILL_TEST_SHARDING")
+            .unwrap_or_else(|_| "none zero1 zero2 zero3".to_owned());
+        names
+            .split_whitespace()
+            .map(|name| {
+                serde_json::from_value(serde_json::json!(name))
+                    .unwrap_or_else(|_| panic!("QUILL_TEST_SHARDING: no mode {name:?}"))
+            })
+            .collect()
+    }
+
+    /// The device of rank `rank` of the multi-rank test.
+    fn test_device(rank: usize) -> Device {
+        if over_nccl() {
+            Device::Cuda(rank)
+        } else {
+            Device::Cpu
+        }
+    }
+
+    /// Runs `body` on `world` ranks, each with its collective and device: the loopback
+    /// ring on CPU, or NCCL with rank `r` on `cuda:r` ([`over_nccl`]).
+    fn on_test_ranks<T: Send>(
+        world: usize,
+        body: impl Fn(Box<dyn Collective>, Device) -> T + Sync,
+    ) -> Vec<T> {
+        let timeout = Duration::from_secs(20);
+        if !over_nccl() {
+            return on_loopback_ranks(world, timeout, |ring| body(Box::new(ring), Device::Cpu));
+        }
+        let found = tch::Cuda::device_count() as usize;
+        assert!(
+            found >= world,
+            "QUILL_TEST_COLLECTIVE=nccl puts rank r on cuda:r: {world} ranks need {world} CUDA \
+             devices, this machine has {found}"
+        );
+        let id = nccl_unique_id().unwrap();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    let (id, body) = (&id, &body);
+                    scope.spawn(move || {
+                        let nccl = NcclCollective::new(rank, world, id, rank, timeout).unwrap();
+                        body(Box::new(nccl), Device::Cuda(rank))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
 
     /// Four global batches: clipping is active in every applied step (max norm 0.5), and
     /// the second holds a sample whose ratio overflows, so that step is skipped.
@@ -703,7 +769,9 @@ mod tests {
         weights.sort_by(|a, b| a.0.cmp(&b.0));
         weights
             .iter()
-            .flat_map(|(_, t)| Vec::<f32>::try_from(t.reshape([-1])).unwrap())
+            .flat_map(|(_, t)| {
+                Vec::<f32>::try_from(t.reshape([-1]).to_device(Device::Cpu)).unwrap()
+            })
             .collect()
     }
 
@@ -730,11 +798,11 @@ mod tests {
 
     /// [`train_ranks`] with any trainer settings.
     fn train_ranks_with(world: usize, config: TrainerConfig) -> Vec<(History, u64)> {
-        on_loopback_ranks(world, Duration::from_secs(20), |ring| {
-            let rank = ring.rank();
-            let mut trainer =
-                Trainer::new(tiny_model(1 + rank as u64), None, config.clone()).unwrap();
-            trainer.attach(GradSync::new(Box::new(ring), 700)).unwrap();
+        on_test_ranks(world, |collective, device| {
+            let rank = collective.rank();
+            let model = tiny_model_on(1 + rank as u64, device);
+            let mut trainer = Trainer::new(model, None, config.clone()).unwrap();
+            trainer.attach(GradSync::new(collective, 700)).unwrap();
             let history = batches()
                 .iter()
                 .map(|global| {
@@ -744,7 +812,10 @@ mod tests {
                     (flat_weights(&mut trainer), stats)
                 })
                 .collect();
-            (history, trainer.shard().unwrap().optimizer_bytes())
+            (
+                history,
+                trainer.shard().map_or(0, ShardedState::optimizer_bytes),
+            )
         })
     }
 
@@ -757,7 +828,20 @@ mod tests {
 
     #[test]
     fn sharded_ranks_take_the_same_steps_as_one_rank() {
-        let mut single = Trainer::new(tiny_model(1), None, config(Sharding::None)).unwrap();
+        let worlds = match over_nccl() {
+            true => {
+                let found = tch::Cuda::device_count() as usize;
+                assert!(
+                    found >= 2,
+                    "QUILL_TEST_COLLECTIVE=nccl puts rank r on cuda:r and needs at least 2 \
+                     CUDA devices, this machine has {found}"
+                );
+                (2..=found.min(3)).collect()
+            }
+            false => vec![2, 3],
+        };
+        let model = tiny_model_on(1, test_device(0));
+        let mut single = Trainer::new(model, None, config(Sharding::None)).unwrap();
         let initial = flat_weights(&mut single);
         let reference: Vec<(Vec<f32>, StepStats)> = batches()
             .iter()
@@ -770,8 +854,8 @@ mod tests {
         for (_, stats) in reference.iter().filter(|(_, s)| !s.skipped) {
             assert!(stats.grad_norm > 0.5, "clipping is active: {stats:?}");
         }
-        for sharding in [Sharding::Zero1, Sharding::Zero2, Sharding::Zero3] {
-            for world in [2, 3] {
+        for sharding in test_modes() {
+            for &world in &worlds {
                 let ranks = train_ranks(world, sharding);
                 for (step, (want, want_stats)) in reference.iter().enumerate() {
                     for (rank, (history, _)) in ranks.iter().enumerate() {
