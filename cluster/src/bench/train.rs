@@ -1,7 +1,7 @@
 //! `quill bench train`: quill's GRPO training step against a PyTorch loop (the same loss,
 //! clipping and AdamW on the same model, batch and threads), and the optimiser and
-//! gradient bytes a rank holds with 1, 2, 4 … ranks (ZeRO-2 above one rank; the ranks run
-//! as threads of this process over a loopback ring).
+//! gradient and weight bytes a rank holds with 1, 2, 4 … ranks (ZeRO-2 and ZeRO-3 above
+//! one rank; the ranks run as threads of this process over a loopback ring).
 
 use anyhow::{bail, Context};
 use quill_learner::parallel::collective::RingCollective;
@@ -27,10 +27,18 @@ pub struct TrainArgs {
     /// CPU threads of each rank, for quill and PyTorch alike.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Learner ranks to measure, comma-separated; above 1 quill runs ZeRO-2 ranks as
+    /// Learner ranks to measure, comma-separated; above 1 quill runs sharded ranks as
     /// threads over a loopback ring (PyTorch runs one rank only).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2, 4])]
     pub ranks: Vec<usize>,
+    /// The sharding modes measured above one rank, comma-separated (a row each).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_values_t = vec!["zero2".to_owned(), "zero3".to_owned()],
+        value_parser = ["zero1", "zero2", "zero3"]
+    )]
+    pub sharding: Vec<String>,
     /// Samples in the global batch.
     #[arg(long, default_value_t = 8)]
     pub samples: usize,
@@ -57,6 +65,10 @@ struct Row {
     gradients_between: u64,
     /// Gradient bytes one rank holds during the backward pass.
     gradients_peak: u64,
+    /// Weight bytes one rank holds between steps.
+    weights_between: u64,
+    /// Weight bytes one rank holds during a pass (ZeRO-3: one layer gathered).
+    weights_peak: u64,
 }
 
 fn config(sharding: Sharding) -> TrainerConfig {
@@ -132,16 +144,29 @@ fn quill_single(args: &TrainArgs, samples: &[TrainSample]) -> anyhow::Result<Row
         .map(|(_, m, v)| bytes(m) + bytes(v))
         .sum();
     let gradients = grad_bytes(&trainer);
+    let weights = param_bytes(&trainer);
     Ok(Row {
         seconds_per_step,
         optimizer_bytes,
         gradients_between: gradients,
         gradients_peak: gradients,
+        weights_between: weights,
+        weights_peak: weights,
     })
 }
 
-/// `world` ZeRO-2 ranks as threads over a loopback ring; rank 0's figures.
-fn quill_sharded(args: &TrainArgs, samples: &[TrainSample], world: usize) -> anyhow::Result<Row> {
+/// The bytes of one decoder layer's f32 weights (ZeRO-3 gathers one at a time).
+fn layer_bytes(trainer: &Trainer) -> u64 {
+    4 * quill_model::memory_plan::ModelSize::of(trainer.model().config()).layer_params
+}
+
+/// `world` ranks sharded as `sharding`, threads over a loopback ring; rank 0's figures.
+fn quill_sharded(
+    args: &TrainArgs,
+    samples: &[TrainSample],
+    world: usize,
+    sharding: Sharding,
+) -> anyhow::Result<Row> {
     let listeners = (0..world)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()?;
@@ -166,7 +191,7 @@ fn quill_sharded(args: &TrainArgs, samples: &[TrainSample], world: usize) -> any
                         b"bench",
                     )?;
                     let (model, _) = default_model::load(tch::Device::Cpu, tch::Kind::Float)?;
-                    let mut trainer = Trainer::new(model, None, config(Sharding::Zero2))?;
+                    let mut trainer = Trainer::new(model, None, config(sharding))?;
                     trainer.attach(GradSync::new(Box::new(ring), 32 << 20))?;
                     let (shard, w): (Vec<TrainSample>, Vec<f64>) = samples
                         .iter()
@@ -182,11 +207,20 @@ fn quill_sharded(args: &TrainArgs, samples: &[TrainSample], world: usize) -> any
                     })?;
                     let state = trainer.shard().context("a sharded trainer holds a shard")?;
                     let shard_grad = bytes(state.grad());
+                    // The full gradients of what a pass holds: every weight, or under
+                    // ZeRO-3 the resident ones and the gathered layer's.
+                    let gathered = match state.sharded_layers() {
+                        0 => 0,
+                        _ => layer_bytes(&trainer),
+                    };
+                    let held = param_bytes(&trainer);
                     Ok(Row {
                         seconds_per_step,
                         optimizer_bytes: state.optimizer_bytes(),
                         gradients_between: shard_grad + grad_bytes(&trainer),
-                        gradients_peak: shard_grad + param_bytes(&trainer),
+                        gradients_peak: shard_grad + held + gathered,
+                        weights_between: held,
+                        weights_peak: held + gathered,
                     })
                 })
             })
@@ -289,7 +323,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let [peer_seconds, peer_rss, peer_opt, peer_grad] =
         peer(&args, &samples, &AdamWConfig::default())?;
     println!(
-        "{:<6} {:<9} {:>12} {:>12} {:>6} {:>15} {:>15} {:>22} {:>22}",
+        "{:<6} {:<9} {:>12} {:>12} {:>6} {:>15} {:>15} {:>22} {:>22} {:>30}",
         "ranks",
         "sharding",
         "quill tok/s",
@@ -298,18 +332,32 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "quill RSS MiB",
         "torch RSS MiB",
         "opt+grad/rank MiB",
-        "… in backward MiB"
+        "… in backward MiB",
+        "weights/rank MiB"
     );
-    let mut one_rank = None;
+    let mut runs = Vec::new();
     for &k in &args.ranks {
+        match k {
+            1 => runs.push((1, Sharding::None)),
+            _ => {
+                for name in &args.sharding {
+                    let sharding = serde_json::from_value(json!(name))
+                        .with_context(|| format!("--sharding: no mode {name:?}"))?;
+                    runs.push((k, sharding));
+                }
+            }
+        }
+    }
+    let mut one_rank = None;
+    for (k, sharding) in runs {
         let row = if k == 1 {
             quill_single(&args, &samples)?
         } else {
-            quill_sharded(&args, &samples, k)?
+            quill_sharded(&args, &samples, k, sharding)?
         };
         let between = (row.optimizer_bytes + row.gradients_between) as f64;
         let peak = (row.optimizer_bytes + row.gradients_peak) as f64;
-        let base = *one_rank.get_or_insert(between);
+        let (base, base_weights) = *one_rank.get_or_insert((between, row.weights_between as f64));
         let quill_tps = tokens / row.seconds_per_step;
         let (torch, ratio, torch_rss) = if k == 1 {
             let tps = tokens / peer_seconds;
@@ -326,16 +374,24 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         } else {
             "-".into()
         };
+        let weights = row.weights_between as f64;
         println!(
-            "{k:<6} {:<9} {quill_tps:>12.1} {torch:>12} {ratio:>6} {quill_rss:>15} {torch_rss:>15} {:>22} {:>22}",
-            if k == 1 { "none" } else { "zero2" },
+            "{k:<6} {:<9} {quill_tps:>12.1} {torch:>12} {ratio:>6} {quill_rss:>15} {torch_rss:>15} {:>22} {:>22} {:>30}",
+            sharding.name(),
             format!("{} ({:.2}x)", mib(between), between / base),
             format!("{} ({:.2}x)", mib(peak), peak / base),
+            format!(
+                "{} ({:.2}x), pass {}",
+                mib(weights),
+                weights / base_weights,
+                mib(row.weights_peak as f64)
+            ),
         );
     }
     println!(
         "PyTorch one rank: AdamW state {} MiB, gradients {} MiB. Above one rank quill's ranks \
-         are threads of one process (no per-rank RSS) and PyTorch is not run.",
+         are threads of one process (no per-rank RSS) and PyTorch is not run. Weights are \
+         those held between steps, and during a pass (ZeRO-3 gathers one layer).",
         mib(peer_opt),
         mib(peer_grad)
     );
