@@ -1,7 +1,8 @@
 //! `quill bench train`: quill's GRPO training step against a PyTorch loop (the same loss,
-//! clipping and AdamW on the same model, batch and threads), and the optimiser and
-//! gradient and weight bytes a rank holds with 1, 2, 4 … ranks (ZeRO-2 and ZeRO-3 above
-//! one rank; the ranks run as threads of this process over a loopback ring).
+//! clipping and AdamW on the same model, batch and threads), and the optimiser, gradient
+//! and weight bytes a rank holds with 1, 2, 4 … ranks (ZeRO-2 and ZeRO-3 above one rank:
+//! quill's ranks run as threads of this process over a loopback ring, PyTorch's as FSDP2
+//! processes over gloo).
 
 use anyhow::{bail, Context};
 use quill_learner::parallel::collective::RingCollective;
@@ -28,7 +29,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// Learner ranks to measure, comma-separated; above 1 quill runs sharded ranks as
-    /// threads over a loopback ring (PyTorch runs one rank only).
+    /// threads over a loopback ring and PyTorch FSDP2 processes over gloo.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2, 4])]
     pub ranks: Vec<usize>,
     /// The sharding modes measured above one rank, comma-separated (a row each).
@@ -233,8 +234,16 @@ fn quill_sharded(
     rows.into_iter().next().context("no ranks")?
 }
 
-/// The PyTorch loop: seconds per step, peak RSS, optimiser and gradient bytes.
-fn peer(args: &TrainArgs, samples: &[TrainSample], opt: &AdamWConfig) -> anyhow::Result<[f64; 4]> {
+/// The PyTorch loop: seconds per step, peak RSS, optimiser and gradient bytes (per rank).
+/// Above one rank, `world` FSDP2 processes over gloo; `reshard` frees each layer's
+/// gathered weights after its forward pass (ZeRO-3), else they stay gathered (ZeRO-2).
+fn peer(
+    args: &TrainArgs,
+    samples: &[TrainSample],
+    opt: &AdamWConfig,
+    world: usize,
+    reshard: bool,
+) -> anyhow::Result<[f64; 4]> {
     let work = tempfile::tempdir().context("creating a scratch directory")?;
     let model_dir = work.path().join("model");
     default_model::write_to(&model_dir, tch::Kind::Float)?;
@@ -265,6 +274,8 @@ fn peer(args: &TrainArgs, samples: &[TrainSample], opt: &AdamWConfig) -> anyhow:
         .arg(&batch)
         .args(["--threads", &args.threads.to_string()])
         .args(["--steps", &args.steps.to_string()])
+        .args(["--world", &world.to_string()])
+        .args(reshard.then_some("--reshard"))
         .output()
         .with_context(|| format!("running {}", python.display()))?;
     if !out.status.success() {
@@ -320,10 +331,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "default model, {} samples of {}+{} tokens, {} threads per rank, median of {} steps",
         args.samples, args.prompt_len, args.response_len, args.threads, args.steps
     );
-    let [peer_seconds, peer_rss, peer_opt, peer_grad] =
-        peer(&args, &samples, &AdamWConfig::default())?;
     println!(
-        "{:<6} {:<9} {:>12} {:>12} {:>6} {:>15} {:>15} {:>22} {:>22} {:>30}",
+        "{:<6} {:<9} {:>12} {:>12} {:>6} {:>15} {:>15} {:>22} {:>22} {:>30} {:>18}",
         "ranks",
         "sharding",
         "quill tok/s",
@@ -333,7 +342,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "torch RSS MiB",
         "opt+grad/rank MiB",
         "… in backward MiB",
-        "weights/rank MiB"
+        "weights/rank MiB",
+        "torch opt+grad MiB"
     );
     let mut runs = Vec::new();
     for &k in &args.ranks {
@@ -359,16 +369,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         let peak = (row.optimizer_bytes + row.gradients_peak) as f64;
         let (base, base_weights) = *one_rank.get_or_insert((between, row.weights_between as f64));
         let quill_tps = tokens / row.seconds_per_step;
-        let (torch, ratio, torch_rss) = if k == 1 {
-            let tps = tokens / peer_seconds;
-            (
-                format!("{tps:.1}"),
-                format!("{:.2}x", quill_tps / tps),
-                mib(peer_rss),
-            )
-        } else {
-            ("-".into(), "-".into(), "-".into())
-        };
+        let reshard = sharding == Sharding::Zero3;
+        let [peer_seconds, peer_rss, peer_opt, peer_grad] =
+            peer(&args, &samples, &AdamWConfig::default(), k, reshard)?;
+        let tps = tokens / peer_seconds;
         let quill_rss = if k == 1 {
             peak_rss().map_or("-".into(), |b| mib(b as f64))
         } else {
@@ -376,8 +380,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         };
         let weights = row.weights_between as f64;
         println!(
-            "{k:<6} {:<9} {quill_tps:>12.1} {torch:>12} {ratio:>6} {quill_rss:>15} {torch_rss:>15} {:>22} {:>22} {:>30}",
+            "{k:<6} {:<9} {quill_tps:>12.1} {tps:>12.1} {:>6} {quill_rss:>15} {:>15} {:>22} {:>22} {:>30} {:>18}",
             sharding.name(),
+            format!("{:.2}x", quill_tps / tps),
+            mib(peer_rss),
             format!("{} ({:.2}x)", mib(between), between / base),
             format!("{} ({:.2}x)", mib(peak), peak / base),
             format!(
@@ -386,14 +392,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 weights / base_weights,
                 mib(row.weights_peak as f64)
             ),
+            mib(peer_opt + peer_grad),
         );
     }
     println!(
-        "PyTorch one rank: AdamW state {} MiB, gradients {} MiB. Above one rank quill's ranks \
-         are threads of one process (no per-rank RSS) and PyTorch is not run. Weights are \
-         those held between steps, and during a pass (ZeRO-3 gathers one layer).",
-        mib(peer_opt),
-        mib(peer_grad)
+        "Above one rank quill's ranks are threads of one process (no per-rank RSS) and \
+         PyTorch's are FSDP2 processes over gloo (reshard_after_forward for the zero3 rows; \
+         torch RSS and opt+grad are the largest rank's, between steps). Weights are those \
+         quill holds between steps, and during a pass (ZeRO-3 gathers one layer)."
     );
     Ok(())
 }
