@@ -1,5 +1,6 @@
 //! `quill`: one binary for every role of a quill job, plus offline tools.
 
+mod allocator;
 mod bench;
 mod cli;
 mod eval;
@@ -57,6 +58,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    allocator::tune();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

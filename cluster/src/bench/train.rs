@@ -50,8 +50,12 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 96)]
     pub response_len: usize,
     /// Timed steps, after one warm-up step; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Times each configuration is measured, quill and PyTorch taking turns; the medians
+    /// are compared (runs on a shared machine differ by ±15 %).
+    #[arg(long, default_value_t = 3)]
+    pub trials: usize,
     /// Python interpreter with torch and transformers (default: the project's venv).
     #[arg(long)]
     pub python: Option<PathBuf>,
@@ -104,6 +108,12 @@ fn batch(args: &TrainArgs, vocab: i64) -> Vec<TrainSample> {
         .collect()
 }
 
+/// The median of `values` (not empty).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// Times `steps` steps after a warm-up; the median seconds.
 fn median_step(steps: usize, mut step: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     step()?;
@@ -113,8 +123,7 @@ fn median_step(steps: usize, mut step: impl FnMut() -> anyhow::Result<()>) -> an
         step()?;
         times.push(started.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(median(times))
 }
 
 fn grad_bytes(trainer: &Trainer) -> u64 {
@@ -313,8 +322,16 @@ fn mib(b: f64) -> String {
 
 /// Runs the benchmark and prints the table.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    if args.threads == 0 || args.samples == 0 || args.response_len == 0 || args.steps == 0 {
-        bail!("--threads, --samples, --response-len and --steps must be at least 1");
+    if [
+        args.threads,
+        args.samples,
+        args.response_len,
+        args.steps,
+        args.trials,
+    ]
+    .contains(&0)
+    {
+        bail!("--threads, --samples, --response-len, --steps and --trials must be at least 1");
     }
     if let Some(k) = args.ranks.iter().find(|&&k| k == 0 || k > args.samples) {
         bail!(
@@ -328,8 +345,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let samples = batch(&args, vocab);
     let tokens = (args.samples * args.response_len) as f64;
     println!(
-        "default model, {} samples of {}+{} tokens, {} threads per rank, median of {} steps",
-        args.samples, args.prompt_len, args.response_len, args.threads, args.steps
+        "default model, {} samples of {}+{} tokens, {} threads per rank, median of {} steps, \
+         median of {} trials",
+        args.samples, args.prompt_len, args.response_len, args.threads, args.steps, args.trials
     );
     println!(
         "{:<6} {:<9} {:>12} {:>12} {:>6} {:>15} {:>15} {:>22} {:>22} {:>30} {:>18}",
@@ -360,18 +378,35 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     let mut one_rank = None;
     for (k, sharding) in runs {
-        let row = if k == 1 {
-            quill_single(&args, &samples)?
-        } else {
-            quill_sharded(&args, &samples, k, sharding)?
+        // quill and PyTorch take turns, `--trials` times each; the medians are compared.
+        let reshard = sharding == Sharding::Zero3;
+        let mut quill_times = Vec::with_capacity(args.trials);
+        let mut peer_runs = Vec::with_capacity(args.trials);
+        let mut last = None;
+        for _ in 0..args.trials {
+            let row = if k == 1 {
+                quill_single(&args, &samples)?
+            } else {
+                quill_sharded(&args, &samples, k, sharding)?
+            };
+            quill_times.push(row.seconds_per_step);
+            last = Some(row);
+            peer_runs.push(peer(&args, &samples, &AdamWConfig::default(), k, reshard)?);
+        }
+        let row = Row {
+            seconds_per_step: median(quill_times),
+            ..last.context("at least one trial")?
         };
+        let peer_seconds = median(peer_runs.iter().map(|r| r[0]).collect());
+        let [_, peer_rss, peer_opt, peer_grad] = peer_runs
+            .iter()
+            .copied()
+            .max_by(|a, b| a[1].total_cmp(&b[1]))
+            .context("at least one trial")?;
         let between = (row.optimizer_bytes + row.gradients_between) as f64;
         let peak = (row.optimizer_bytes + row.gradients_peak) as f64;
         let (base, base_weights) = *one_rank.get_or_insert((between, row.weights_between as f64));
         let quill_tps = tokens / row.seconds_per_step;
-        let reshard = sharding == Sharding::Zero3;
-        let [peer_seconds, peer_rss, peer_opt, peer_grad] =
-            peer(&args, &samples, &AdamWConfig::default(), k, reshard)?;
         let tps = tokens / peer_seconds;
         let quill_rss = if k == 1 {
             peak_rss().map_or("-".into(), |b| mib(b as f64))
