@@ -639,6 +639,27 @@ mod tests {
         grads: Vec<Tensor>,
     }
 
+    /// [`micro_batch_backward`] with a KL reference and no layer hooks.
+    fn with_reference(
+        policy: &Qwen2,
+        reference: &Qwen2,
+        samples: &[&TrainSample],
+        weights: &[f64],
+        config: &GrpoConfig,
+        memory: &MemoryConfig,
+    ) -> LossSums {
+        micro_batch_backward(
+            policy,
+            Some(reference),
+            samples,
+            weights,
+            config,
+            memory,
+            None,
+        )
+        .unwrap()
+    }
+
     fn plain_pass(
         policy: &Qwen2,
         reference: Option<&Qwen2>,
@@ -720,16 +741,7 @@ mod tests {
             let packed = Packed::new(&refs, Device::Cpu, false);
             let logp = token_logprobs(&policy, &packed, config.temperature, chunk).unwrap();
             close(&values(&logp), &plain.logp);
-            let sums = micro_batch_backward(
-                &policy,
-                Some(&reference),
-                &refs,
-                &weights,
-                &config,
-                &memory,
-                None,
-            )
-            .unwrap();
+            let sums = with_reference(&policy, &reference, &refs, &weights, &config, &memory);
             assert!(
                 (sums.entropy - plain.entropy).abs() < 1e-5 * plain.entropy,
                 "{chunk}"
@@ -755,16 +767,7 @@ mod tests {
                 activation_checkpointing: true,
                 packing: false,
             };
-            let sums = micro_batch_backward(
-                &policy,
-                Some(&reference),
-                &refs,
-                &weights,
-                &config,
-                &memory,
-                None,
-            )
-            .unwrap();
+            let sums = with_reference(&policy, &reference, &refs, &weights, &config, &memory);
             assert!((sums.loss - plain.loss).abs() < 1e-6, "{sums:?}");
             let got = grads(&policy);
             assert!(got.iter().all(|g| g.abs().max().double_value(&[]) > 0.0));
@@ -805,16 +808,7 @@ mod tests {
             let packed = Packed::new(&[*s], Device::Cpu, false);
             let lp = token_logprobs(&alone, &packed, config.temperature, 1024).unwrap();
             alone_logp.extend(values(&lp));
-            let sums = micro_batch_backward(
-                &alone,
-                Some(&reference),
-                &[*s],
-                &[*w],
-                &config,
-                &memory,
-                None,
-            )
-            .unwrap();
+            let sums = with_reference(&alone, &reference, &[*s], &[*w], &config, &memory);
             alone_loss += sums.loss;
         }
         close(&alone_logp, &padded.logp);
@@ -829,16 +823,7 @@ mod tests {
             assert_eq!(packed.tokens.size(), [1, 21 + 17 - 4]);
             let logp = token_logprobs(&policy, &packed, config.temperature, chunk).unwrap();
             close(&values(&logp), &padded.logp);
-            let sums = micro_batch_backward(
-                &policy,
-                Some(&reference),
-                &refs,
-                &weights,
-                &config,
-                &memory,
-                None,
-            )
-            .unwrap();
+            let sums = with_reference(&policy, &reference, &refs, &weights, &config, &memory);
             assert!((sums.loss - padded.loss).abs() < 1e-6, "{sums:?}");
             assert!((sums.loss - alone_loss).abs() < 1e-6, "{sums:?}");
             assert!((sums.entropy - padded.entropy).abs() < 1e-5 * padded.entropy);

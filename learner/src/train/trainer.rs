@@ -420,26 +420,27 @@ impl Trainer {
         let mut finite = true;
         if zero3 {
             (sums, finite) = self.zero3_passes(batch, weights, &groups)?;
-        }
-        for group in groups.iter().filter(|_| !zero3) {
-            let samples: Vec<&TrainSample> = group.iter().map(|&i| &batch[i]).collect();
-            let group_weights: Vec<f64> = group.iter().map(|&i| weights[i]).collect();
-            let part = grpo::micro_batch_backward(
-                self.compute_model(),
-                self.reference.as_ref(),
-                &samples,
-                &group_weights,
-                &self.config.grpo,
-                &self.config.memory,
-                None,
-            )?;
-            if let Some(compute) = &self.compute {
-                compute.accumulate_grads(&self.model)?;
-            }
-            sums.add(&part);
-            if !part.loss.is_finite() {
-                finite = false;
-                break;
+        } else {
+            for group in &groups {
+                let samples: Vec<&TrainSample> = group.iter().map(|&i| &batch[i]).collect();
+                let group_weights: Vec<f64> = group.iter().map(|&i| weights[i]).collect();
+                let part = grpo::micro_batch_backward(
+                    self.compute_model(),
+                    self.reference.as_ref(),
+                    &samples,
+                    &group_weights,
+                    &self.config.grpo,
+                    &self.config.memory,
+                    None,
+                )?;
+                if let Some(compute) = &self.compute {
+                    compute.accumulate_grads(&self.model)?;
+                }
+                sums.add(&part);
+                if !part.loss.is_finite() {
+                    finite = false;
+                    break;
+                }
             }
         }
         let forward_backward_seconds = start.elapsed().as_secs_f64();
