@@ -718,6 +718,21 @@ mod tests {
         crate::train::grad_sync::GradSync::new(Box::new(ring), 700)
     }
 
+    /// Each of `world` ZeRO-2 ranks' error on loading its shard of the checkpoint `dir`
+    /// (rank 0 loads the model first).
+    fn zero2_shard_errors(root: &Path, dir: &Path, world: usize) -> Vec<String> {
+        use crate::parallel::collective::{on_loopback_ranks, Collective};
+        on_loopback_ranks(world, std::time::Duration::from_secs(20), |ring| {
+            let rank = ring.rank();
+            let mut t = sharded_trainer(1);
+            if rank == 0 {
+                load(dir, &mut t).unwrap();
+            }
+            t.attach(join(ring)).unwrap();
+            load_shard(root, &mut t).unwrap_err().to_string()
+        })
+    }
+
     #[test]
     fn a_sharded_checkpoint_resumes_exactly_on_the_same_ranks() {
         use crate::parallel::collective::{on_loopback_ranks, Collective};
@@ -769,16 +784,7 @@ mod tests {
         });
         assert_eq!(resumed, continued, "the resumed step is bit-equal");
 
-        let other_world = on_loopback_ranks(3, timeout, |ring| {
-            let rank = ring.rank();
-            let mut t = sharded_trainer(1);
-            if rank == 0 {
-                load(&dir, &mut t).unwrap();
-            }
-            t.attach(join(ring)).unwrap();
-            load_shard(root, &mut t).unwrap_err().to_string()
-        });
-        for err in other_world {
+        for err in zero2_shard_errors(root, &dir, 3) {
             assert!(
                 err.contains("sharded over 2 learner ranks, this learner has 3"),
                 "{err}"
@@ -874,16 +880,7 @@ mod tests {
             assert_eq!(resumed[rank], continued[rank].1, "rank {rank}: bit-equal");
         }
 
-        let as_zero2 = on_loopback_ranks(2, timeout, |ring| {
-            let rank = ring.rank();
-            let mut t = sharded_trainer(1);
-            if rank == 0 {
-                load(&dir, &mut t).unwrap();
-            }
-            t.attach(join(ring)).unwrap();
-            load_shard(root, &mut t).unwrap_err().to_string()
-        });
-        for err in as_zero2 {
+        for err in zero2_shard_errors(root, &dir, 2) {
             assert!(
                 err.contains("resume with the sharding that wrote it"),
                 "{err}"
