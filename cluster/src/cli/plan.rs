@@ -77,7 +77,7 @@ pub enum ShardingArg {
     Zero1,
     /// Also free the full gradients between steps (the same peak as zero1).
     Zero2,
-    /// Shard the weights too, a layer gathered at a time (a plan: not built).
+    /// Shard the weights too, a layer gathered at a time (activation checkpointing implied).
     Zero3,
 }
 
