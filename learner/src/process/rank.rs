@@ -85,7 +85,7 @@ pub fn run_rank(options: RankOptions) -> Result<(), RunError> {
     checkpoint::load_shard(&root, &mut trainer)?;
     // Under ZeRO-3 rank 0 gathers the layers' weights to publish them and for its
     // checkpoints' model folder; this rank takes part at the same points.
-    let gathers = trainer.shard().is_some_and(|s| s.sharded_layers() > 0);
+    let gathers = trainer.shards_weights();
     let publish_kind = quill_model::device::parse_dtype(&job.checkpoint.publish_dtype)?;
     let follow_gather = |trainer: &mut Trainer, kind: tch::Kind| -> Result<(), RunError> {
         if gathers {

@@ -214,6 +214,7 @@ fn checkpointed<'a, H: LayerHooks + ?Sized>(
     }
 }
 
+/// The hidden states at the response tokens' predicting positions, `[N, hidden]`.
 fn response_hidden(hidden: &Tensor, packed: &Packed) -> Result<Tensor> {
     Ok(hidden.f_index(&[Some(&packed.rows), Some(&packed.cols)])?)
 }

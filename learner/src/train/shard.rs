@@ -358,7 +358,6 @@ impl ShardedState {
         let (k, s) = (self.world, unit.layout.shard_len);
         let device = self.grad.device();
         for (first, len) in self.buckets(u) {
-            let unit = &self.units[u];
             let input = Tensor::f_zeros([(k * len) as i64], (Kind::Float, device))?;
             for r in 0..k {
                 let start = r * s + first;
@@ -391,11 +390,8 @@ impl ShardedState {
             }
         }
         if self.sharding != Sharding::Zero1 {
-            for &i in &self.units[u].params {
-                let mut g = params[i].grad();
-                if g.defined() {
-                    g.f_set_data(&g.f_new_empty([0], (g.kind(), g.device()))?)?;
-                }
+            for &i in &unit.params {
+                free(&params[i].grad())?;
             }
         }
         Ok(())
@@ -436,16 +432,13 @@ impl ShardedState {
         }
         Ok(())
     }
+
     /// ZeRO-3: frees decoder layer `layer`'s gathered weights (and gradients).
     pub fn release_layer(&self, layer: usize, params: &[Tensor]) -> Result<()> {
         let _guard = tch::no_grad_guard();
         for &i in &self.units[layer + 1].params {
-            let mut p = params[i].shallow_clone();
-            p.f_set_data(&p.f_new_empty([0], (p.kind(), p.device()))?)?;
-            let mut g = p.grad();
-            if g.defined() {
-                g.f_set_data(&g.f_new_empty([0], (g.kind(), g.device()))?)?;
-            }
+            free(&params[i])?;
+            free(&params[i].grad())?;
         }
         Ok(())
     }
@@ -648,6 +641,16 @@ impl ShardedState {
         self.exp_avg_sq.f_copy_(&v)?;
         Ok(steps)
     }
+}
+
+/// Frees a defined tensor's values, keeping its kind, device and autograd identity: its
+/// data becomes an empty tensor (`set_data`), which every shallow copy sees.
+fn free(t: &Tensor) -> Result<()> {
+    if t.defined() {
+        t.shallow_clone()
+            .f_set_data(&t.f_new_empty([0], (t.kind(), t.device()))?)?;
+    }
+    Ok(())
 }
 
 /// Bytes of a tensor's values.

@@ -286,6 +286,12 @@ impl Trainer {
             .map_or(&self.model, ComputeCopy::model)
     }
 
+    /// Whether the decoder layers' weights are sharded over the group (ZeRO-3 in a group):
+    /// then [`Self::full_weights`] is a collective call.
+    pub fn shards_weights(&self) -> bool {
+        self.shard.as_ref().is_some_and(|s| s.sharded_layers() > 0)
+    }
+
     /// Every weight of the policy under its Hugging Face name, copied, in `kind`. Under
     /// ZeRO-3 the decoder layers' weights are all-gathered one layer at a time and freed
     /// again, so every rank of the group must call it at the same point.
@@ -295,10 +301,9 @@ impl Trainer {
             let t = if kind == own { t.copy() } else { t };
             (name, t)
         };
-        let (Some(shard), Some(sync)) = (
-            self.shard.as_ref().filter(|s| s.sharded_layers() > 0),
-            self.sync.as_mut(),
-        ) else {
+        let gathers = self.shards_weights();
+        let (Some(shard), Some(sync), true) = (self.shard.as_ref(), self.sync.as_mut(), gathers)
+        else {
             return Ok(self
                 .model
                 .hf_tensors(kind)
@@ -403,7 +408,7 @@ impl Trainer {
             true => packed_micro_batches(batch, self.config.micro_batch_tokens),
             false => micro_batches(batch, self.config.micro_batch_tokens),
         };
-        let zero3 = self.shard.as_ref().is_some_and(|s| s.sharded_layers() > 0);
+        let zero3 = self.shards_weights();
         if let Some(shard) = &mut self.shard {
             shard.restore_grads(&self.optimizer.params())?;
             shard.zero_grad()?;
