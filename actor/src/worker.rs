@@ -103,7 +103,8 @@ struct Shared {
     relay: Arc<RelayNode>,
     fetcher: Fetcher,
     sources: Mutex<Vec<WeightSource>>,
-    syncing: AtomicBool,
+    /// Held while weights are fetched and swapped in: one sync at a time.
+    syncing: tokio::sync::Mutex<()>,
     receiving: AtomicU64,
     source: Mutex<String>,
     from_learner: AtomicU64,
@@ -239,7 +240,7 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
             stall,
         },
         sources: Mutex::new(Vec::new()),
-        syncing: AtomicBool::new(false),
+        syncing: tokio::sync::Mutex::new(()),
         receiving: AtomicU64::new(0),
         source: Mutex::new(String::new()),
         from_learner: AtomicU64::new(0),
@@ -310,6 +311,13 @@ pub async fn run(options: ActorOptions) -> Result<(), ActorError> {
                     let reply = reply.into_inner();
                     if reply.finished {
                         break;
+                    }
+                    let behind = reply.latest_version > shared.version.load(Ordering::SeqCst);
+                    if behind
+                        && reply.leases.is_empty()
+                        && catch_up(reply.latest_version, &mut member, &engine, &shared).await
+                    {
+                        continue;
                     }
                     for lease in reply.leases {
                         shared.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -500,16 +508,58 @@ async fn sync_weights(
 
 /// Syncs to `version` in the background unless a sync is already running.
 fn spawn_sync(version: u64, engine: &Arc<EngineHandle>, shared: &Arc<Shared>) {
-    if shared.syncing.swap(true, Ordering::SeqCst) {
-        return;
-    }
     let (engine, shared) = (Arc::clone(engine), Arc::clone(shared));
     tokio::spawn(async move {
+        let Ok(_syncing) = shared.syncing.try_lock() else {
+            return;
+        };
         if let Err(e) = sync_weights(version, &engine, &shared).await {
             tracing::warn!("weight sync failed: {e}");
         }
-        shared.syncing.store(false, Ordering::SeqCst);
     });
+}
+
+/// Catches up with a version the learner named outside the heartbeat rhythm (a lease
+/// reply): heart-beats at once for that version's digest and sources, then fetches it,
+/// or waits for the sync already running. Returns whether the engine is now on `version`
+/// or newer. Admission leases less to an actor behind the learner, so the actor syncs
+/// the moment it learns of new weights instead of at its next heartbeat.
+async fn catch_up(
+    version: u64,
+    member: &mut Member,
+    engine: &Arc<EngineHandle>,
+    shared: &Shared,
+) -> bool {
+    let _syncing = shared.syncing.lock().await;
+    if shared.version.load(Ordering::SeqCst) >= version {
+        return true;
+    }
+    let metrics = shared.reported.lock().expect("poisoned").clone();
+    let sent = heartbeat_request(shared, metrics);
+    let reply = match member.heartbeat(sent.clone()).await {
+        Ok(reply) if !reply.shutdown => reply,
+        Ok(_) => return false,
+        Err(status) => {
+            tracing::warn!("heartbeat for new weights: {}", status.message());
+            return false;
+        }
+    };
+    take_heartbeat(shared, &sent, &reply);
+    if let Err(e) = sync_weights(reply.latest_version, engine, shared).await {
+        tracing::warn!("weight sync failed: {e}");
+    }
+    shared.version.load(Ordering::SeqCst) >= version
+}
+
+/// Takes a heartbeat reply to `sent`: the learner's addresses, version and digest, and
+/// the leases it renewed or says are lost.
+fn take_heartbeat(shared: &Shared, sent: &HeartbeatRequest, reply: &HeartbeatReply) {
+    take_reply(shared, reply);
+    shared.held.renewed(
+        &sent.held_leases,
+        &reply.lost_leases,
+        reply.lease_deadline_unix_ms,
+    );
 }
 
 /// Heart-beats with the actor's rates (a reply naming a newer version starts a background
@@ -547,12 +597,7 @@ async fn heartbeats(
         heartbeat_request(&shared, metrics)
     };
     let take = |sent: &HeartbeatRequest, reply: HeartbeatReply| {
-        take_reply(&shared, &reply);
-        shared.held.renewed(
-            &sent.held_leases,
-            &reply.lost_leases,
-            reply.lease_deadline_unix_ms,
-        );
+        take_heartbeat(&shared, sent, &reply);
         if reply.latest_version > sent.version {
             spawn_sync(reply.latest_version, &engine, &shared);
         }

@@ -8,6 +8,9 @@ use std::path::Path;
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner`'s vocabulary size with added tokens; the `tokenizers` crate builds the
+    /// whole vocabulary map to count it, too slow for every sampled token.
+    vocab_size: usize,
 }
 
 impl Tokenizer {
@@ -15,7 +18,7 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Tokenizer { inner })
+        Ok(Tokenizer::wrap(inner))
     }
 
     /// Parses the JSON text of a `tokenizer.json`.
@@ -23,7 +26,12 @@ impl Tokenizer {
         let inner = json
             .parse::<tokenizers::Tokenizer>()
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Tokenizer { inner })
+        Ok(Tokenizer::wrap(inner))
+    }
+
+    fn wrap(inner: tokenizers::Tokenizer) -> Self {
+        let vocab_size = inner.get_vocab_size(true);
+        Tokenizer { inner, vocab_size }
     }
 
     /// Token ids of `text`, without adding any special tokens.
@@ -72,6 +80,6 @@ impl Tokenizer {
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 }

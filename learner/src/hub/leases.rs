@@ -637,7 +637,9 @@ impl Leases {
 impl Hub {
     /// Answers a `Lease` call as [`Hub::lease`] does, but when the pipeline has no room
     /// for the member it waits up to `patience` for room to free (a step retiring its
-    /// groups, a new version, a member leaving) before answering with no leases.
+    /// groups, a new version, a member leaving) before answering with no leases. A member
+    /// behind the newest version is answered at once, so that it fetches the weights
+    /// that admission waits for.
     pub async fn lease_or_wait(
         &self,
         req: LeaseRequest,
@@ -649,7 +651,10 @@ impl Hub {
             tokio::pin!(room);
             room.as_mut().enable();
             let reply = self.lease(req.clone())?;
-            let empty = reply.leases.is_empty() && !reply.finished && !reply.wait_for_weights;
+            let empty = reply.leases.is_empty()
+                && !reply.finished
+                && !reply.wait_for_weights
+                && reply.latest_version <= req.version;
             if !empty || tokio::time::timeout_at(until, room).await.is_err() {
                 return Ok(reply);
             }
@@ -666,12 +671,14 @@ impl Hub {
         if self.is_finished() {
             return Ok(LeaseReply {
                 finished: true,
+                latest_version: current,
                 ..LeaseReply::default()
             });
         }
         if req.version + self.job.grpo.max_staleness < current {
             return Ok(LeaseReply {
                 wait_for_weights: true,
+                latest_version: current,
                 ..LeaseReply::default()
             });
         }
@@ -720,6 +727,7 @@ impl Hub {
         }
         Ok(LeaseReply {
             leases,
+            latest_version: current,
             ..LeaseReply::default()
         })
     }
@@ -1133,7 +1141,12 @@ mod tests {
         hub.retire(0);
         hub.publish(testing::blob(1));
         assert_eq!(hub.leases.in_pipeline(), 4);
-        let behind = hub.lease_or_wait(ask(&b, 1, 0), Duration::from_millis(20));
-        assert!(behind.await.unwrap().leases.is_empty());
+        let behind = hub.lease_or_wait(ask(&b, 1, 0), Duration::from_secs(30));
+        let behind = tokio::time::timeout(Duration::from_secs(5), behind)
+            .await
+            .expect("an actor behind the newest version is answered at once")
+            .unwrap();
+        assert!(behind.leases.is_empty());
+        assert_eq!(behind.latest_version, 1, "it learns which version to fetch");
     }
 }
