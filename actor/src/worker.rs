@@ -534,7 +534,7 @@ async fn catch_up(
     if shared.version.load(Ordering::SeqCst) >= version {
         return true;
     }
-    let metrics = shared.reported.lock().expect("poisoned").clone();
+    let metrics = *shared.reported.lock().expect("poisoned");
     let sent = heartbeat_request(shared, metrics);
     let reply = match member.heartbeat(sent.clone()).await {
         Ok(reply) if !reply.shutdown => reply,

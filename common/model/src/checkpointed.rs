@@ -9,7 +9,7 @@
 //! the autograd state of one layer, instead of every layer's.
 
 use crate::error::Error;
-use crate::qwen2::{packed_positions, Qwen2};
+use crate::qwen2::{packed_positions, Qwen2, Segment};
 use tch::{Kind, Tensor};
 
 /// What a caller does around each decoder layer of a checkpointed pass: a learner that
@@ -53,8 +53,8 @@ pub struct LayerCheckpoints<'a> {
     model: &'a Qwen2,
     tokens: Tensor,
     positions: Tensor,
-    /// The sequence lengths of a packed row (`None`: padded rows).
-    segments: Option<Vec<i64>>,
+    /// The sequences of a packed row (`None`: padded rows).
+    segments: Option<Vec<Segment>>,
     /// Each decoder layer's input, without autograd history.
     inputs: Vec<Tensor>,
     /// The last layer's output as a leaf: the final norm's backward fills its gradient.
@@ -81,18 +81,18 @@ impl Qwen2 {
     pub fn hidden_packed_checkpointed<H: LayerHooks + ?Sized>(
         &self,
         tokens: &Tensor,
-        lens: &[i64],
+        segments: &[Segment],
         hooks: &mut H,
     ) -> std::result::Result<(Tensor, LayerCheckpoints<'_>), H::Error> {
-        let positions = packed_positions(lens, tokens.device());
-        self.checkpointed(tokens, positions, Some(lens.to_vec()), hooks)
+        let positions = packed_positions(segments, tokens.device());
+        self.checkpointed(tokens, positions, Some(segments.to_vec()), hooks)
     }
 
     fn checkpointed<H: LayerHooks + ?Sized>(
         &self,
         tokens: &Tensor,
         positions: Tensor,
-        segments: Option<Vec<i64>>,
+        segments: Option<Vec<Segment>>,
         hooks: &mut H,
     ) -> std::result::Result<(Tensor, LayerCheckpoints<'_>), H::Error> {
         let guard = tch::no_grad_guard();
@@ -160,7 +160,7 @@ impl LayerCheckpoints<'_> {
 #[cfg(test)]
 mod tests {
     use super::NoHooks;
-    use crate::{default_model, Error, ModelConfig, Qwen2};
+    use crate::{default_model, Error, ModelConfig, Qwen2, Segment};
     use serde_json::json;
     use tch::{Device, Kind, Tensor};
 
@@ -203,8 +203,11 @@ mod tests {
         let seqs: [&[i64]; 3] = [&[1, 5, 9, 2, 7], &[7, 3], &[4, 4, 8, 1]];
         let flat: Vec<i64> = seqs.concat();
         let tokens = Tensor::from_slice(&flat).unsqueeze(0);
-        let lens: Vec<i64> = seqs.iter().map(|s| s.len() as i64).collect();
-        let packed = model.hidden_packed(&tokens, &lens);
+        let segments: Vec<Segment> = seqs
+            .iter()
+            .map(|s| Segment::alone(s.len() as i64))
+            .collect();
+        let packed = model.hidden_packed(&tokens, &segments);
         assert_eq!(packed.size(), [1, 11, 16]);
         let mut start = 0;
         for seq in seqs {
@@ -215,9 +218,78 @@ mod tests {
             start += seq.len() as i64;
         }
         let (checkpointed, kept) = model
-            .hidden_packed_checkpointed(&tokens, &lens, &mut NoHooks)
+            .hidden_packed_checkpointed(&tokens, &segments, &mut NoHooks)
             .unwrap();
         assert!(checkpointed.equal(&packed));
-        assert_eq!(kept.segments.as_deref(), Some(&lens[..]));
+        assert_eq!(kept.segments.as_deref(), Some(&segments[..]));
+    }
+
+    #[test]
+    fn continuations_of_a_shared_prompt_get_the_hidden_states_they_have_alone() {
+        let model = tiny();
+        // [prompt a, a's two continuations, a sequence alone, prompt b, b's continuation]
+        let (a, b): (&[i64], &[i64]) = (&[1, 5, 9], &[6, 2]);
+        let (a1, a2, lone, b1): (&[i64], &[i64], &[i64], &[i64]) =
+            (&[2, 7, 7], &[3], &[4, 4, 8, 1], &[9, 9]);
+        let flat = [a, a1, a2, lone, b, b1].concat();
+        let segments = [
+            Segment::alone(3),
+            Segment::after(0, 3),
+            Segment::after(0, 1),
+            Segment::alone(4),
+            Segment::alone(2),
+            Segment::after(4, 2),
+        ];
+        let tokens = Tensor::from_slice(&flat).unsqueeze(0);
+        let packed = model.hidden_packed(&tokens, &segments);
+        let alone = |seq: &[i64]| model.hidden(&Tensor::from_slice(seq).unsqueeze(0));
+        let close = |got: Tensor, want: Tensor, what: &str| {
+            let diff = (got - want).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{what}: {diff}");
+        };
+        let whole_a1 = alone(&[a, a1].concat());
+        close(packed.narrow(1, 0, 3), whole_a1.narrow(1, 0, 3), "prompt a");
+        close(packed.narrow(1, 3, 3), whole_a1.narrow(1, 3, 3), "a + a1");
+        close(
+            packed.narrow(1, 6, 1),
+            alone(&[a, a2].concat()).narrow(1, 3, 1),
+            "a + a2",
+        );
+        close(packed.narrow(1, 7, 4), alone(lone), "alone");
+        close(packed.narrow(1, 11, 4), alone(&[b, b1].concat()), "b + b1");
+        // Gradients through the shared prompt are those of the separate passes, summed.
+        let grads = |hidden: Tensor| {
+            let vars = model.var_store().trainable_variables();
+            for v in &vars {
+                let mut g = v.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            hidden.sum(Kind::Float).backward();
+            // The head's weight gets none: the hidden states come before it.
+            vars.iter()
+                .map(|v| Some(v.grad()).filter(Tensor::defined).map(|g| g.copy()))
+                .collect::<Vec<_>>()
+        };
+        let shared = grads(model.hidden_packed(&tokens, &segments).narrow(1, 3, 4));
+        let apart = grads(
+            alone(&[a, a1].concat()).narrow(1, 3, 3).sum(Kind::Float)
+                + alone(&[a, a2].concat()).narrow(1, 3, 1).sum(Kind::Float),
+        );
+        assert_eq!(shared.iter().flatten().count(), shared.len() - 1);
+        for (s, p) in shared.iter().zip(&apart) {
+            match (s, p) {
+                (Some(s), Some(p)) => {
+                    let diff = (s - p).abs().max().double_value(&[]);
+                    assert!(diff < 1e-4, "gradient differs by {diff}");
+                }
+                (s, p) => assert_eq!(s.is_some(), p.is_some()),
+            }
+        }
+        let (checkpointed, _) = model
+            .hidden_packed_checkpointed(&tokens, &segments, &mut NoHooks)
+            .unwrap();
+        close(checkpointed, packed, "checkpointed");
     }
 }

@@ -25,5 +25,5 @@ pub use checkpointed::{LayerCheckpoints, LayerHooks, NoHooks};
 pub use config::{HeadKind, ModelConfig};
 pub use error::{Error, Result};
 pub use pretrained::load_pretrained;
-pub use qwen2::{pad_right, Qwen2, MAX_SHARD_BYTES};
+pub use qwen2::{pad_right, Qwen2, Segment, MAX_SHARD_BYTES};
 pub use tokenizer::Tokenizer;

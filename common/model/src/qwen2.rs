@@ -29,11 +29,11 @@ struct Layer {
 /// How a forward pass gets its keys and values.
 enum Attention<'a> {
     /// Full causal attention over the input itself; optionally keep each layer's k/v.
-    /// With `segments`, the one row holds sequences of these lengths end to end and each
-    /// attends only within itself (a block-diagonal causal mask).
+    /// With `segments`, the one row holds these sequences end to end and each attends
+    /// only within itself, after the whole of the segment it continues, if any.
     Causal {
         keep: Option<&'a mut Vec<(Tensor, Tensor)>>,
-        segments: Option<&'a [i64]>,
+        segments: Option<&'a [Segment]>,
     },
     /// One new token per row, attending to the cache slots it writes into.
     Cached {
@@ -233,14 +233,16 @@ impl Qwen2 {
     }
 
     /// Final-norm hidden states `[1, N, hidden]` of sequences packed end to end in one
-    /// row `tokens` (`[1, N]`) without padding: `lens` are their lengths (summing to `N`);
-    /// positions restart at 0 for each and each attends only to itself, so every
-    /// sequence gets the hidden states it would get alone.
-    pub fn hidden_packed(&self, tokens: &Tensor, lens: &[i64]) -> Tensor {
-        let positions = packed_positions(lens, tokens.device());
+    /// row `tokens` (`[1, N]`) without padding: `segments`, whose lengths sum to `N`, and
+    /// any of which continues only an earlier one that stands alone. A segment that stands alone starts at
+    /// position 0 and attends only to itself; one that continues a shared prompt starts
+    /// after it and attends to all of it, then to itself. Every sequence gets the hidden
+    /// states it would get alone, and a shared prompt is computed once.
+    pub fn hidden_packed(&self, tokens: &Tensor, segments: &[Segment]) -> Tensor {
+        let positions = packed_positions(segments, tokens.device());
         let mut attention = Attention::Causal {
             keep: None,
-            segments: Some(lens),
+            segments: Some(segments),
         };
         self.body(tokens, &positions, &mut attention)
     }
@@ -393,7 +395,7 @@ impl Qwen2 {
         l: usize,
         x: &Tensor,
         positions: &Tensor,
-        segments: Option<&[i64]>,
+        segments: Option<&[Segment]>,
     ) -> Tensor {
         let mut attention = Attention::Causal {
             keep: None,
@@ -462,21 +464,7 @@ impl Qwen2 {
                 };
                 match segments {
                     None => causal(&q, &k, &v),
-                    // Causal attention within each sequence of the packed row: the
-                    // block-diagonal causal mask, without forming it.
-                    Some(lens) => {
-                        let mut start = 0;
-                        let parts: Vec<Tensor> = lens
-                            .iter()
-                            .map(|&len| {
-                                let part = |t: &Tensor| t.narrow(2, start, len);
-                                let out = causal(&part(&q), &part(&k), &part(&v));
-                                start += len;
-                                out
-                            })
-                            .collect();
-                        Tensor::cat(&parts, 2)
-                    }
+                    Some(segments) => packed_attention(segments, &q, &k, &v, causal),
                 }
             }
             Attention::Cached {
@@ -519,9 +507,78 @@ impl Qwen2 {
 }
 
 /// Positions `[1, N]` of sequences of lengths `lens` packed end to end: `0..len` each.
-pub(crate) fn packed_positions(lens: &[i64], device: Device) -> Tensor {
-    let flat: Vec<i64> = lens.iter().flat_map(|&len| 0..len).collect();
+pub(crate) fn packed_positions(segments: &[Segment], device: Device) -> Tensor {
+    let flat: Vec<i64> = segments
+        .iter()
+        .flat_map(|s| {
+            let first = s.after.map_or(0, |p| segments[p].len);
+            first..first + s.len
+        })
+        .collect();
     Tensor::from_slice(&flat).to(device).unsqueeze(0)
+}
+
+/// Attention of a packed row `[B, heads, T, d]` within each of `segments` (the
+/// block-diagonal causal mask, without forming it). A segment that continues a prompt
+/// runs causally behind that prompt's queries, keys and values, and keeps its own rows:
+/// the fused causal kernel then never forms a `[T, T]` mask or score matrix, for the
+/// price of recomputing the prompt rows' attention (the projections and the MLP, most of
+/// a layer's work, still run once per prompt).
+fn packed_attention(
+    segments: &[Segment],
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
+) -> Tensor {
+    let starts: Vec<i64> = segments
+        .iter()
+        .scan(0, |start, s| {
+            let here = *start;
+            *start += s.len;
+            Some(here)
+        })
+        .collect();
+    let parts: Vec<Tensor> = segments
+        .iter()
+        .zip(&starts)
+        .map(|(s, &start)| {
+            let part = |t: &Tensor| t.narrow(2, start, s.len);
+            let Some(p) = s.after else {
+                return causal(&part(q), &part(k), &part(v));
+            };
+            let (p_start, p_len) = (starts[p], segments[p].len);
+            let behind = |t: &Tensor| Tensor::cat(&[t.narrow(2, p_start, p_len), part(t)], 2);
+            causal(&behind(q), &behind(k), &behind(v)).narrow(2, p_len, s.len)
+        })
+        .collect();
+    Tensor::cat(&parts, 2)
+}
+
+/// One sequence of a packed row ([`Qwen2::hidden_packed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Its number of tokens in the row.
+    pub len: i64,
+    /// The earlier segment it continues (a prompt several samples share): it attends to
+    /// all of that segment and its positions go on from that segment's length. `None`:
+    /// it stands alone from position 0.
+    pub after: Option<usize>,
+}
+
+impl Segment {
+    /// A sequence of `len` tokens on its own.
+    pub fn alone(len: i64) -> Self {
+        Segment { len, after: None }
+    }
+
+    /// `len` tokens continuing segment `prompt`.
+    pub fn after(prompt: usize, len: i64) -> Self {
+        Segment {
+            len,
+            after: Some(prompt),
+        }
+    }
 }
 
 /// Right-pads rows of token ids with `pad` into a `[B, T]` tensor; also returns the lengths.

@@ -31,6 +31,8 @@
 //! - **Packing** (`MemoryConfig::packing`): a micro-batch's samples run end to end in one
 //!   row without padding; positions restart at each sample and attention stays within it
 //!   (`Qwen2::hidden_packed`), so every token gets the log-prob it gets in a padded row.
+//!   The samples of a group share their prompt: it is computed once and each response
+//!   attends to it, so a step's passes hold `B` prompts instead of `B·G`.
 //! - **Precision**: the passes run in the dtype of the model they are given (a bf16
 //!   compute copy under mixed precision, see `train::precision`); the head's logits are
 //!   converted to f32 before the tempered log-softmax, and the loss is f32.
@@ -198,7 +200,9 @@ fn decoder<'a>(
         (Some(hooks), _, _) => checkpointed(model, packed, hooks)?,
         (None, _, true) => checkpointed(model, packed, &mut NoHooks)?,
         (None, None, false) => return Ok((model.hidden(&packed.tokens), None)),
-        (None, Some(lens), false) => return Ok((model.hidden_packed(&packed.tokens, lens), None)),
+        (None, Some(segments), false) => {
+            return Ok((model.hidden_packed(&packed.tokens, segments), None))
+        }
     };
     Ok((hidden, Some(kept)))
 }
@@ -210,7 +214,7 @@ fn checkpointed<'a, H: LayerHooks + ?Sized>(
 ) -> std::result::Result<(Tensor, LayerCheckpoints<'a>), H::Error> {
     match &packed.segments {
         None => model.hidden_checkpointed(&packed.tokens, hooks),
-        Some(lens) => model.hidden_packed_checkpointed(&packed.tokens, lens, hooks),
+        Some(segments) => model.hidden_packed_checkpointed(&packed.tokens, segments, hooks),
     }
 }
 
@@ -487,7 +491,8 @@ pub fn micro_batch_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{batch, tiny_model};
+    use crate::testing::{batch, sample as batch_sample, tiny_model};
+    use quill_model::Segment;
     use tch::Device;
 
     fn t(values: &[f32]) -> Tensor {
@@ -839,6 +844,65 @@ mod tests {
                     "{chunk}/{checkpointing}: {what} differs by {diff}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn samples_that_share_a_prompt_pack_it_once_and_train_as_the_padded_pass() {
+        // Two groups: three responses to one prompt (one of a single token), two to another.
+        let group = |seed: i64, prompt: usize, responses: &[usize]| {
+            let base = batch_sample(seed, prompt, 1, -3.8, 0.0);
+            responses
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| TrainSample {
+                    prompt: base.prompt.clone(),
+                    response: batch_sample(seed + 10 * i as i64 + 10, n, n, -3.8, 0.0).response,
+                    behaviour_logprobs: vec![-3.8; n],
+                    advantage: [1.0, -0.6, 0.3][i % 3],
+                })
+                .collect::<Vec<_>>()
+        };
+        let samples = [group(1, 6, &[4, 1, 3]), group(2, 3, &[5, 2])].concat();
+        let weights = token_weights(&samples, LossAggregation::TokenMean);
+        let config = GrpoConfig {
+            kl_coef: 0.1,
+            ..GrpoConfig::default()
+        };
+        let refs: Vec<&TrainSample> = samples.iter().collect();
+        let reference = tiny_model(18);
+        let padded = plain_pass(&tiny_model(17), Some(&reference), &refs, &weights, &config);
+        let packed = Packed::new(&refs, Device::Cpu, true);
+        // Each prompt once, then each response but its last token (the one-token
+        // response adds no segment: it is predicted at the prompt's last position).
+        let inputs = 6 + 3 + (3 + 2) + (4 + 1);
+        assert_eq!(packed.tokens.size(), [1, inputs]);
+        assert_eq!(
+            packed.segments.as_deref(),
+            Some(
+                &[
+                    Segment::alone(6),
+                    Segment::after(0, 3),
+                    Segment::after(0, 2),
+                    Segment::alone(3),
+                    Segment::after(3, 4),
+                    Segment::after(3, 1),
+                ][..]
+            )
+        );
+        for (chunk, checkpointing) in [(1024, false), (4, true)] {
+            let policy = tiny_model(17);
+            let memory = MemoryConfig {
+                logprob_chunk_tokens: chunk,
+                activation_checkpointing: checkpointing,
+                packing: true,
+            };
+            let logp = token_logprobs(&policy, &packed, config.temperature, chunk).unwrap();
+            close(&values(&logp), &padded.logp);
+            let sums = with_reference(&policy, &reference, &refs, &weights, &config, &memory);
+            assert!((sums.loss - padded.loss).abs() < 1e-6, "{sums:?}");
+            let diff = relative_diff(&padded.grads, &grads(&policy));
+            assert!(diff < 1e-5, "{chunk}/{checkpointing}: differs by {diff}");
         }
     }
 }

@@ -3,8 +3,8 @@
 //! row without padding.
 
 use crate::error::{LearnerError, Result};
-use quill_model::pad_right;
 use quill_model::ModelConfig;
+use quill_model::{pad_right, Segment};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
@@ -124,38 +124,52 @@ pub fn micro_batches(batch: &[TrainSample], budget: usize) -> Vec<Vec<usize>> {
 }
 
 /// Groups sample indices into packed micro-batches of at most `budget` real tokens (no
-/// padding): first-fit decreasing, so the longest samples are placed first and the short
-/// ones fill the room they leave. A sample longer than the budget forms a micro-batch of
-/// its own.
+/// padding). Consecutive samples with the same prompt (a GRPO group) stay together where
+/// the budget allows, so that their micro-batch computes the prompt once
+/// ([`packed_len`]); runs too long for the budget are cut. Then first-fit decreasing: the
+/// longest runs are placed first and the short ones fill the room they leave. A sample
+/// longer than the budget forms a micro-batch of its own.
 pub fn packed_micro_batches(batch: &[TrainSample], budget: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..batch.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(batch[i].total_tokens()));
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    for i in 0..batch.len() {
+        match runs.last_mut() {
+            Some(run)
+                if batch[run[0]].prompt == batch[i].prompt
+                    && packed_len(batch, run) + batch[i].response.len() - 1 <= budget =>
+            {
+                run.push(i)
+            }
+            _ => runs.push(vec![i]),
+        }
+    }
+    runs.sort_by_key(|run| std::cmp::Reverse(packed_len(batch, run)));
     let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-    for i in order {
-        let len = batch[i].total_tokens();
+    for run in runs {
+        let len = packed_len(batch, &run);
         match groups.iter_mut().find(|(used, _)| used + len <= budget) {
             Some((used, members)) => {
                 *used += len;
-                members.push(i);
+                members.extend(run);
             }
-            None => groups.push((len, vec![i])),
+            None => groups.push((len, run)),
         }
     }
     groups.into_iter().map(|(_, members)| members).collect()
 }
 
-/// Forward-pass positions of a batch split into `groups`: with `packing` the samples'
-/// tokens, else rows × longest row ([`padded_tokens`]).
-pub fn pass_tokens(batch: &[TrainSample], groups: &[Vec<usize>], packing: bool) -> usize {
-    if packing {
-        groups
-            .iter()
-            .flatten()
-            .map(|&i| batch[i].total_tokens())
-            .sum()
-    } else {
-        padded_tokens(batch, groups)
-    }
+/// Tokens of the packed row of `members` (in this order): each sample's input (prompt and
+/// response without its last token), with a prompt that a sample shares with the one
+/// before it counted once.
+pub fn packed_len(batch: &[TrainSample], members: &[usize]) -> usize {
+    members
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            let s = &batch[i];
+            let shared = k > 0 && batch[members[k - 1]].prompt == s.prompt;
+            s.response.len() - 1 + if shared { 0 } else { s.prompt.len() }
+        })
+        .sum()
 }
 
 /// Padded tokens of a batch split into `groups` (rows × longest row, summed).
@@ -174,12 +188,14 @@ pub fn padded_tokens(batch: &[TrainSample], groups: &[Vec<usize>]) -> usize {
 
 /// A micro-batch laid out for one forward pass: each sample's input is prompt + response
 /// without its last token, either one right-padded row per sample or all of them end to
-/// end in one row; the response tokens are read back as a flat list of `N` positions.
+/// end in one row, where samples that follow one with the same prompt share its copy; the
+/// response tokens are read back as a flat list of `N` positions.
 pub(crate) struct Packed {
     /// Right-padded inputs `[B, T]`, or the packed row `[1, Σ inputs]`.
     pub tokens: Tensor,
-    /// Each sample's input length when packed in one row (`None`: padded rows).
-    pub segments: Option<Vec<i64>>,
+    /// The sequences of the packed row (`None`: padded rows): each prompt, and each
+    /// response continuing its prompt.
+    pub segments: Option<Vec<Segment>>,
     /// Row of each response token's predicting position, `[N]`.
     pub rows: Tensor,
     /// Column of each response token's predicting position, `[N]`.
@@ -193,6 +209,9 @@ pub(crate) struct Packed {
 impl Packed {
     /// Lays out `samples` on `device`: packed in one row when `packing`, else padded.
     pub fn new(samples: &[&TrainSample], device: Device, packing: bool) -> Self {
+        if packing {
+            return Packed::one_row(samples, device);
+        }
         let inputs: Vec<Vec<i64>> = samples
             .iter()
             .map(|s| {
@@ -201,37 +220,77 @@ impl Packed {
                 row
             })
             .collect();
-        let (tokens, segments) = if packing {
-            let flat = inputs.concat();
-            let lens = inputs.iter().map(|r| r.len() as i64).collect();
-            (
-                Tensor::from_slice(&flat).to(device).unsqueeze(0),
-                Some(lens),
-            )
-        } else {
-            (pad_right(&inputs, 0, device).0, None)
-        };
         let (mut rows, mut cols, mut targets) = (Vec::new(), Vec::new(), Vec::new());
-        let mut offset = 0;
         for (b, s) in samples.iter().enumerate() {
-            let (row, start) = match packing {
-                true => (0, offset + s.prompt.len() as i64 - 1),
-                false => (b as i64, s.prompt.len() as i64 - 1),
-            };
+            let start = s.prompt.len() as i64 - 1;
             for (j, &token) in s.response.iter().enumerate() {
-                rows.push(row);
+                rows.push(b as i64);
                 cols.push(start + j as i64);
                 targets.push(token);
             }
-            offset += inputs[b].len() as i64;
         }
-        let on_device = |v: &[i64]| Tensor::from_slice(v).to(device);
+        let tokens = pad_right(&inputs, 0, device).0;
+        Packed::laid_out(samples, tokens, None, [rows, cols, targets])
+    }
+
+    /// The packed row: a sample whose prompt its neighbours do not share runs alone;
+    /// samples that share one follow a single copy of it, each response attending to the
+    /// prompt and itself.
+    fn one_row(samples: &[&TrainSample], device: Device) -> Self {
+        let mut flat: Vec<i64> = Vec::new();
+        let mut segments = Vec::new();
+        let (mut rows, mut cols, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+        // Whether sample i shares the prompt of the one before it.
+        let shared =
+            |i: usize| i > 0 && i < samples.len() && samples[i - 1].prompt == samples[i].prompt;
+        // The current prompt's segment, and the row position after it.
+        let mut prompt = (0, 0);
+        for (i, s) in samples.iter().enumerate() {
+            let rest = &s.response[..s.response.len() - 1];
+            let alone = !shared(i) && !shared(i + 1);
+            if alone {
+                segments.push(Segment::alone((s.prompt.len() + rest.len()) as i64));
+            } else if !shared(i) {
+                segments.push(Segment::alone(s.prompt.len() as i64));
+            }
+            if !shared(i) {
+                flat.extend_from_slice(&s.prompt);
+                prompt = (segments.len() - 1, flat.len() as i64);
+            }
+            // The first response token is predicted at the prompt's last position, every
+            // later one at the position of the token before it.
+            let start = flat.len() as i64;
+            for (j, &token) in s.response.iter().enumerate() {
+                rows.push(0);
+                cols.push(if j == 0 {
+                    prompt.1 - 1
+                } else {
+                    start + j as i64 - 1
+                });
+                targets.push(token);
+            }
+            if !alone && !rest.is_empty() {
+                segments.push(Segment::after(prompt.0, rest.len() as i64));
+            }
+            flat.extend_from_slice(rest);
+        }
+        let tokens = Tensor::from_slice(&flat).to(device).unsqueeze(0);
+        Packed::laid_out(samples, tokens, Some(segments), [rows, cols, targets])
+    }
+
+    fn laid_out(
+        samples: &[&TrainSample],
+        tokens: Tensor,
+        segments: Option<Vec<Segment>>,
+        [rows, cols, targets]: [Vec<i64>; 3],
+    ) -> Self {
+        let on_device = |v: &[i64]| Tensor::from_slice(v).to(tokens.device());
         Packed {
-            tokens,
-            segments,
             rows: on_device(&rows),
             cols: on_device(&cols),
             targets: on_device(&targets),
+            tokens,
+            segments,
             response_lens: samples.iter().map(|s| s.response.len()).collect(),
         }
     }
@@ -348,20 +407,31 @@ mod tests {
             Vec::<i64>::try_from(&packed.tokens.view([-1])).unwrap(),
             [5, 6, 7, 8, 3]
         );
-        assert_eq!(packed.segments.as_deref(), Some(&[4i64, 1][..]));
+        assert_eq!(
+            packed.segments.as_deref(),
+            Some(&[Segment::alone(4), Segment::alone(1)][..])
+        );
         assert_eq!(Vec::<i64>::try_from(&packed.rows).unwrap(), [0, 0, 0, 0]);
         assert_eq!(Vec::<i64>::try_from(&packed.cols).unwrap(), [1, 2, 3, 4]);
         assert_eq!(Vec::<i64>::try_from(&packed.targets).unwrap(), [7, 8, 9, 4]);
     }
 
+    /// `sample(prompt, response)` with a prompt of its own (`i` tells them apart).
+    fn apart(i: usize, prompt: usize, response: usize) -> TrainSample {
+        let mut s = sample(prompt, response);
+        s.prompt[0] = 10 + i as i64;
+        s
+    }
+
     #[test]
     fn a_long_sample_and_many_short_ones_share_one_packed_micro_batch() {
-        // One 3,500-token sample and forty of 8 to 16 tokens: 3,970 tokens.
-        let mut batch = vec![sample(100, 3_400)];
-        batch.extend((0..40).map(|i| sample(4, 4 + i % 9)));
+        // One 3,500-token sample and forty of 8 to 16 tokens: 3,929 input tokens (each
+        // sample's input lacks its last token).
+        let mut batch = vec![apart(0, 100, 3_400)];
+        batch.extend((0..40).map(|i| apart(i + 1, 4, 4 + i % 9)));
         let groups = packed_micro_batches(&batch, 4_096);
         assert_eq!(groups.len(), 1, "{groups:?}");
-        assert_eq!(pass_tokens(&batch, &groups, true), 3_970);
+        assert_eq!(packed_len(&batch, &groups[0]), 3_929);
         // Padded, the short samples cannot share the long one's pass (2 × 3,500 rows
         // exceed the budget); the least padding splits them in two passes padded to 16
         // and 11 tokens.
@@ -373,23 +443,65 @@ mod tests {
         assert_eq!(groups.len(), 2, "{groups:?}");
         assert_eq!(groups[0], vec![0]);
         assert_eq!(groups[1].len(), 40);
-        assert_eq!(pass_tokens(&batch, &groups, false), 3_500 + 40 * 16);
+        assert_eq!(padded_tokens(&batch, &groups), 3_500 + 40 * 16);
     }
 
     #[test]
     fn packed_micro_batches_respect_the_budget_and_keep_every_sample() {
         let lengths = [3usize, 90, 17, 64, 60, 5, 33, 31, 120, 8, 250];
-        let batch: Vec<TrainSample> = lengths.iter().map(|&n| sample(1, n - 1)).collect();
+        let batch: Vec<TrainSample> = (0..lengths.len())
+            .map(|i| apart(i, 1, lengths[i] - 1))
+            .collect();
         let groups = packed_micro_batches(&batch, 128);
         for g in &groups {
-            let tokens: usize = g.iter().map(|&i| lengths[i]).sum();
+            let tokens = packed_len(&batch, g);
             assert!(g.len() == 1 || tokens <= 128, "{g:?}: {tokens}");
         }
-        // 681 tokens: the 250-token sample alone, the rest in ⌈431 / 128⌉ = 4 passes.
+        // 670 input tokens: the 249 of the longest sample alone, the rest in 4 passes.
         assert_eq!(groups.len(), 5, "{groups:?}");
         let mut all: Vec<usize> = groups.concat();
         all.sort_unstable();
         assert_eq!(all, (0..batch.len()).collect::<Vec<_>>());
-        assert_eq!(pass_tokens(&batch, &groups, true), 681);
+        assert_eq!(
+            groups.iter().map(|g| packed_len(&batch, g)).sum::<usize>(),
+            670
+        );
+    }
+
+    #[test]
+    fn a_group_packs_its_prompt_once_unless_the_budget_cuts_it() {
+        // Group x: four responses of 6 tokens to a 10-token prompt (10 + 4 · 5 inputs);
+        // group y: three of 11 tokens to a 20-token prompt (20 + 3 · 10).
+        let group = |first: i64, prompt: usize, n: usize, response: usize| {
+            (0..n).map(move |_| {
+                let mut s = sample(prompt, response);
+                s.prompt[0] = first;
+                s
+            })
+        };
+        let batch: Vec<TrainSample> = group(7, 10, 4, 6).chain(group(8, 20, 3, 11)).collect();
+        let groups = packed_micro_batches(&batch, 1_000);
+        assert_eq!(
+            groups,
+            vec![vec![4, 5, 6, 0, 1, 2, 3]],
+            "the longer run first"
+        );
+        assert_eq!(packed_len(&batch, &groups[0]), 30 + 50);
+        let refs: Vec<&TrainSample> = batch.iter().collect();
+        let packed = Packed::new(&refs, Device::Cpu, true);
+        assert_eq!(packed.tokens.size(), [1, 80]);
+        let segments = packed.segments.unwrap();
+        assert_eq!(segments.len(), 2 + 7);
+        assert_eq!(segments[5], Segment::alone(20));
+        assert!(segments[6..].iter().all(|s| *s == Segment::after(5, 10)));
+        // Every response's first token is predicted at its prompt's last position.
+        let cols = Vec::<i64>::try_from(&packed.cols).unwrap();
+        assert!((0..4).all(|k| cols[6 * k] == 9), "{cols:?}");
+        assert!((0..3).all(|k| cols[24 + 11 * k] == 30 + 19), "{cols:?}");
+        // A budget of 40 cuts group y after two samples (20 + 2 · 10); the one left over
+        // packs its prompt again.
+        let groups = packed_micro_batches(&batch, 40);
+        assert_eq!(groups, vec![vec![4, 5], vec![0, 1, 2, 3], vec![6]]);
+        assert!(groups.iter().all(|g| packed_len(&batch, g) <= 40));
     }
 }

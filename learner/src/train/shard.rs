@@ -1042,9 +1042,11 @@ mod tests {
                 let at = format!("rank {rank}, step {step}");
                 assert_eq!(stats.skipped, want_stats.skipped, "{at}");
                 // The same bf16 passes on the same micro-batches; only the order in which
-                // the f32 gradients are summed differs (per layer and micro-batch).
+                // the f32 gradients are summed differs (per layer and micro-batch), and
+                // Adam's normalised step magnifies a last-bit difference in a gradient
+                // entry near zero up to a few 1e-5 here (the weights move by > 1e-3).
                 let diff = max_diff(got, want);
-                assert!(diff < 1e-5, "{at}: {diff}");
+                assert!(diff < 1e-4, "{at}: {diff}");
             }
             assert!(
                 max_diff(&b.0[3].0, &b.0[0].0) > 1e-3,

@@ -8,7 +8,7 @@ use crate::train::grpo::{self, GrpoConfig, LossSums, MemoryConfig};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::precision::{ComputeCopy, Precision};
 use crate::train::sample::{
-    micro_batches, packed_micro_batches, pass_tokens, validate_batch, TrainSample,
+    micro_batches, packed_micro_batches, padded_tokens, validate_batch, TrainSample,
 };
 use crate::train::shard::{self, ShardedState, Sharding};
 use crate::train::zero3::{self, LayerPass};
@@ -597,10 +597,11 @@ impl Trainer {
     }
 }
 
-/// Share of the forward-pass positions of `batch` split into `groups` that are padding.
+/// Share of the forward-pass positions of `batch` split into `groups` that are padding
+/// (none when packed).
 fn padding_share(batch: &[TrainSample], groups: &[Vec<usize>], packing: bool) -> f64 {
-    let padded = pass_tokens(batch, groups, packing);
-    if padded == 0 {
+    let padded = padded_tokens(batch, groups);
+    if packing || padded == 0 {
         return 0.0;
     }
     let real: usize = batch.iter().map(TrainSample::total_tokens).sum();
