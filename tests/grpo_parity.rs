@@ -62,6 +62,9 @@ struct Variant {
     grpo: GrpoConfig,
     reference: bool,
     packing: bool,
+    /// Every second sample answers the prompt of the one before it, so that packing lays
+    /// them out after one shared copy of it.
+    shared_prompts: bool,
 }
 
 fn variants() -> Vec<Variant> {
@@ -81,6 +84,7 @@ fn variants() -> Vec<Variant> {
             grpo: base.clone(),
             reference: false,
             packing: true,
+            shared_prompts: true,
         },
         Variant {
             name: "ppo-sequence-mean",
@@ -91,6 +95,7 @@ fn variants() -> Vec<Variant> {
             },
             reference: false,
             packing: false,
+            shared_prompts: false,
         },
         Variant {
             name: "ppo-sequence-mean-k1",
@@ -103,6 +108,7 @@ fn variants() -> Vec<Variant> {
             },
             reference: true,
             packing: true,
+            shared_prompts: false,
         },
         Variant {
             name: "tis-token-mean-k3",
@@ -114,16 +120,19 @@ fn variants() -> Vec<Variant> {
             },
             reference: true,
             packing: false,
+            shared_prompts: false,
         },
     ]
 }
 
 /// Random samples whose behaviour log-probs are the starting policy's plus noise, so the
-/// ratios spread around 1 and some are clipped.
+/// ratios spread around 1 and some are clipped; with `shared_prompts` every second sample
+/// takes the prompt of the one before it.
 fn batch(
     model: &Qwen2,
     shapes: &[(usize, usize)],
     temperature: f64,
+    shared_prompts: bool,
     rng: &mut ChaCha8Rng,
 ) -> Vec<TrainSample> {
     let mut samples: Vec<TrainSample> = shapes
@@ -135,6 +144,11 @@ fn batch(
             advantage: rng.random_range(-1.5f32..1.5),
         })
         .collect();
+    if shared_prompts {
+        for i in (1..samples.len()).step_by(2) {
+            samples[i].prompt = samples[i - 1].prompt.clone();
+        }
+    }
     let refs: Vec<&TrainSample> = samples.iter().collect();
     let logprobs = response_logprobs(model, &refs, temperature).unwrap();
     for (sample, lp) in samples.iter_mut().zip(logprobs) {
@@ -183,7 +197,16 @@ fn run(variant: &Variant) {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let batches: Vec<Vec<TrainSample>> = SHAPES
         .iter()
-        .map(|shapes| batch(trainer.model(), shapes, variant.grpo.temperature, &mut rng))
+        .map(|shapes| {
+            let temperature = variant.grpo.temperature;
+            batch(
+                trainer.model(),
+                shapes,
+                temperature,
+                variant.shared_prompts,
+                &mut rng,
+            )
+        })
         .collect();
     let stats: Vec<StepStats> = batches.iter().map(|b| trainer.step(b).unwrap()).collect();
     for s in &stats {
@@ -406,7 +429,7 @@ fn a_bf16_step_matches_pytorch_autocast() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let batches: Vec<Vec<TrainSample>> = SHAPES
         .iter()
-        .map(|shapes| batch(&master, shapes, grpo.temperature, &mut rng))
+        .map(|shapes| batch(&master, shapes, grpo.temperature, false, &mut rng))
         .collect();
 
     // quill's first-step gradient: the bf16 compute copy's passes over two packed
