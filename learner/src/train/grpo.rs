@@ -147,7 +147,8 @@ pub struct MemoryConfig {
     /// keeping its activations (see `quill_model::LayerCheckpoints`).
     pub activation_checkpointing: bool,
     /// Pack a micro-batch's samples end to end in one row without padding (positions
-    /// restart and attention stays within each sample) instead of right-padded rows.
+    /// restart and attention stays within each sample; consecutive samples with the same
+    /// prompt share one copy of it) instead of right-padded rows.
     #[serde(default)]
     pub packing: bool,
 }

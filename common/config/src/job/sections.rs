@@ -299,7 +299,8 @@ pub struct GrpoSection {
     /// `f32` (default) or `bf16` mixed precision for the learner's passes.
     pub precision: Precision,
     /// Whether micro-batches are packed: samples laid end to end in one row without
-    /// padding (positions restart and attention stays within each sample), filled up to
+    /// padding (positions restart and attention stays within each sample; a group's
+    /// samples share one copy of their prompt), filled up to
     /// `micro_batch_tokens` real tokens. Off: rows are right-padded and
     /// `micro_batch_tokens` bounds rows × longest row.
     pub packing: bool,
