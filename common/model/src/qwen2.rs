@@ -234,10 +234,11 @@ impl Qwen2 {
 
     /// Final-norm hidden states `[1, N, hidden]` of sequences packed end to end in one
     /// row `tokens` (`[1, N]`) without padding: `segments`, whose lengths sum to `N`, and
-    /// any of which continues only an earlier one that stands alone. A segment that stands alone starts at
-    /// position 0 and attends only to itself; one that continues a shared prompt starts
-    /// after it and attends to all of it, then to itself. Every sequence gets the hidden
-    /// states it would get alone, and a shared prompt is computed once.
+    /// any of which continues only an earlier one that stands alone. A segment that
+    /// stands alone starts at position 0 and attends only to itself; one that continues a
+    /// shared prompt starts after it and attends to all of it, then to itself. Every
+    /// sequence gets the hidden states it would get alone, and a shared prompt is
+    /// computed once.
     pub fn hidden_packed(&self, tokens: &Tensor, segments: &[Segment]) -> Tensor {
         let positions = packed_positions(segments, tokens.device());
         let mut attention = Attention::Causal {
@@ -506,7 +507,8 @@ impl Qwen2 {
     }
 }
 
-/// Positions `[1, N]` of sequences of lengths `lens` packed end to end: `0..len` each.
+/// Positions `[1, N]` of a packed row of `segments`: `0..len` for a segment that stands
+/// alone, and on from its prompt's length for one that continues a prompt.
 pub(crate) fn packed_positions(segments: &[Segment], device: Device) -> Tensor {
     let flat: Vec<i64> = segments
         .iter()

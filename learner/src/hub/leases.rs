@@ -651,10 +651,9 @@ impl Hub {
             tokio::pin!(room);
             room.as_mut().enable();
             let reply = self.lease(req.clone())?;
-            let empty = reply.leases.is_empty()
-                && !reply.finished
-                && !reply.wait_for_weights
-                && reply.latest_version <= req.version;
+            // A member told to wait for weights is behind the newest version too.
+            let empty =
+                reply.leases.is_empty() && !reply.finished && reply.latest_version <= req.version;
             if !empty || tokio::time::timeout_at(until, room).await.is_err() {
                 return Ok(reply);
             }

@@ -130,22 +130,21 @@ pub fn micro_batches(batch: &[TrainSample], budget: usize) -> Vec<Vec<usize>> {
 /// longest runs are placed first and the short ones fill the room they leave. A sample
 /// longer than the budget forms a micro-batch of its own.
 pub fn packed_micro_batches(batch: &[TrainSample], budget: usize) -> Vec<Vec<usize>> {
-    let mut runs: Vec<Vec<usize>> = Vec::new();
-    for i in 0..batch.len() {
+    // Runs of consecutive samples sharing a prompt, each with its packed length.
+    let mut runs: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, s) in batch.iter().enumerate() {
+        let more = s.response.len() - 1;
         match runs.last_mut() {
-            Some(run)
-                if batch[run[0]].prompt == batch[i].prompt
-                    && packed_len(batch, run) + batch[i].response.len() - 1 <= budget =>
-            {
-                run.push(i)
+            Some((len, run)) if batch[run[0]].prompt == s.prompt && *len + more <= budget => {
+                *len += more;
+                run.push(i);
             }
-            _ => runs.push(vec![i]),
+            _ => runs.push((s.prompt.len() + more, vec![i])),
         }
     }
-    runs.sort_by_key(|run| std::cmp::Reverse(packed_len(batch, run)));
+    runs.sort_by_key(|&(len, _)| std::cmp::Reverse(len));
     let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-    for run in runs {
-        let len = packed_len(batch, &run);
+    for (len, run) in runs {
         match groups.iter_mut().find(|(used, _)| used + len <= budget) {
             Some((used, members)) => {
                 *used += len;
@@ -240,20 +239,21 @@ impl Packed {
         let mut flat: Vec<i64> = Vec::new();
         let mut segments = Vec::new();
         let (mut rows, mut cols, mut targets) = (Vec::new(), Vec::new(), Vec::new());
-        // Whether sample i shares the prompt of the one before it.
-        let shared =
-            |i: usize| i > 0 && i < samples.len() && samples[i - 1].prompt == samples[i].prompt;
+        // Whether each sample shares the prompt of the one before it (and a last `false`).
+        let shared: Vec<bool> = (0..=samples.len())
+            .map(|i| i > 0 && i < samples.len() && samples[i - 1].prompt == samples[i].prompt)
+            .collect();
         // The current prompt's segment, and the row position after it.
         let mut prompt = (0, 0);
         for (i, s) in samples.iter().enumerate() {
             let rest = &s.response[..s.response.len() - 1];
-            let alone = !shared(i) && !shared(i + 1);
+            let alone = !shared[i] && !shared[i + 1];
             if alone {
                 segments.push(Segment::alone((s.prompt.len() + rest.len()) as i64));
-            } else if !shared(i) {
+            } else if !shared[i] {
                 segments.push(Segment::alone(s.prompt.len() as i64));
             }
-            if !shared(i) {
+            if !shared[i] {
                 flat.extend_from_slice(&s.prompt);
                 prompt = (segments.len() - 1, flat.len() as i64);
             }
