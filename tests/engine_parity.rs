@@ -156,6 +156,31 @@ fn greedy_matches_transformers_under_continuous_batching() {
 
 #[test]
 #[ignore = "slow tier: parity with transformers"]
+fn samples_moved_to_lower_slots_continue_exactly() {
+    let variant = "tied_gqa_single";
+    let cases = prompts_and_greedy(variant);
+    // Three slots and nothing queued behind: the samples in slots 0 and 1 finish first,
+    // so the long ones behind them move down (with their cache rows) mid-generation.
+    let lengths = [40, 90, 512];
+    let requests = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| GenerationRequest {
+            id: i as u64,
+            prompt: cases[i].0.clone(),
+            n: 1,
+            params: greedy(len),
+        })
+        .collect();
+    let mut engine = engine(variant, 3);
+    for (group, len) in run(&mut engine, requests).iter().zip(lengths) {
+        let want = &cases[group.id as usize].1[..len];
+        assert_eq!(&group.samples[0].tokens, want, "request {}", group.id);
+    }
+}
+
+#[test]
+#[ignore = "slow tier: parity with transformers"]
 fn logprobs_equal_a_full_forward_recomputation() {
     let mut engine = engine("tied_gqa_single", 4);
     let prompt = ids(&expected("tied_gqa_single")["prompt_1"]);

@@ -254,6 +254,7 @@ impl Engine {
     pub fn step(&mut self) {
         let _guard = tch::no_grad_guard();
         self.admit();
+        self.compact();
         let busy: Vec<usize> = (0..self.slots.len())
             .filter(|&s| self.slots[s].is_some())
             .collect();
@@ -338,6 +339,30 @@ impl Engine {
                 logprobs: Vec::new(),
             });
             self.advance(free, &row);
+        }
+    }
+
+    /// Moves busy slots down into free ones below them, each with its cache rows, so that
+    /// the busy slots are `0..n` and the decode reads the cache's first rows as a view
+    /// instead of gathering scattered rows in every layer at every step.
+    fn compact(&mut self) {
+        let mut low = 0;
+        let mut high = self.slots.len();
+        loop {
+            while low < high && self.slots[low].is_some() {
+                low += 1;
+            }
+            while high > low && self.slots[high - 1].is_none() {
+                high -= 1;
+            }
+            if low >= high {
+                return;
+            }
+            let active = self.slots[high - 1].take().expect("busy slot");
+            let written = active.prompt_len + active.tokens.len() - 1;
+            self.cache
+                .copy_slot(high as i64 - 1, low as i64, written as i64);
+            self.slots[low] = Some(active);
         }
     }
 

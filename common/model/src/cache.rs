@@ -89,6 +89,16 @@ impl KvCache {
         self.capacity = capacity;
     }
 
+    /// Copies the first `len` positions of slot `from` into slot `to` (whose earlier
+    /// contents are overwritten); `from` keeps its rows.
+    pub fn copy_slot(&mut self, from: i64, to: i64, len: i64) {
+        let len = len.min(self.capacity);
+        for cache in self.keys.iter().chain(&self.values) {
+            let source = cache.narrow(0, from, 1).narrow(2, 0, len);
+            cache.narrow(0, to, 1).narrow(2, 0, len).copy_(&source);
+        }
+    }
+
     /// Copies a prefilled prompt into `slot` (positions `0..prefix.len`).
     pub fn load_prefix(&mut self, slot: i64, prefix: &Prefix) {
         self.ensure_capacity(prefix.len);
