@@ -76,6 +76,11 @@ pub struct RlArgs {
     /// Steps in the moving average of the reward curves.
     #[arg(long, default_value_t = 10)]
     pub window: usize,
+    /// Runs of each quill system (TRL's seeded run is repeatable; quill's asynchronous
+    /// pipeline is not, since the order in which groups arrive depends on timing): the
+    /// report shows every run and how many of them reached TRL's final reward.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
     /// Which systems to run.
     #[arg(
         long,
@@ -122,6 +127,8 @@ struct Point {
 #[derive(Debug, Serialize)]
 struct Outcome {
     system: System,
+    /// Which run of the system (1-based).
+    run: usize,
     wall_s: f64,
     train_s: f64,
     steps: usize,
@@ -184,11 +191,14 @@ pub fn run(args: RlArgs) -> anyhow::Result<()> {
 
     let mut outcomes = Vec::new();
     for &system in &args.systems {
-        let outcome = match system {
-            System::Async | System::Sync => run_quill(&args, &py, &out, system, &job_for(system))?,
-            System::Trl => run_trl(&args, &py, &out, &model)?,
-        };
-        outcomes.push(outcome);
+        match system {
+            System::Async | System::Sync => {
+                for run in 1..=args.repeats {
+                    outcomes.push(run_quill(&args, &py, &out, system, run, &job_for(system))?);
+                }
+            }
+            System::Trl => outcomes.push(run_trl(&args, &py, &out, &model)?),
+        }
     }
     report(&args, &outcomes);
     let results = serde_json::json!({ "args": format!("{args:?}"), "outcomes": outcomes });
@@ -201,8 +211,13 @@ pub fn run(args: RlArgs) -> anyhow::Result<()> {
 }
 
 fn check_args(args: &RlArgs) -> anyhow::Result<()> {
-    if args.steps == 0 || args.prompts == 0 || args.eval_samples == 0 || args.window == 0 {
-        bail!("--steps, --prompts, --eval-samples and --window must be positive");
+    if args.steps == 0
+        || args.prompts == 0
+        || args.eval_samples == 0
+        || args.window == 0
+        || args.repeats == 0
+    {
+        bail!("--steps, --prompts, --eval-samples, --window and --repeats must be positive");
     }
     if args.group_size < 2 {
         bail!("--group-size must be at least 2, got {}", args.group_size);
@@ -362,12 +377,18 @@ fn run_quill(
     py: &Python,
     out: &Path,
     system: System,
+    run: usize,
     job: &str,
 ) -> anyhow::Result<Outcome> {
-    let dir = out.join(if system == System::Sync {
+    let name = if system == System::Sync {
         "quill-sync"
     } else {
         "quill-async"
+    };
+    let dir = out.join(if run == 1 {
+        name.to_owned()
+    } else {
+        format!("{name}-{run}")
     });
     let config = out.join(format!(
         "{}.toml",
@@ -381,7 +402,11 @@ fn run_quill(
     let threads = (args.threads / 2).max(1);
     let started = Instant::now();
     stage(
-        &format!("{}: training {} steps", system.name(), args.steps),
+        &format!(
+            "{}: training {} steps",
+            label(system, run, args),
+            args.steps
+        ),
         || {
             let status = Command::new(std::env::current_exe()?)
                 .args(["launch", "local", "--config"])
@@ -404,8 +429,8 @@ fn run_quill(
     let curve = quill_curve(&dir.join("metrics.jsonl"))?;
     let final_dir = latest_checkpoint(&dir.join("checkpoints"))
         .with_context(|| format!("no checkpoint under {}", dir.display()))?;
-    let eval = evaluate(args, py, out, &final_dir, system)?;
-    Ok(outcome(system, wall_s, curve, eval, args.window))
+    let eval = evaluate(args, py, out, &final_dir, &dir, system)?;
+    Ok(outcome(system, run, wall_s, curve, eval, args.window))
 }
 
 fn run_trl(args: &RlArgs, py: &Python, out: &Path, model: &Path) -> anyhow::Result<Outcome> {
@@ -436,8 +461,8 @@ fn run_trl(args: &RlArgs, py: &Python, out: &Path, model: &Path) -> anyhow::Resu
     )?;
     let wall_s = started.elapsed().as_secs_f64();
     let curve = trl_curve(&dir.join("steps.jsonl"))?;
-    let eval = evaluate(args, py, out, &dir.join("final"), System::Trl)?;
-    Ok(outcome(System::Trl, wall_s, curve, eval, args.window))
+    let eval = evaluate(args, py, out, &dir.join("final"), &dir, System::Trl)?;
+    Ok(outcome(System::Trl, 1, wall_s, curve, eval, args.window))
 }
 
 fn evaluate(
@@ -445,6 +470,7 @@ fn evaluate(
     py: &Python,
     out: &Path,
     model: &Path,
+    run_dir: &Path,
     system: System,
 ) -> anyhow::Result<Value> {
     stage(
@@ -462,16 +488,24 @@ fn evaluate(
                     ("--threads", args.threads.to_string()),
                     ("--l-max", L_MAX.to_string()),
                 ],
-                &out.join(format!("eval-{system:?}.log").to_lowercase()),
+                &run_dir.with_extension("eval.log"),
             )
         },
     )
 }
 
-fn outcome(system: System, wall_s: f64, curve: Vec<Point>, eval: Value, window: usize) -> Outcome {
+fn outcome(
+    system: System,
+    run: usize,
+    wall_s: f64,
+    curve: Vec<Point>,
+    eval: Value,
+    window: usize,
+) -> Outcome {
     let tail = &curve[curve.len().saturating_sub(window)..];
     Outcome {
         system,
+        run,
         wall_s,
         train_s: curve.last().map_or(0.0, |p| p.elapsed_s),
         steps: curve.len(),
@@ -531,6 +565,31 @@ fn time_to(curve: &[Point], level: f64, window: usize) -> Option<f64> {
     })
 }
 
+/// A run's name in the report: the system's, numbered when quill systems run repeatedly.
+fn label(system: System, run: usize, args: &RlArgs) -> String {
+    if args.repeats > 1 && system != System::Trl {
+        format!("{} #{run}", system.name())
+    } else {
+        system.name().to_owned()
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count); `None` if empty.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+/// Optimiser steps per second of training.
+fn steps_per_s(o: &Outcome) -> f64 {
+    o.steps as f64 / o.train_s.max(1e-9)
+}
+
 fn report(args: &RlArgs, outcomes: &[Outcome]) {
     println!(
         "\ntask: {} prompts{}, G {}, {} prompts/step, <= {} new tokens, T {}, lr {}, {} steps, {} threads each",
@@ -545,7 +604,7 @@ fn report(args: &RlArgs, outcomes: &[Outcome]) {
         args.threads
     );
     print!(
-        "{:<12} {:>7} {:>8} {:>8} {:>10} {:>9} {:>8} {:>8} {:>9}",
+        "{:<15} {:>7} {:>8} {:>8} {:>10} {:>9} {:>8} {:>8} {:>9}",
         "system",
         "wall s",
         "train s",
@@ -565,11 +624,11 @@ fn report(args: &RlArgs, outcomes: &[Outcome]) {
         let train = o.train_s.max(1e-9);
         let field = |k: &str| o.eval.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
         print!(
-            "{:<12} {:>7.0} {:>8.0} {:>8.3} {:>10.2} {:>9.0} {:>8.3} {:>8.3} {:>8.0}%",
-            o.system.name(),
+            "{:<15} {:>7.0} {:>8.0} {:>8.3} {:>10.2} {:>9.0} {:>8.3} {:>8.3} {:>8.0}%",
+            label(o.system, o.run, args),
             o.wall_s,
             o.train_s,
-            o.steps as f64 / train,
+            steps_per_s(o),
             o.steps as f64 * samples_per_step / train,
             o.tokens as f64 / train,
             o.final_reward,
@@ -584,25 +643,39 @@ fn report(args: &RlArgs, outcomes: &[Outcome]) {
         }
         println!();
     }
-    let find = |s: System| outcomes.iter().find(|o| o.system == s);
-    if let (Some(quill), Some(trl)) = (find(System::Async), find(System::Trl)) {
-        match time_to(&quill.curve, trl.final_reward, args.window) {
-            Some(t) => println!(
-                "quill async reached TRL's final reward ({:.3}) after {t:.0} s: {:.2}x TRL's training time ({:.0} s)",
+    let runs = |s: System| outcomes.iter().filter(move |o| o.system == s);
+    if let Some(trl) = runs(System::Trl).next() {
+        for system in [System::Async, System::Sync] {
+            let reached: Vec<String> = runs(system)
+                .map(|o| match time_to(&o.curve, trl.final_reward, args.window) {
+                    Some(t) => format!("{t:.0} s ({:.2}x)", t / trl.train_s.max(1e-9)),
+                    None => "not reached".to_owned(),
+                })
+                .collect();
+            if reached.is_empty() {
+                continue;
+            }
+            let hits = reached.iter().filter(|r| *r != "not reached").count();
+            println!(
+                "{} reached TRL's final reward ({:.3}) in {hits} of {} runs; time as a share of TRL's training time ({:.0} s): {}",
+                system.name(),
                 trl.final_reward,
-                t / trl.train_s.max(1e-9),
-                trl.train_s
-            ),
-            None => println!(
-                "quill async never reached TRL's final reward ({:.3})",
-                trl.final_reward
-            ),
+                reached.len(),
+                trl.train_s,
+                reached.join(", ")
+            );
         }
     }
-    if let (Some(a), Some(s)) = (find(System::Async), find(System::Sync)) {
+    let median_rate = |s: System| median(runs(s).map(steps_per_s).collect());
+    if let (Some(a), Some(s)) = (median_rate(System::Async), median_rate(System::Sync)) {
         println!(
-            "quill async vs sync: {:.2}x the steps/s",
-            (a.steps as f64 / a.train_s.max(1e-9)) / (s.steps as f64 / s.train_s.max(1e-9))
+            "quill async vs sync: {:.2}x the steps/s{}",
+            a / s,
+            if args.repeats > 1 {
+                " (medians over runs)"
+            } else {
+                ""
+            }
         );
     }
 }
@@ -672,6 +745,13 @@ mod tests {
     }
 
     #[test]
+    fn the_median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+
+    #[test]
     fn the_task_has_long_tails_only_when_asked() {
         let plain = tasks(8, false);
         let tail = tasks(8, true);
@@ -699,6 +779,7 @@ mod tests {
             eval_samples: 4,
             levels: vec![0.5],
             window: 10,
+            repeats: 1,
             systems: vec![System::Async],
             python: None,
         };
