@@ -57,7 +57,7 @@ pub struct RlArgs {
     /// least 1) and its actor the rest.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Seed of the model, the prompts' order and sampling.
+    /// Seed of the model, the prompts' order and sampling (see `--repeats`).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Number of "write N words" prompts.
@@ -76,9 +76,12 @@ pub struct RlArgs {
     /// Steps in the moving average of the reward curves.
     #[arg(long, default_value_t = 10)]
     pub window: usize,
-    /// Runs of each quill system (TRL's seeded run is repeatable; quill's asynchronous
-    /// pipeline is not, since the order in which groups arrive depends on timing): the
-    /// report shows every run and how many of them reached TRL's final reward.
+    /// Runs of each system, all from the same model: run r samples (and quill orders
+    /// its prompts) with seed `--seed + r − 1`. One run says little on this small task:
+    /// TRL's seeded run repeats exactly, but its final reward is one draw, and quill's
+    /// asynchronous pipeline differs run to run (groups arrive in timing order). The
+    /// report shows every run, TRL's median final reward and training time, and how
+    /// many quill runs reached that reward and when.
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
     /// Which systems to run.
@@ -185,19 +188,21 @@ pub fn run(args: RlArgs) -> anyhow::Result<()> {
         )
     })?;
     let tasks = tasks(args.prompts, args.long_tail);
-    let job_for = |system: System| job_toml(&args, system, &model, &out.join("prompts.jsonl"));
-    let template = JobConfig::from_toml_str(&job_for(System::Async), "bench job")?.template;
+    let job_for = |system: System, run: usize| {
+        job_toml(&args, system, run, &model, &out.join("prompts.jsonl"))
+    };
+    let template = JobConfig::from_toml_str(&job_for(System::Async, 1), "bench job")?.template;
     write_prompts(&out, &tasks, |q| template.render(q))?;
 
     let mut outcomes = Vec::new();
     for &system in &args.systems {
-        match system {
-            System::Async | System::Sync => {
-                for run in 1..=args.repeats {
-                    outcomes.push(run_quill(&args, &py, &out, system, run, &job_for(system))?);
+        for run in 1..=args.repeats {
+            outcomes.push(match system {
+                System::Async | System::Sync => {
+                    run_quill(&args, &py, &out, system, run, &job_for(system, run))?
                 }
-            }
-            System::Trl => outcomes.push(run_trl(&args, &py, &out, &model)?),
+                System::Trl => run_trl(&args, &py, &out, &model, run)?,
+            });
         }
     }
     report(&args, &outcomes);
@@ -308,7 +313,7 @@ fn write_prompts(
 
 /// The quill job of `system`: only the length reward, and the TRL run's optimiser
 /// settings (AdamW, weight decay 0.01, constant learning rate, gradient norm clipped at 1).
-fn job_toml(args: &RlArgs, system: System, model: &Path, prompts: &Path) -> String {
+fn job_toml(args: &RlArgs, system: System, run: usize, model: &Path, prompts: &Path) -> String {
     let name = if system == System::Sync {
         "sync"
     } else {
@@ -360,7 +365,7 @@ leases_per_actor = {leases}
 [metrics]
 log_every_seconds = 10.0
 "#,
-        seed = args.seed,
+        seed = run_seed(args, run),
         model = model.display(),
         prompts = prompts.display(),
         g = args.group_size,
@@ -429,15 +434,34 @@ fn run_quill(
     let curve = quill_curve(&dir.join("metrics.jsonl"))?;
     let final_dir = latest_checkpoint(&dir.join("checkpoints"))
         .with_context(|| format!("no checkpoint under {}", dir.display()))?;
-    let eval = evaluate(args, py, out, &final_dir, &dir, system)?;
+    let eval = evaluate(args, py, out, &final_dir, &dir, &label(system, run, args))?;
     Ok(outcome(system, run, wall_s, curve, eval, args.window))
 }
 
-fn run_trl(args: &RlArgs, py: &Python, out: &Path, model: &Path) -> anyhow::Result<Outcome> {
-    let dir = out.join("trl");
+/// The sampling (and quill's prompt-order) seed of run `run` (1-based).
+fn run_seed(args: &RlArgs, run: usize) -> u64 {
+    args.seed + run as u64 - 1
+}
+
+fn run_trl(
+    args: &RlArgs,
+    py: &Python,
+    out: &Path,
+    model: &Path,
+    run: usize,
+) -> anyhow::Result<Outcome> {
+    let dir = out.join(if run == 1 {
+        "trl".to_owned()
+    } else {
+        format!("trl-{run}")
+    });
     let started = Instant::now();
     stage(
-        &format!("{}: training {} steps", System::Trl.name(), args.steps),
+        &format!(
+            "{}: training {} steps",
+            label(System::Trl, run, args),
+            args.steps
+        ),
         || {
             py.call(
                 "trl",
@@ -452,17 +476,24 @@ fn run_trl(args: &RlArgs, py: &Python, out: &Path, model: &Path) -> anyhow::Resu
                     ("--lr", args.lr.to_string()),
                     ("--steps", args.steps.to_string()),
                     ("--threads", args.threads.to_string()),
-                    ("--seed", args.seed.to_string()),
+                    ("--seed", run_seed(args, run).to_string()),
                     ("--l-max", L_MAX.to_string()),
                 ],
-                &out.join("trl.log"),
+                &dir.with_extension("log"),
             )
         },
     )?;
     let wall_s = started.elapsed().as_secs_f64();
     let curve = trl_curve(&dir.join("steps.jsonl"))?;
-    let eval = evaluate(args, py, out, &dir.join("final"), &dir, System::Trl)?;
-    Ok(outcome(System::Trl, 1, wall_s, curve, eval, args.window))
+    let eval = evaluate(
+        args,
+        py,
+        out,
+        &dir.join("final"),
+        &dir,
+        &label(System::Trl, run, args),
+    )?;
+    Ok(outcome(System::Trl, run, wall_s, curve, eval, args.window))
 }
 
 fn evaluate(
@@ -471,27 +502,24 @@ fn evaluate(
     out: &Path,
     model: &Path,
     run_dir: &Path,
-    system: System,
+    label: &str,
 ) -> anyhow::Result<Value> {
-    stage(
-        &format!("{}: evaluating the final checkpoint", system.name()),
-        || {
-            py.call(
-                "evaluate",
-                &[
-                    ("--model", path(model)),
-                    ("--prompts", path(&out.join("prompts-rendered.jsonl"))),
-                    ("--samples", args.eval_samples.to_string()),
-                    ("--max-new-tokens", args.max_new_tokens.to_string()),
-                    ("--temperature", args.temperature.to_string()),
-                    ("--seed", args.seed.to_string()),
-                    ("--threads", args.threads.to_string()),
-                    ("--l-max", L_MAX.to_string()),
-                ],
-                &run_dir.with_extension("eval.log"),
-            )
-        },
-    )
+    stage(&format!("{label}: evaluating the final checkpoint"), || {
+        py.call(
+            "evaluate",
+            &[
+                ("--model", path(model)),
+                ("--prompts", path(&out.join("prompts-rendered.jsonl"))),
+                ("--samples", args.eval_samples.to_string()),
+                ("--max-new-tokens", args.max_new_tokens.to_string()),
+                ("--temperature", args.temperature.to_string()),
+                ("--seed", args.seed.to_string()),
+                ("--threads", args.threads.to_string()),
+                ("--l-max", L_MAX.to_string()),
+            ],
+            &run_dir.with_extension("eval.log"),
+        )
+    })
 }
 
 fn outcome(
@@ -565,9 +593,9 @@ fn time_to(curve: &[Point], level: f64, window: usize) -> Option<f64> {
     })
 }
 
-/// A run's name in the report: the system's, numbered when quill systems run repeatedly.
+/// A run's name in the report: the system's, numbered when systems run repeatedly.
 fn label(system: System, run: usize, args: &RlArgs) -> String {
-    if args.repeats > 1 && system != System::Trl {
+    if args.repeats > 1 {
         format!("{} #{run}", system.name())
     } else {
         system.name().to_owned()
@@ -644,11 +672,18 @@ fn report(args: &RlArgs, outcomes: &[Outcome]) {
         println!();
     }
     let runs = |s: System| outcomes.iter().filter(move |o| o.system == s);
-    if let Some(trl) = runs(System::Trl).next() {
+    let trl_final = median(runs(System::Trl).map(|o| o.final_reward).collect());
+    let trl_train = median(runs(System::Trl).map(|o| o.train_s).collect());
+    if let (Some(trl_final), Some(trl_train)) = (trl_final, trl_train) {
+        let (what, time) = if args.repeats > 1 {
+            ("TRL's median final reward", "TRL's median training time")
+        } else {
+            ("TRL's final reward", "TRL's training time")
+        };
         for system in [System::Async, System::Sync] {
             let reached: Vec<String> = runs(system)
-                .map(|o| match time_to(&o.curve, trl.final_reward, args.window) {
-                    Some(t) => format!("{t:.0} s ({:.2}x)", t / trl.train_s.max(1e-9)),
+                .map(|o| match time_to(&o.curve, trl_final, args.window) {
+                    Some(t) => format!("{t:.0} s ({:.2}x)", t / trl_train.max(1e-9)),
                     None => "not reached".to_owned(),
                 })
                 .collect();
@@ -657,11 +692,9 @@ fn report(args: &RlArgs, outcomes: &[Outcome]) {
             }
             let hits = reached.iter().filter(|r| *r != "not reached").count();
             println!(
-                "{} reached TRL's final reward ({:.3}) in {hits} of {} runs; time as a share of TRL's training time ({:.0} s): {}",
+                "{} reached {what} ({trl_final:.3}) in {hits} of {} runs; time as a share of {time} ({trl_train:.0} s): {}",
                 system.name(),
-                trl.final_reward,
                 reached.len(),
-                trl.train_s,
                 reached.join(", ")
             );
         }
@@ -785,13 +818,18 @@ mod tests {
         };
         let parse = |s| {
             JobConfig::from_toml_str(
-                &job_toml(&args, s, Path::new("/m"), Path::new("/p.jsonl")),
+                &job_toml(&args, s, 2, Path::new("/m"), Path::new("/p.jsonl")),
                 "t",
             )
             .unwrap()
         };
         let (a, s) = (parse(System::Async), parse(System::Sync));
         assert_eq!((a.grpo.max_staleness, s.grpo.max_staleness), (1, 0));
+        assert_eq!(
+            (a.job.seed, s.job.seed),
+            (1, 1),
+            "run 2 samples with seed + 1"
+        );
         assert_eq!(
             (a.cluster.leases_per_actor, s.cluster.leases_per_actor),
             (4, 2)
