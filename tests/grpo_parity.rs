@@ -198,11 +198,10 @@ fn run(variant: &Variant) {
     let batches: Vec<Vec<TrainSample>> = SHAPES
         .iter()
         .map(|shapes| {
-            let temperature = variant.grpo.temperature;
             batch(
                 trainer.model(),
                 shapes,
-                temperature,
+                variant.grpo.temperature,
                 variant.shared_prompts,
                 &mut rng,
             )

@@ -102,6 +102,14 @@ struct Active {
     logprobs: Vec<f32>,
 }
 
+impl Active {
+    /// The position of the sample's last token: the one the next decode step feeds, so
+    /// the cache holds the positions before it.
+    fn last_position(&self) -> usize {
+        self.prompt_len + self.tokens.len() - 1
+    }
+}
+
 /// The engine: model, tokenizer, cache slots, queue of samples waiting for a slot.
 pub struct Engine {
     model: Qwen2,
@@ -269,7 +277,7 @@ impl Engine {
             let active = self.slots[s].as_ref().expect("busy");
             slot_ids.push(s as i64);
             tokens.push(*active.tokens.last().expect("a sampled first token"));
-            positions.push((active.prompt_len + active.tokens.len() - 1) as i64);
+            positions.push(active.last_position() as i64);
             divisors.push(self.groups[&active.group].request.params.logit_divisor() as f32);
         }
         let rows = self
@@ -359,9 +367,8 @@ impl Engine {
                 return;
             }
             let active = self.slots[high - 1].take().expect("busy slot");
-            let written = active.prompt_len + active.tokens.len() - 1;
-            self.cache
-                .copy_slot(high as i64 - 1, low as i64, written as i64);
+            let written = active.last_position() as i64;
+            self.cache.copy_slot(high as i64 - 1, low as i64, written);
             self.slots[low] = Some(active);
         }
     }

@@ -390,11 +390,7 @@ fn run_quill(
     } else {
         "quill-async"
     };
-    let dir = out.join(if run == 1 {
-        name.to_owned()
-    } else {
-        format!("{name}-{run}")
-    });
+    let dir = run_dir(out, name, run);
     let config = out.join(format!(
         "{}.toml",
         dir.file_name().unwrap().to_string_lossy()
@@ -438,6 +434,16 @@ fn run_quill(
     Ok(outcome(system, run, wall_s, curve, eval, args.window))
 }
 
+/// The directory of run `run` (1-based) of the system called `name`: `name`, then
+/// `name-2`, `name-3`, ...
+fn run_dir(out: &Path, name: &str, run: usize) -> PathBuf {
+    if run == 1 {
+        out.join(name)
+    } else {
+        out.join(format!("{name}-{run}"))
+    }
+}
+
 /// The sampling (and quill's prompt-order) seed of run `run` (1-based).
 fn run_seed(args: &RlArgs, run: usize) -> u64 {
     args.seed + run as u64 - 1
@@ -450,11 +456,7 @@ fn run_trl(
     model: &Path,
     run: usize,
 ) -> anyhow::Result<Outcome> {
-    let dir = out.join(if run == 1 {
-        "trl".to_owned()
-    } else {
-        format!("trl-{run}")
-    });
+    let dir = run_dir(out, "trl", run);
     let started = Instant::now();
     stage(
         &format!(

@@ -125,8 +125,8 @@ pub fn micro_batches(batch: &[TrainSample], budget: usize) -> Vec<Vec<usize>> {
 
 /// Groups sample indices into packed micro-batches of at most `budget` real tokens (no
 /// padding). Consecutive samples with the same prompt (a GRPO group) stay together where
-/// the budget allows, so that their micro-batch computes the prompt once
-/// ([`packed_len`]); runs too long for the budget are cut. Then first-fit decreasing: the
+/// the budget allows, so that their micro-batch computes the prompt once (a run's
+/// packed length counts it once); runs too long for the budget are cut. Then first-fit decreasing: the
 /// longest runs are placed first and the short ones fill the room they leave. A sample
 /// longer than the budget forms a micro-batch of its own.
 pub fn packed_micro_batches(batch: &[TrainSample], budget: usize) -> Vec<Vec<usize>> {
@@ -154,21 +154,6 @@ pub fn packed_micro_batches(batch: &[TrainSample], budget: usize) -> Vec<Vec<usi
         }
     }
     groups.into_iter().map(|(_, members)| members).collect()
-}
-
-/// Tokens of the packed row of `members` (in this order): each sample's input (prompt and
-/// response without its last token), with a prompt that a sample shares with the one
-/// before it counted once.
-pub fn packed_len(batch: &[TrainSample], members: &[usize]) -> usize {
-    members
-        .iter()
-        .enumerate()
-        .map(|(k, &i)| {
-            let s = &batch[i];
-            let shared = k > 0 && batch[members[k - 1]].prompt == s.prompt;
-            s.response.len() - 1 + if shared { 0 } else { s.prompt.len() }
-        })
-        .sum()
 }
 
 /// Padded tokens of a batch split into `groups` (rows × longest row, summed).
@@ -313,6 +298,21 @@ impl Packed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tokens of the packed row of `members` (in this order): each sample's input (prompt and
+    /// response without its last token), with a prompt that a sample shares with the one
+    /// before it counted once.
+    fn packed_len(batch: &[TrainSample], members: &[usize]) -> usize {
+        members
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let s = &batch[i];
+                let shared = k > 0 && batch[members[k - 1]].prompt == s.prompt;
+                s.response.len() - 1 + if shared { 0 } else { s.prompt.len() }
+            })
+            .sum()
+    }
 
     fn sample(prompt: usize, response: usize) -> TrainSample {
         TrainSample {
