@@ -452,7 +452,7 @@ fn a_killed_run_continues_where_it_stopped_and_a_refusing_judge_loses_nothing() 
     assert_eq!(ids, ["1", "2", "3", "4", "5"]);
 
     // A judge that refuses (HTTP 400) on the third prompt: an error naming the flag, and
-    // the two samples before it kept.
+    // the two samples started before it kept, the one still running when it failed too.
     let prompts = dir.path().join("refuse.jsonl");
     std::fs::write(
         &prompts,
@@ -468,7 +468,7 @@ fn a_killed_run_continues_where_it_stopped_and_a_refusing_judge_loses_nothing() 
     let url = fast.url();
     let out = dir.path().join("refused");
     let mut args = eval_args(&prompts, &out, &url);
-    args.extend(["--concurrency".into(), "1".into()]);
+    args.extend(["--concurrency".into(), "2".into()]);
     let output = run(&args);
     assert!(!output.status.success());
     let error = stderr(&output);

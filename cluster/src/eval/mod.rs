@@ -38,7 +38,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 /// The opponent name of the prompt file's baseline answers.
@@ -318,8 +317,10 @@ fn compare_files(args: &Args) -> anyhow::Result<Vec<(String, HashMap<String, Str
     Ok(files)
 }
 
-/// Evaluates `todo` with one model, appending each record as it finishes; the first
-/// failure stops the rest.
+/// Evaluates `todo` with one model, starting the prompts in file order with at most
+/// `concurrency` at a time and appending each record as it finishes. The first failure
+/// starts nothing more; the samples already running finish and are kept, and then that
+/// failure is returned.
 async fn evaluate_model(
     model: &str,
     todo: Vec<Prompt>,
@@ -329,34 +330,62 @@ async fn evaluate_model(
     bar: &ProgressBar,
     concurrency: usize,
 ) -> anyhow::Result<()> {
-    let limit = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
-    for prompt in todo {
-        let (generator, shared, limit) = (
-            Arc::clone(&generator),
-            Arc::clone(&shared),
-            Arc::clone(&limit),
-        );
-        let model = model.to_owned();
-        tasks.spawn(async move {
-            let _permit = limit.acquire_owned().await?;
-            evaluate_one(&model, &prompt, &generator, &shared).await
-        });
-    }
-    let (mut unparsable_verdicts, mut unparsable_scores) = (0, 0);
-    while let Some(joined) = tasks.join_next().await {
-        let record = joined??;
-        unparsable_verdicts += record.pairwise.iter().map(|c| c.unparsable).sum::<usize>();
-        unparsable_scores += usize::from(record.critic.as_ref().is_some_and(|c| c.score.is_none()));
-        store.append(record)?;
-        bar.inc(1);
-        if unparsable_verdicts + unparsable_scores > 0 {
-            bar.set_message(format!(
-                "model {model}: {unparsable_verdicts} unreadable verdicts, {unparsable_scores} unreadable scores"
-            ));
+    let mut unreadable = Unreadable::default();
+    let mut failure = None;
+    let mut todo = todo.into_iter();
+    loop {
+        if failure.is_none() && tasks.len() < concurrency {
+            if let Some(prompt) = todo.next() {
+                let (generator, shared) = (Arc::clone(&generator), Arc::clone(&shared));
+                let model = model.to_owned();
+                tasks
+                    .spawn(async move { evaluate_one(&model, &prompt, &generator, &shared).await });
+                continue;
+            }
+        }
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
+        match joined.map_err(anyhow::Error::from).and_then(|r| r) {
+            Ok(record) => {
+                unreadable.count(&record);
+                store.append(record)?;
+                bar.inc(1);
+                if let Some(message) = unreadable.message(model) {
+                    bar.set_message(message);
+                }
+            }
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
         }
     }
-    Ok(())
+    failure.map_or(Ok(()), Err)
+}
+
+/// Judge answers that could not be read, counted for the progress line.
+#[derive(Default)]
+struct Unreadable {
+    verdicts: usize,
+    scores: usize,
+}
+
+impl Unreadable {
+    fn count(&mut self, record: &SampleRecord) {
+        self.verdicts += record.pairwise.iter().map(|c| c.unparsable).sum::<usize>();
+        self.scores += usize::from(record.critic.as_ref().is_some_and(|c| c.score.is_none()));
+    }
+
+    /// The progress message, once anything was unreadable.
+    fn message(&self, model: &str) -> Option<String> {
+        (self.verdicts + self.scores > 0).then(|| {
+            format!(
+                "model {model}: {} unreadable verdicts, {} unreadable scores",
+                self.verdicts, self.scores
+            )
+        })
+    }
 }
 
 /// Generates and scores one answer.
