@@ -186,8 +186,9 @@ fn bench_rl_refuses_bad_flags_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("bench");
     let out_arg = out_dir.to_str().unwrap();
-    let positive = "--steps, --prompts, --eval-samples, --window and --repeats must be positive";
-    let cases: [(&[&str], &str); 5] = [
+    let positive =
+        "--steps, --quill-steps, --prompts, --eval-samples, --window and --repeats must be positive";
+    let cases: [(&[&str], &str); 6] = [
         (
             &["--group-size", "1"],
             "--group-size must be at least 2, got 1",
@@ -195,6 +196,7 @@ fn bench_rl_refuses_bad_flags_before_any_work() {
         (&["--lr", "0"], "--temperature and --lr must be above 0"),
         (&["--steps", "0"], positive),
         (&["--repeats", "0"], positive),
+        (&["--quill-steps", "0"], positive),
         (&["--systems", "async,vllm"], "invalid value 'vllm'"),
     ];
     for (flags, message) in cases {

@@ -35,9 +35,15 @@ pub struct RlArgs {
     /// must not hold an earlier run).
     #[arg(long, default_value = "runs/bench-rl")]
     pub out: PathBuf,
-    /// Optimiser steps of every run.
+    /// Optimiser steps of every run (TRL's; quill's too unless `--quill-steps`).
     #[arg(long, default_value_t = 150)]
     pub steps: u64,
+    /// Optimiser steps of quill's runs (default: `--steps`). The time to TRL's final
+    /// reward is a wall-clock race: a quill run that has not reached it by TRL's step
+    /// count may go on learning, at the same learning rate, if it has the time. Its
+    /// final reward and evaluation are then those after these steps.
+    #[arg(long)]
+    pub quill_steps: Option<u64>,
     /// Samples per prompt (GRPO's G).
     #[arg(long, default_value_t = 8)]
     pub group_size: usize,
@@ -217,12 +223,15 @@ pub fn run(args: RlArgs) -> anyhow::Result<()> {
 
 fn check_args(args: &RlArgs) -> anyhow::Result<()> {
     if args.steps == 0
+        || args.quill_steps == Some(0)
         || args.prompts == 0
         || args.eval_samples == 0
         || args.window == 0
         || args.repeats == 0
     {
-        bail!("--steps, --prompts, --eval-samples, --window and --repeats must be positive");
+        bail!(
+            "--steps, --quill-steps, --prompts, --eval-samples, --window and --repeats must be positive"
+        );
     }
     if args.group_size < 2 {
         bail!("--group-size must be at least 2, got {}", args.group_size);
@@ -372,7 +381,7 @@ log_every_seconds = 10.0
         t = args.temperature,
         n = args.max_new_tokens,
         p = args.prompts_per_step,
-        steps = args.steps,
+        steps = steps_of(args, system),
         lr = args.lr,
     )
 }
@@ -406,7 +415,7 @@ fn run_quill(
         &format!(
             "{}: training {} steps",
             label(system, run, args),
-            args.steps
+            steps_of(args, system)
         ),
         || {
             let status = Command::new(std::env::current_exe()?)
@@ -441,6 +450,14 @@ fn run_dir(out: &Path, name: &str, run: usize) -> PathBuf {
         out.join(name)
     } else {
         out.join(format!("{name}-{run}"))
+    }
+}
+
+/// The optimiser steps of `system`'s runs.
+fn steps_of(args: &RlArgs, system: System) -> u64 {
+    match system {
+        System::Trl => args.steps,
+        System::Async | System::Sync => args.quill_steps.unwrap_or(args.steps),
     }
 }
 
@@ -622,7 +639,7 @@ fn steps_per_s(o: &Outcome) -> f64 {
 
 fn report(args: &RlArgs, outcomes: &[Outcome]) {
     println!(
-        "\ntask: {} prompts{}, G {}, {} prompts/step, <= {} new tokens, T {}, lr {}, {} steps, {} threads each",
+        "\ntask: {} prompts{}, G {}, {} prompts/step, <= {} new tokens, T {}, lr {}, {} steps{}, {} threads each",
         args.prompts,
         if args.long_tail { " (long-tailed lengths)" } else { "" },
         args.group_size,
@@ -631,11 +648,16 @@ fn report(args: &RlArgs, outcomes: &[Outcome]) {
         args.temperature,
         args.lr,
         args.steps,
+        match args.quill_steps {
+            Some(q) if q != args.steps => format!(" ({q} for quill)"),
+            _ => String::new(),
+        },
         args.threads
     );
     print!(
-        "{:<15} {:>7} {:>8} {:>8} {:>10} {:>9} {:>8} {:>8} {:>9}",
+        "{:<15} {:>6} {:>7} {:>8} {:>8} {:>10} {:>9} {:>8} {:>8} {:>9}",
         "system",
+        "steps",
         "wall s",
         "train s",
         "steps/s",
@@ -654,8 +676,9 @@ fn report(args: &RlArgs, outcomes: &[Outcome]) {
         let train = o.train_s.max(1e-9);
         let field = |k: &str| o.eval.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
         print!(
-            "{:<15} {:>7.0} {:>8.0} {:>8.3} {:>10.2} {:>9.0} {:>8.3} {:>8.3} {:>8.0}%",
+            "{:<15} {:>6} {:>7.0} {:>8.0} {:>8.3} {:>10.2} {:>9.0} {:>8.3} {:>8.3} {:>8.0}%",
             label(o.system, o.run, args),
+            o.steps,
             o.wall_s,
             o.train_s,
             steps_per_s(o),
@@ -802,6 +825,7 @@ mod tests {
         let args = RlArgs {
             out: PathBuf::from("/tmp/x"),
             steps: 150,
+            quill_steps: Some(300),
             group_size: 8,
             prompts_per_step: 2,
             max_new_tokens: 256,
@@ -837,6 +861,8 @@ mod tests {
             (4, 2)
         );
         assert_eq!((a.cluster.actor_batch, s.cluster.actor_batch), (32, 16));
+        assert_eq!((a.grpo.steps, s.grpo.steps), (300, 300), "--quill-steps");
+        assert_eq!(steps_of(&args, System::Trl), 150);
         assert_eq!(a.sampling.max_new_tokens, 256);
         assert_eq!(a.optimizer.lr, 1e-3);
         assert_eq!(a.rewards.format_weight, 0.0);
