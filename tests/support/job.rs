@@ -160,11 +160,19 @@ pub fn wait_until_every<T>(
         if let Some(value) = check() {
             return value;
         }
-        for proc in procs.iter_mut() {
-            assert!(
-                proc.child.try_wait().unwrap().is_none(),
-                "a process exited while waiting for {what}:\n{}",
-                proc.log()
+        if let Some(exited) = procs
+            .iter_mut()
+            .position(|p| p.child.try_wait().unwrap().is_some())
+        {
+            let others: String = procs
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != exited)
+                .map(|(_, p)| format!("--- {}\n{}", p.log.display(), p.log()))
+                .collect();
+            panic!(
+                "a process exited while waiting for {what}:\n{}\nthe others' logs:\n{others}",
+                procs[exited].log()
             );
         }
         if started.elapsed() >= limit {

@@ -1054,4 +1054,30 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn published_weights_hold_no_graph_and_outlive_the_next_zero3_step() {
+        // The learner hands each step's weights to its publisher and checkpoint threads,
+        // which may still hold them while the next step runs. A copy that kept an autograd
+        // edge to a ZeRO-3 parameter kept that parameter's gradient accumulator alive with
+        // its gathered shape, and the next step's zero gradient of the released (empty)
+        // parameter then failed in backward ("got [0] but expected [128, 128]").
+        on_test_ranks(2, |collective, device| {
+            let rank = collective.rank();
+            let mut trainer =
+                Trainer::new(tiny_model_on(1, device), None, config(Sharding::Zero3)).unwrap();
+            trainer.attach(GradSync::new(collective, 700)).unwrap();
+            let mut held = Vec::new();
+            for global in batches() {
+                let (shard, weights) = shard_of(&global, rank, 2);
+                trainer.step_shard(&shard, &weights).unwrap();
+                let kind = trainer.model().kind();
+                let published = trainer.full_weights(kind).unwrap();
+                for (name, t) in &published {
+                    assert!(!t.requires_grad(), "{name} carries autograd history");
+                }
+                held.push(published);
+            }
+        });
+    }
 }

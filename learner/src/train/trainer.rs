@@ -294,8 +294,12 @@ impl Trainer {
 
     /// Every weight of the policy under its Hugging Face name, copied, in `kind`. Under
     /// ZeRO-3 the decoder layers' weights are all-gathered one layer at a time and freed
-    /// again, so every rank of the group must call it at the same point.
+    /// again, so every rank of the group must call it at the same point. The copies hold
+    /// no autograd history: the publisher and checkpoint threads may keep them while the
+    /// next step runs, and an edge to a ZeRO-3 parameter would keep its gradient
+    /// accumulator alive with the gathered shape after the parameter is freed.
     pub fn full_weights(&mut self, kind: Kind) -> Result<Vec<(String, Tensor)>> {
+        let _guard = tch::no_grad_guard();
         let own = self.model.kind();
         let copied = |(name, t): (String, Tensor)| {
             let t = if kind == own { t.copy() } else { t };
