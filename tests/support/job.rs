@@ -164,23 +164,31 @@ pub fn wait_until_every<T>(
             .iter_mut()
             .position(|p| p.child.try_wait().unwrap().is_some())
         {
-            let others: String = procs
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| i != exited)
-                .map(|(_, p)| format!("--- {}\n{}", p.log.display(), p.log()))
-                .collect();
+            let others = logs(
+                procs
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, _)| i != exited)
+                    .map(|(_, p)| &**p),
+            );
             panic!(
                 "a process exited while waiting for {what}:\n{}\nthe others' logs:\n{others}",
                 procs[exited].log()
             );
         }
         if started.elapsed() >= limit {
-            let logs: String = procs.iter().map(|p| p.log()).collect();
+            let logs = logs(procs.iter().map(|p| &**p));
             panic!("no {what} after {limit:?}:\n{logs}");
         }
         std::thread::sleep(period);
     }
+}
+
+/// The logs of `procs`, each under its file's path.
+fn logs<'a>(procs: impl Iterator<Item = &'a Proc>) -> String {
+    procs
+        .map(|p| format!("--- {}\n{}", p.log.display(), p.log()))
+        .collect()
 }
 
 /// A gRPC channel to `HOST:PORT` on loopback.

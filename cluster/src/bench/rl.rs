@@ -400,15 +400,9 @@ fn run_quill(
         "quill-async"
     };
     let dir = run_dir(out, name, run);
-    let config = out.join(format!(
-        "{}.toml",
-        dir.file_name().unwrap().to_string_lossy()
-    ));
+    let config = dir.with_extension("toml");
     std::fs::write(&config, job)?;
-    let log = out.join(format!(
-        "{}.log",
-        dir.file_name().unwrap().to_string_lossy()
-    ));
+    let log = dir.with_extension("log");
     let threads = (args.threads / 2).max(1);
     let started = Instant::now();
     stage(
